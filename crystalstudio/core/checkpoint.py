@@ -1,0 +1,251 @@
+"""The one place checkpoints are saved and loaded.
+
+A checkpoint is a single safetensors file (never pickle): the weights of
+:class:`~crystalstudio.core.models.CrystalNet` plus one JSON metadata entry
+(``"crystalstudio"``) holding everything needed to rebuild and trust the model:
+
+``format``/``version``, ``model_config`` (:class:`ModelConfig`), ``grid`` (n, length Å,
+sigma Å, species_radius Å, voxel-centre convention), ``representation``, ``classes``
+(Z of each class index), ``beta``/``gamma``, ``training`` (data sets, counts, steps,
+seed, wall time) and ``metrics`` (held-out Sec. 4.1 measures), ``latent_rank`` (latent
+dimensions, most informative first, by mean KL on held-out crystals).
+
+Files stay <= 16 MiB so they can come back from the GPU machine: weights are stored
+float32 when they fit, else bfloat16 (converted back to float32 on load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .density import REPRESENTATIONS, Grid
+from .models import CrystalNet, ModelConfig
+from .segment import Atoms, segment
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "CrystalModel", "FORMAT",
+           "MAX_BYTES"]
+
+FORMAT = "crystalstudio-checkpoint"
+VERSION = 1
+MAX_BYTES = 16 * 1024 * 1024
+_REQUIRED = ("format", "version", "model_config", "grid", "representation", "classes", "training")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, foreign or inconsistent. One-line message
+    ``"<file>: <reason>"``."""
+
+
+def save_checkpoint(path: str | os.PathLike, net: CrystalNet, grid: Grid, meta: dict) -> Path:
+    """Write ``net`` and its metadata to ``path`` (safetensors), atomically.
+
+    Args:
+        path: target file (``.safetensors``).
+        net: the trained networks.
+        grid: the grid the model was trained on.
+        meta: extra metadata: ``representation`` (required), ``training``, ``metrics``,
+            ``latent_rank``, ``beta``, ``gamma`` and anything JSON-serialisable.
+
+    Returns:
+        The path written.
+
+    Raises:
+        CheckpointError: when even bfloat16 weights exceed 16 MiB.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    nbytes = sum(v.numel() * v.element_size() for v in state.values())
+    dtype = "float32"
+    if nbytes > MAX_BYTES - 65536:
+        state = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in state.items()}
+        dtype = "bfloat16"
+        if sum(v.numel() * v.element_size() for v in state.values()) > MAX_BYTES - 65536:
+            raise CheckpointError(f"{path.name}: model too large for a 16 MiB checkpoint")
+    info = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": net.cfg.to_dict(),
+        "grid": {**grid.to_dict(), "voxel_centres": "(i + 0.5) * length / n"},
+        "classes": list(range(net.cfg.n_classes)),
+        "weights_dtype": dtype,
+        "training": {},
+        **meta,
+    }
+    if info.get("representation") not in REPRESENTATIONS:
+        raise CheckpointError(f"{path.name}: representation must be one of {REPRESENTATIONS}")
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"crystalstudio": json.dumps(info)})
+    os.replace(tmp, path)
+    return path
+
+
+def _fail(path: Path, reason: str) -> CheckpointError:
+    return CheckpointError(f"{path.name}: {reason}")
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The checkpoint's metadata dict, validated; no weights are read.
+
+    Raises:
+        CheckpointError: missing file, not a safetensors file, foreign or incomplete metadata.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, "no such checkpoint file")
+    if path.stat().st_size > 4 * MAX_BYTES:
+        raise _fail(path, f"file is {path.stat().st_size / 2**20:.0f} MiB, too large for a crystalstudio checkpoint")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("crystalstudio")
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise _fail(path, f"not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
+    if raw is None:
+        raise _fail(path, "safetensors file without crystalstudio metadata (a foreign checkpoint?)")
+    try:
+        info = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise _fail(path, f"metadata is not valid JSON ({exc.msg})") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise _fail(path, "metadata does not describe a crystalstudio checkpoint")
+    missing = [k for k in _REQUIRED if k not in info]
+    if missing:
+        raise _fail(path, f"metadata lacks {', '.join(missing)}")
+    if info["version"] != VERSION:
+        raise _fail(path, f"checkpoint version {info['version']} is not supported (expected {VERSION})")
+    if info["representation"] not in REPRESENTATIONS:
+        raise _fail(path, f"unknown representation {info['representation']!r}")
+    return info
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> "CrystalModel":
+    """Load and validate a checkpoint into a ready-to-use :class:`CrystalModel`.
+
+    Validation: file readable as safetensors; metadata present and complete; grid and
+    model config rebuild; the class list matches the U-Net head; every tensor the model
+    needs is present with the right shape and no unexpected tensor is there; all weights
+    are finite.
+
+    Raises:
+        CheckpointError: with a one-line ``"<file>: <reason>"`` message.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    info = read_metadata(path)
+    try:
+        grid = Grid.from_dict(info["grid"])
+        cfg = ModelConfig.from_dict(info["model_config"])
+        if cfg.grid_n != grid.n:
+            raise ValueError(f"model is for a {cfg.grid_n}^3 grid but the grid is {grid.n}^3")
+        if list(info["classes"]) != list(range(cfg.n_classes)):
+            raise ValueError("class list does not match the U-Net's output classes")
+        net = CrystalNet(cfg)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise _fail(path, f"inconsistent metadata: {exc}") from None
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise _fail(path, f"weights unreadable ({str(exc).splitlines()[0][:120]})") from None
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise _fail(path, f"weights do not match the model ({what})")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise _fail(path, f"tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+        if state[k].is_floating_point():
+            if not torch.isfinite(state[k].float()).all():
+                raise _fail(path, f"tensor {k} holds NaN or infinite values")
+            state[k] = state[k].to(v.dtype)
+    net.load_state_dict(state)
+    return CrystalModel(net, grid, info, path, device)
+
+
+class CrystalModel:
+    """A loaded model ready for inference (CPU or GPU); thread-safe.
+
+    Attributes:
+        grid: :class:`Grid` the model works on.
+        config: :class:`ModelConfig`.
+        info: the checkpoint metadata.
+        path: file it came from (None when built in memory).
+        latent: size of z.
+    """
+
+    def __init__(self, net: CrystalNet, grid: Grid, info: dict, path: Path | None = None,
+                 device: str | torch.device = "cpu"):
+        self.net = net.to(device).eval()
+        self.grid = grid
+        self.info = info
+        self.path = path
+        self.device = torch.device(device)
+        self.config = net.cfg
+        self.latent = net.cfg.latent
+        self._lock = threading.Lock()
+
+    @property
+    def representation(self) -> str:
+        return self.info["representation"]
+
+    @property
+    def latent_rank(self) -> list[int]:
+        """Latent dimensions, most informative first (held-out mean KL), or 0..latent-1."""
+        r = self.info.get("latent_rank")
+        return list(r) if r and len(r) == self.latent else list(range(self.latent))
+
+    def _t(self, a) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a, np.float32), device=self.device)
+
+    @torch.no_grad()
+    def encode(self, M: np.ndarray, cond: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior of one field: M (n, n, n) float32 -> (mu, logvar), each (latent,) float32."""
+        with self._lock:
+            c = None if cond is None else self._t([cond])
+            mu, logvar = self.net.vae.encode(self._t(M)[None], c)
+        return mu[0].cpu().numpy(), logvar[0].cpu().numpy()
+
+    @torch.no_grad()
+    def decode(self, z: np.ndarray, cond: float | None = None) -> np.ndarray:
+        """z (latent,) or (B, latent) -> M_hat (n, n, n) or (B, n, n, n) float32, Eq. 1 units."""
+        z = np.asarray(z, np.float32)
+        single = z.ndim == 1
+        with self._lock:
+            zt = self._t(z.reshape(-1, self.latent))
+            c = None if cond is None else self._t(np.full(len(zt), cond))
+            M = self.net.vae.decode(zt, c).float().cpu().numpy()
+        return M[0] if single else M
+
+    @torch.no_grad()
+    def logits(self, M_hat: np.ndarray) -> np.ndarray:
+        """U-Net class scores: M_hat (n, n, n) -> (K, n, n, n) float32."""
+        with self._lock:
+            return self.net.unet(self._t(M_hat)[None])[0].float().cpu().numpy()
+
+    def segment(self, M_hat: np.ndarray) -> Atoms:
+        """Atoms of a decoded field (argmax, components, majority vote, density-weighted COM)."""
+        with self._lock:
+            with torch.no_grad():
+                species = self.net.unet(self._t(M_hat)[None])[0].argmax(0).cpu().numpy()
+        from .segment import species_map_to_atoms
+
+        return species_map_to_atoms(species, self.grid, M_hat)
+
+    def decode_segment(self, z: np.ndarray, cond: float | None = None) -> tuple[np.ndarray, Atoms]:
+        """z (latent,) -> (M_hat (n, n, n) float32, :class:`Atoms`)."""
+        M = self.decode(z, cond)
+        return M, self.segment(M)
+
+
+_ = segment  # re-exported for callers that hold raw logits

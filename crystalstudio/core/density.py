@@ -1,0 +1,276 @@
+"""Density fields M and species matrices S of crystals (Hoffmann et al. 2019, Sec. 3.1).
+
+Units: lengths in Å, the density field in the paper's Eq. 1 normalisation (an isolated
+atom of atomic number Z peaks at ``Z / (sigma^3 (2 pi)^{3/2})``; with sigma = 1 Å that is
+``Z * 0.0635``). Multiply by :func:`Grid.peak_scale` to read the peak as Z.
+
+Convention (recorded in every checkpoint): the cube spans ``[0, length]^3`` Å and is cut
+into ``n^3`` voxels; voxel ``(i, j, k)`` is sampled at its centre
+``((i + 0.5) h, (j + 0.5) h, (k + 0.5) h)`` with ``h = length / n`` (0.333 Å for the
+default 30 voxels over 10 Å, the paper's "0.33 Å per voxel"). Axis order of every field is
+``(x, y, z)``. The species matrix S labels a voxel with the Z of the nearest atom whose
+centre lies within ``species_radius`` (0.5 Å, the paper's value) of the voxel centre.
+
+Everything here needs only numpy, scipy and torch, so it runs on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from scipy.spatial.transform import Rotation
+
+__all__ = [
+    "Grid",
+    "Crystal",
+    "cell_positions",
+    "lattice_positions",
+    "random_rotations",
+    "density_fields",
+    "density_field",
+    "pad_batch",
+    "fits_in_cube",
+]
+
+REPRESENTATIONS = ("unit_cell", "repeating_lattice")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The voxel grid a density field lives on.
+
+    Attributes:
+        n: voxels along each edge (default 30).
+        length: edge of the cube in Å (default 10.0).
+        sigma: width of each atom's Gaussian in Å (Eq. 1; default 1.0).
+        species_radius: a voxel gets an atom's Z in S when its centre is within this
+            many Å of the atom (default 0.5, the paper's value).
+    """
+
+    n: int = 30
+    length: float = 10.0
+    sigma: float = 1.0
+    species_radius: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.n, int) and 4 <= self.n <= 256):
+            raise ValueError(f"grid size n must be an int in 4..256, got {self.n!r}")
+        for name in ("length", "sigma", "species_radius"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"grid {name} must be a positive number, got {v!r}")
+
+    @property
+    def spacing(self) -> float:
+        """Voxel edge h in Å."""
+        return self.length / self.n
+
+    @property
+    def peak_scale(self) -> float:
+        """``sigma^3 (2 pi)^{3/2}``: multiply M by this to read an isolated peak as Z."""
+        return self.sigma**3 * (2.0 * math.pi) ** 1.5
+
+    def centres(self) -> np.ndarray:
+        """Voxel-centre coordinates along one axis, shape (n,), float64, Å."""
+        return (np.arange(self.n, dtype=np.float64) + 0.5) * self.spacing
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Grid":
+        return cls(n=int(d["n"]), length=float(d["length"]), sigma=float(d["sigma"]),
+                   species_radius=float(d["species_radius"]))
+
+
+@dataclass
+class Crystal:
+    """A periodic crystal as plain arrays (no pymatgen).
+
+    Attributes:
+        lattice: (3, 3) float64, rows are the lattice vectors a, b, c in Å.
+        frac: (N, 3) float64 fractional coordinates (wrapped into [0, 1) on use).
+        Z: (N,) int64 atomic numbers, 1..118.
+        name: a label, e.g. the reduced formula or the file name.
+    """
+
+    lattice: np.ndarray
+    frac: np.ndarray
+    Z: np.ndarray
+    name: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.lattice = np.asarray(self.lattice, dtype=np.float64).reshape(3, 3)
+        self.frac = np.asarray(self.frac, dtype=np.float64).reshape(-1, 3)
+        self.Z = np.asarray(self.Z, dtype=np.int64).reshape(-1)
+        if len(self.frac) != len(self.Z):
+            raise ValueError(f"{len(self.frac)} fractional coordinates but {len(self.Z)} atomic numbers")
+
+    @property
+    def num_atoms(self) -> int:
+        return int(len(self.Z))
+
+    def cartesian(self) -> np.ndarray:
+        """(N, 3) Cartesian positions in Å of the atoms, fractional coordinates wrapped to [0, 1)."""
+        return np.mod(self.frac, 1.0) @ self.lattice
+
+
+def cell_positions(crystal: Crystal, grid: Grid, rotation: Rotation | np.ndarray | None = None) -> np.ndarray:
+    """Representation 1 of the paper: the unit cell centred in the cube and rotated.
+
+    The atoms (fractional coordinates wrapped into [0, 1)) are moved so the centre of the
+    cell, ``0.5 (a + b + c)``, sits at the centre of the cube, then rotated about it.
+
+    Args:
+        crystal: the crystal.
+        grid: the cube.
+        rotation: a scipy ``Rotation``, a (3, 3) rotation matrix, or None (no rotation).
+
+    Returns:
+        (N, 3) float64 Cartesian positions in Å in the cube frame ``[0, length]^3``.
+    """
+    cart = crystal.cartesian() - 0.5 * crystal.lattice.sum(axis=0)
+    if rotation is not None:
+        R = rotation.as_matrix() if isinstance(rotation, Rotation) else np.asarray(rotation, np.float64)
+        cart = cart @ R.T
+    return cart + 0.5 * grid.length
+
+
+def fits_in_cube(crystal: Crystal, grid: Grid, margin: float = 0.0) -> bool:
+    """True when every atom of the centred cell stays inside the cube under *any* rotation.
+
+    That is, every atom lies within ``length/2 - margin`` Å of the cell centre, so the
+    random rotations of training never push an atom out of the cube.
+    """
+    r = np.linalg.norm(crystal.cartesian() - 0.5 * crystal.lattice.sum(axis=0), axis=1)
+    return bool(len(r) > 0 and r.max() <= 0.5 * grid.length - margin)
+
+
+def lattice_positions(crystal: Crystal, grid: Grid, rotation: Rotation | np.ndarray | None = None,
+                      origin: np.ndarray | None = None, cutoff: float | None = None):
+    """Representation 2: every periodic image whose Gaussian reaches the cube.
+
+    The lattice is rotated about the cube centre and translated so that the cell origin
+    sits at ``origin`` (Å, cube frame; default the cube's corner ``(0, 0, 0)``). All images
+    within ``cutoff`` Å of the cube (default ``4 sigma``) are returned, so the field inside
+    the cube is the full periodic sum of Eq. 1 to within ``exp(-8)`` of a peak.
+
+    Returns:
+        (positions (K, 3) float64 Å, Z (K,) int64).
+
+    Raises:
+        ValueError: when the cell is degenerate or so small that more than 20000 images
+            would be needed.
+    """
+    cutoff = 4.0 * grid.sigma if cutoff is None else float(cutoff)
+    L = crystal.lattice
+    if rotation is not None:
+        R = rotation.as_matrix() if isinstance(rotation, Rotation) else np.asarray(rotation, np.float64)
+        L = L @ R.T
+    if abs(np.linalg.det(L)) < 1e-6:
+        raise ValueError("degenerate lattice (zero cell volume)")
+    origin = np.zeros(3) if origin is None else np.asarray(origin, np.float64)
+    base = np.mod(crystal.frac, 1.0) @ L + origin
+    lo, hi = -cutoff, grid.length + cutoff
+    corners = np.array([[x, y, z] for x in (lo, hi) for y in (lo, hi) for z in (lo, hi)])
+    f = (corners - origin) @ np.linalg.inv(L)
+    nmin = np.floor(f.min(axis=0)).astype(int) - 1
+    nmax = np.ceil(f.max(axis=0)).astype(int) + 1
+    count = np.prod(nmax - nmin + 1) * len(base)
+    if count > 2_000_000:
+        raise ValueError(f"cell too small for a {grid.length} Å cube ({count} candidate images)")
+    shifts = np.stack(np.meshgrid(*[np.arange(a, b + 1) for a, b in zip(nmin, nmax)], indexing="ij"), -1)
+    shifts = shifts.reshape(-1, 3) @ L
+    pos = (base[None, :, :] + shifts[:, None, :]).reshape(-1, 3)
+    Z = np.tile(crystal.Z, len(shifts))
+    keep = np.all((pos >= lo) & (pos <= hi), axis=1)
+    if keep.sum() > 20000:
+        raise ValueError(f"cell too small for a {grid.length} Å cube ({int(keep.sum())} images)")
+    return pos[keep], Z[keep]
+
+
+def random_rotations(n: int, rng: np.random.Generator | int | None = None) -> np.ndarray:
+    """(n, 3, 3) float64 rotation matrices drawn uniformly from SO(3) (scipy Rotation)."""
+    rng = np.random.default_rng(rng)
+    return Rotation.random(n, random_state=rng).as_matrix()
+
+
+def pad_batch(positions: list[np.ndarray], Zs: list[np.ndarray]):
+    """Pad ragged atom lists into (B, Nmax, 3) float64 positions and (B, Nmax) int64 Z (0 = padding)."""
+    B = len(positions)
+    nmax = max(1, max((len(p) for p in positions), default=1))
+    P = np.zeros((B, nmax, 3), np.float64)
+    Zp = np.zeros((B, nmax), np.int64)
+    for b, (p, z) in enumerate(zip(positions, Zs)):
+        P[b, : len(p)] = p
+        Zp[b, : len(z)] = z
+    return P, Zp
+
+
+def density_fields(positions: torch.Tensor, Z: torch.Tensor, grid: Grid, species: bool = True,
+                   atom_chunk: int = 64):
+    """Batched density fields M (Eq. 1) and species matrices S on CPU or GPU.
+
+    The Gaussian of Eq. 1 factorises over x, y and z, so ``M[b,i,j,k] = sum_m w_m
+    gx[b,m,i] gy[b,m,j] gz[b,m,k]``: an einsum of cost ``B N n^3`` instead of a
+    distance per atom and voxel. Padding atoms have Z = 0 and add nothing.
+
+    Args:
+        positions: (B, N, 3) float tensor, Cartesian Å in the cube frame.
+        Z: (B, N) integer tensor of atomic numbers, 0 for padding.
+        grid: the voxel grid.
+        species: also build S.
+        atom_chunk: atoms processed at a time (bounds memory for S).
+
+    Returns:
+        ``(M, S)``: M (B, n, n, n) float32 in Eq. 1 units; S (B, n, n, n) int64 atomic
+        numbers (0 = no atom within ``species_radius``), or None when ``species`` is False.
+    """
+    dev = positions.device
+    pos = positions.to(torch.float32)
+    Zf = Z.to(torch.float32)
+    c = torch.as_tensor(grid.centres(), dtype=torch.float32, device=dev)  # (n,)
+    B, N, _ = pos.shape
+    n = grid.n
+    M = torch.zeros((B, n, n, n), dtype=torch.float32, device=dev)
+    S = torch.zeros((B, n, n, n), dtype=torch.int64, device=dev) if species else None
+    best = torch.full((B, n, n, n), float("inf"), device=dev) if species else None
+    norm = 1.0 / grid.peak_scale
+    r2 = grid.species_radius**2
+    for s in range(0, N, atom_chunk):
+        p = pos[:, s:s + atom_chunk]  # (B, m, 3)
+        z = Zf[:, s:s + atom_chunk]
+        d = c.view(1, 1, n, 1) - p.unsqueeze(2)  # (B, m, n, 3): per-axis offsets
+        g = torch.exp(-(d * d) / (2.0 * grid.sigma**2))  # (B, m, n, 3)
+        M += torch.einsum("bm,bmi,bmj,bmk->bijk", z * norm, g[..., 0], g[..., 1], g[..., 2])
+        if species:
+            d2 = d * d
+            dist2 = (d2[..., 0][:, :, :, None, None] + d2[..., 1][:, :, None, :, None]
+                     + d2[..., 2][:, :, None, None, :])  # (B, m, n, n, n)
+            dist2 = torch.where((z > 0).view(B, -1, 1, 1, 1), dist2, torch.full_like(dist2, float("inf")))
+            dmin, arg = dist2.min(dim=1)
+            zsel = torch.gather(Z[:, s:s + atom_chunk].to(dev), 1, arg.view(B, -1)).view(B, n, n, n)
+            upd = (dmin <= r2) & (dmin < best)
+            S = torch.where(upd, zsel, S)
+            best = torch.where(upd, dmin, best)
+    return M, S
+
+
+def density_field(positions: np.ndarray, Z: np.ndarray, grid: Grid, species: bool = True):
+    """Single-crystal convenience wrapper of :func:`density_fields` on the CPU.
+
+    Args:
+        positions: (N, 3) Cartesian Å in the cube frame.
+        Z: (N,) atomic numbers.
+
+    Returns:
+        ``(M, S)`` as numpy arrays, (n, n, n) float32 and (n, n, n) int64 (S None if not asked).
+    """
+    P = torch.as_tensor(np.asarray(positions, np.float64).reshape(1, -1, 3))
+    Zt = torch.as_tensor(np.asarray(Z, np.int64).reshape(1, -1))
+    M, S = density_fields(P, Zt, grid, species=species)
+    return M[0].numpy(), (S[0].numpy() if S is not None else None)

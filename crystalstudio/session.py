@@ -1,0 +1,164 @@
+"""The plain-Python session: the single source of truth the GUI and the CLI both drive.
+
+No Qt here. Views subscribe with :meth:`Session.subscribe` and are told
+``callback(event, value)`` when something changed (``"model"``, ``"reconstruction"``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .core.checkpoint import CheckpointError, CrystalModel, load_checkpoint
+from .core.density import Crystal, cell_positions, density_field
+from .core.metrics import match_atoms
+from .core.segment import Atoms
+
+__all__ = ["Session", "Reconstruction", "default_checkpoint", "CheckpointError"]
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_CHECKPOINT = "unit_cell.safetensors"
+
+
+def default_checkpoint() -> Path:
+    """The checkpoint the app starts with: ``$CRYSTALSTUDIO_CHECKPOINT`` or ``assets/unit_cell.safetensors``."""
+    env = os.environ.get("CRYSTALSTUDIO_CHECKPOINT")
+    return Path(env) if env else ASSETS / DEFAULT_CHECKPOINT
+
+
+def sample_files() -> list[Path]:
+    """The sample CIFs shipped in ``assets/samples`` (built from textbook prototypes)."""
+    return sorted((ASSETS / "samples").glob("*.cif"))
+
+
+@dataclass
+class Reconstruction:
+    """One crystal through encode -> decode -> segment.
+
+    Attributes:
+        crystal: the input crystal.
+        rotation: (3, 3) rotation applied to the centred cell (identity by default).
+        positions: (N, 3) float64 Å, input atoms in the cube frame; ``Z`` (N,) int64.
+        M: (n, n, n) float32 input density field (Eq. 1); ``M_hat`` the decoded one.
+        mu, logvar: (latent,) float32 posterior of z.
+        atoms: segmented atoms of ``M_hat``.
+        metrics: the Sec. 4.1 measures for this crystal (see :func:`summarise`).
+    """
+
+    crystal: Crystal
+    rotation: np.ndarray
+    positions: np.ndarray
+    Z: np.ndarray
+    M: np.ndarray
+    mu: np.ndarray
+    logvar: np.ndarray
+    M_hat: np.ndarray
+    atoms: Atoms
+    metrics: dict = field(default_factory=dict)
+
+
+def summarise(positions: np.ndarray, Z: np.ndarray, atoms: Atoms, M: np.ndarray, M_hat: np.ndarray,
+              tol: float = 0.5) -> dict:
+    """Per-crystal Sec. 4.1 measures as plain JSON-able numbers.
+
+    Keys: ``n_true``, ``n_pred``, ``atoms_within_tol`` (fraction of true atoms with a
+    predicted atom within ``tol`` Å), ``pred_within_tol``, ``exact_count``,
+    ``species_accuracy`` (matched atoms), ``median_error_A``, ``voxel_mse``, ``tol_A``.
+    """
+    r = match_atoms(positions, Z, atoms.positions, atoms.Z, tol)
+    d = r["d_true"][np.isfinite(r["d_true"])]
+    return {
+        "n_true": r["n_true"],
+        "n_pred": r["n_pred"],
+        "atoms_within_tol": r["true_matched"] / max(r["n_true"], 1),
+        "pred_within_tol": r["pred_matched"] / max(r["n_pred"], 1),
+        "exact_count": bool(r["exact_count"]),
+        "species_accuracy": r["species_correct"] / max(r["true_matched"], 1),
+        "median_error_A": float(np.median(d)) if len(d) else None,
+        "voxel_mse": float(np.mean((M_hat.astype(np.float64) - M) ** 2)),
+        "tol_A": tol,
+    }
+
+
+class Session:
+    """Model + current crystal; what the explorer shows.
+
+    Args:
+        checkpoint: path of a checkpoint; None loads :func:`default_checkpoint`.
+        device: torch device for inference ("cpu" or "cuda").
+        model: an already loaded :class:`CrystalModel` (tests, embedding).
+
+    Raises:
+        CheckpointError: the checkpoint is missing, corrupt or foreign.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike | None = None, device: str = "cpu",
+                 model: CrystalModel | None = None):
+        self._subscribers: list[Callable[[str, object], None]] = []
+        self.device = device
+        self.model: CrystalModel = model or load_checkpoint(checkpoint or default_checkpoint(), device)
+        self.current: Reconstruction | None = None
+
+    # ------------------------------------------------------------------ events
+    def subscribe(self, callback: Callable[[str, object], None]) -> None:
+        """Call ``callback(event, value)`` on every change."""
+        self._subscribers.append(callback)
+
+    def _emit(self, event: str, value: object) -> None:
+        for cb in list(self._subscribers):
+            cb(event, value)
+
+    @property
+    def grid(self):
+        return self.model.grid
+
+    # ------------------------------------------------------------------ model
+    def load_checkpoint(self, path: str | os.PathLike) -> CrystalModel:
+        """Swap in another checkpoint; the current reconstruction is kept only if it is redone.
+
+        Raises:
+            CheckpointError: nothing changes in the session when loading fails.
+        """
+        model = load_checkpoint(path, self.device)
+        self.model = model
+        self._emit("model", model)
+        if self.current is not None:
+            self.reconstruct(self.current.crystal, self.current.rotation)
+        return model
+
+    # ------------------------------------------------------------------ work
+    def compute(self, crystal: Crystal, rotation: np.ndarray | None = None) -> Reconstruction:
+        """Encode, decode and segment ``crystal`` (representation 1); no state change, thread-safe."""
+        grid = self.model.grid
+        R = np.eye(3) if rotation is None else np.asarray(rotation, np.float64)
+        pos = cell_positions(crystal, grid, R)
+        M, _ = density_field(pos, crystal.Z, grid, species=False)
+        mu, logvar = self.model.encode(M)
+        M_hat = self.model.decode(mu)
+        atoms = self.model.segment(M_hat)
+        return Reconstruction(crystal, R, pos, crystal.Z.copy(), M, mu, logvar, M_hat, atoms,
+                              summarise(pos, crystal.Z, atoms, M, M_hat))
+
+    def set_current(self, rec: Reconstruction) -> None:
+        self.current = rec
+        self._emit("reconstruction", rec)
+
+    def reconstruct(self, crystal: Crystal, rotation: np.ndarray | None = None) -> Reconstruction:
+        """:meth:`compute` then make it the current reconstruction (observers are told)."""
+        rec = self.compute(crystal, rotation)
+        self.set_current(rec)
+        return rec
+
+    def open(self, path: str | os.PathLike) -> Reconstruction:
+        """Read a structure file (CIF, POSCAR) and reconstruct it.
+
+        Raises:
+            StructureError: one line naming the file and the problem.
+        """
+        from .io.structures import read_structure
+
+        return self.reconstruct(read_structure(path, self.model.grid))

@@ -1,0 +1,162 @@
+"""Crystal data sets as compact arrays, and on-the-fly voxelisation.
+
+``prepare`` (CPU, needs pymatgen through ``crystalstudio.io``) turns CSV files in the
+CDVAE layout (a ``cif`` column) or folders of CIFs into one ``.npz`` file:
+
+* ``lattice`` (C, 3, 3) float32 Å, ``offsets`` (C + 1,) int64 into the atom arrays,
+* ``frac`` (A, 3) float32, ``Z`` (A,) uint8,
+* ``split`` (C,) uint8 (0 train, 1 val, 2 test), ``ids`` / ``formula`` / ``source`` strings.
+
+Splits are drawn per reduced formula (a hash of it), so one composition never sits on
+both sides, and duplicates across the source files (same formula, site count and volume
+per atom to 0.1 Å^3) are kept once. Only crystals whose cell fits the cube under every
+rotation are kept (:func:`crystalstudio.core.density.fits_in_cube`).
+
+The ``.npz`` needs only numpy to read, so it travels to the GPU machine, where
+:class:`CrystalArrays` + :func:`voxelise` build M and S on the GPU with a fresh random
+rotation each time a crystal is drawn.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crystalstudio.core.density import Crystal, Grid, cell_positions, density_fields, pad_batch, random_rotations
+
+SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+def _split_of(formula: str, val: float, test: float) -> int:
+    h = int(hashlib.sha1(formula.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return 2 if h < test else (1 if h < test + val else 0)
+
+
+def _iter_sources(paths: list[str]):
+    """Yield (source, id, cif_text) from CSV files and folders/files of CIFs."""
+    csv.field_size_limit(sys.maxsize)
+    for p in map(Path, paths):
+        if p.is_dir():
+            for f in sorted(p.glob("*.cif")):
+                yield p.name, f.stem, f.read_text(errors="replace")
+        elif p.suffix.lower() == ".csv":
+            with open(p, newline="") as fh:
+                for i, row in enumerate(csv.DictReader(fh)):
+                    yield f"{p.parent.name}/{p.name}", row.get("material_id") or f"row{i}", row["cif"]
+        else:
+            yield p.parent.name, p.stem, p.read_text(errors="replace")
+
+
+def prepare(paths: list[str], out: str, grid: Grid = Grid(), val: float = 0.05, test: float = 0.1,
+            max_atoms: int = 64) -> dict:
+    """Convert structures to the compact ``.npz`` described in the module docstring.
+
+    Returns a summary dict (counts per split, rejections by reason).
+    """
+    from tqdm import tqdm
+
+    from crystalstudio.io.structures import StructureError, read_cif_text
+
+    seen = set()
+    lattices, fracs, Zs, ids, formulas, sources, splits = [], [], [], [], [], [], []
+    rejected: dict[str, int] = {}
+    for source, mid, text in tqdm(list(_iter_sources(paths)), desc="reading CIFs", unit="crystal"):
+        try:
+            c = read_cif_text(text, name=str(mid), grid=grid)
+        except StructureError as exc:
+            reason = str(exc).split(": ", 1)[-1].split("(")[0].strip()[:40]
+            rejected[reason] = rejected.get(reason, 0) + 1
+            continue
+        if c.num_atoms > max_atoms:
+            rejected["too many atoms"] = rejected.get("too many atoms", 0) + 1
+            continue
+        formula = c.meta.get("formula", c.name)
+        key = (formula, c.num_atoms, round(abs(np.linalg.det(c.lattice)) / c.num_atoms, 1))
+        if key in seen:
+            rejected["duplicate"] = rejected.get("duplicate", 0) + 1
+            continue
+        seen.add(key)
+        lattices.append(c.lattice.astype(np.float32))
+        fracs.append(np.mod(c.frac, 1.0).astype(np.float32))
+        Zs.append(c.Z.astype(np.uint8))
+        ids.append(str(mid))
+        formulas.append(formula)
+        sources.append(source)
+        splits.append(_split_of(formula, val, test))
+    offsets = np.concatenate([[0], np.cumsum([len(z) for z in Zs])]).astype(np.int64)
+    np.savez_compressed(
+        out, lattice=np.stack(lattices), offsets=offsets, frac=np.concatenate(fracs), Z=np.concatenate(Zs),
+        split=np.array(splits, np.uint8), ids=np.array(ids), formula=np.array(formulas), source=np.array(sources),
+        grid=np.array([grid.n, grid.length, grid.sigma, grid.species_radius]),
+    )
+    counts = {k: int((np.array(splits) == v).sum()) for k, v in SPLITS.items()}
+    return {"kept": len(ids), "splits": counts, "rejected": rejected, "out": str(out)}
+
+
+@dataclass
+class CrystalArrays:
+    """The ``.npz`` of :func:`prepare`, loaded (numpy only)."""
+
+    lattice: np.ndarray
+    offsets: np.ndarray
+    frac: np.ndarray
+    Z: np.ndarray
+    split: np.ndarray
+    ids: np.ndarray
+    formula: np.ndarray
+    source: np.ndarray
+
+    @classmethod
+    def load(cls, path: str) -> "CrystalArrays":
+        d = np.load(path, allow_pickle=False)
+        return cls(d["lattice"].astype(np.float64), d["offsets"], d["frac"].astype(np.float64), d["Z"].astype(np.int64),
+                   d["split"], d["ids"], d["formula"], d["source"])
+
+    def __len__(self) -> int:
+        return len(self.lattice)
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == SPLITS[split])
+
+    def crystal(self, i: int) -> Crystal:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return Crystal(self.lattice[i], self.frac[a:b], self.Z[a:b], name=str(self.formula[i]),
+                       meta={"id": str(self.ids[i]), "source": str(self.source[i])})
+
+    @property
+    def sources(self) -> dict:
+        u, c = np.unique(self.source, return_counts=True)
+        return {str(k): int(v) for k, v in zip(u, c)}
+
+
+def voxelise(data: CrystalArrays, idx: np.ndarray, grid: Grid, rotations: np.ndarray | None,
+             device: torch.device | str = "cpu"):
+    """Representation 1 (Sec. 3.1) for a batch: centred, rotated unit cells.
+
+    Args:
+        data: the crystals.
+        idx: (B,) crystal indices.
+        grid: the grid.
+        rotations: (B, 3, 3) rotation matrices, or None for no rotation.
+
+    Returns:
+        ``(M, S, positions, Z)``: M (B, n, n, n) float32, S (B, n, n, n) int64 on ``device``;
+        positions (B, Nmax, 3) float64 Å and Z (B, Nmax) int64 numpy (0 = padding).
+    """
+    pos, zs = [], []
+    for b, i in enumerate(idx):
+        c = data.crystal(int(i))
+        pos.append(cell_positions(c, grid, None if rotations is None else rotations[b]))
+        zs.append(c.Z)
+    P, Zp = pad_batch(pos, zs)
+    M, S = density_fields(torch.as_tensor(P, device=device), torch.as_tensor(Zp, device=device), grid)
+    return M, S, P, Zp
+
+
+__all__ = ["prepare", "CrystalArrays", "voxelise", "random_rotations", "SPLITS"]
