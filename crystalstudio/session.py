@@ -18,7 +18,8 @@ from .core.density import Crystal, cell_positions, density_field
 from .core.metrics import match_atoms
 from .core.segment import Atoms
 
-__all__ = ["Session", "Reconstruction", "default_checkpoint", "CheckpointError"]
+__all__ = ["Session", "Reconstruction", "Frame", "default_checkpoint", "sample_files", "CheckpointError",
+           "readouts"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_CHECKPOINT = "unit_cell.safetensors"
@@ -59,6 +60,40 @@ class Reconstruction:
     M_hat: np.ndarray
     atoms: Atoms
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Frame:
+    """One decoded latent vector: what the explorer and the exporters show.
+
+    Attributes:
+        z: (latent,) float32.
+        M_hat: (n, n, n) float32 decoded density (Eq. 1 units).
+        atoms: segmented atoms (Cartesian Å, cube frame).
+        readouts: :func:`readouts` of the frame.
+    """
+
+    z: np.ndarray
+    M_hat: np.ndarray
+    atoms: Atoms
+    readouts: dict = field(default_factory=dict)
+
+
+def readouts(atoms: Atoms, M_hat: np.ndarray, peak_scale: float, close_A: float = 0.5) -> dict:
+    """Live numbers of a frame: ``n_atoms``, ``composition`` ({Z: count}), ``min_distance_A``
+    (smallest interatomic distance, None for < 2 atoms), ``too_close`` (min distance below
+    ``close_A`` Å), ``max_density`` (Eq. 1 units) and ``max_density_Z`` (the same read as Z)."""
+    from scipy.spatial import cKDTree
+
+    Zs, counts = np.unique(atoms.Z, return_counts=True)
+    dmin = None
+    if len(atoms) >= 2:
+        d, _ = cKDTree(atoms.positions).query(atoms.positions, k=2)
+        dmin = float(d[:, 1].min())
+    mx = float(M_hat.max()) if M_hat.size else 0.0
+    return {"n_atoms": len(atoms), "composition": {int(z): int(c) for z, c in zip(Zs, counts)},
+            "min_distance_A": dmin, "too_close": dmin is not None and dmin < close_A,
+            "max_density": mx, "max_density_Z": mx * peak_scale}
 
 
 def summarise(positions: np.ndarray, Z: np.ndarray, atoms: Atoms, M: np.ndarray, M_hat: np.ndarray,
@@ -152,6 +187,13 @@ class Session:
         rec = self.compute(crystal, rotation)
         self.set_current(rec)
         return rec
+
+    def decode(self, z: np.ndarray, cond: float | None = None, segment: bool = True) -> Frame:
+        """Decode one latent vector (and segment it unless ``segment`` is False); thread-safe."""
+        M_hat = self.model.decode(z, cond)
+        atoms = self.model.segment(M_hat) if segment else Atoms.empty()
+        return Frame(np.asarray(z, np.float32), M_hat, atoms,
+                     readouts(atoms, M_hat, self.model.grid.peak_scale))
 
     def open(self, path: str | os.PathLike) -> Reconstruction:
         """Read a structure file (CIF, POSCAR) and reconstruct it.
