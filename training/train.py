@@ -54,6 +54,7 @@ class TrainConfig:
     test_n: int = 0                      # test crystals for the final table (0 = all)
     save_every_min: float = 5.0
     model: dict = field(default_factory=dict)  # ModelConfig overrides
+    init: str = ""                       # start from this checkpoint's weights (resume / fine-tune)
 
 
 def _lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
@@ -78,7 +79,18 @@ def train(cfg: TrainConfig) -> dict:
     train_idx, val_idx, test_idx = data.indices("train"), data.indices("val"), data.indices("test")
     zmax = int(data.Z.max())
     mcfg = ModelConfig(**{"grid_n": grid.n, "n_classes": max(95, zmax + 1), **cfg.model})
-    net = CrystalNet(mcfg).to(device)
+    prior_steps = 0
+    if cfg.init:
+        from crystalstudio.core.checkpoint import load_checkpoint
+
+        init = load_checkpoint(cfg.init)
+        if init.grid != grid:
+            raise ValueError(f"{cfg.init}: trained on {init.grid}, the data are on {grid}")
+        net = init.net.to(device)
+        mcfg = net.cfg
+        prior_steps = int(init.info.get("training", {}).get("steps", 0))
+    else:
+        net = CrystalNet(mcfg).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,14 +142,14 @@ def train(cfg: TrainConfig) -> dict:
             w.writerow(row)
             fh.flush()
             if time.time() - last_save > 60 * cfg.save_every_min:
-                save_checkpoint(out, net, grid, {**meta_base, "training": {**meta_base["training"], "steps": step}})
+                save_checkpoint(out, net, grid, {**meta_base, "training": {**meta_base["training"], "steps": prior_steps + step}})
                 last_save = time.time()
     idx = test_idx[: cfg.test_n] if cfg.test_n else test_idx
     res = evaluate(net, data, idx, grid, seed=0, device=device)
     metrics = {k: v for k, v in res.items() if k not in ("latent_kl", "latent_rank")}
     metrics["split"] = "test"
     meta = {**meta_base, "metrics": metrics, "latent_rank": res["latent_rank"], "latent_kl": res["latent_kl"]}
-    meta["training"].update(steps=step, samples=step * cfg.batch, seconds=round(time.time() - t0),
+    meta["training"].update(steps=prior_steps + step, init=cfg.init or None, samples=step * cfg.batch, seconds=round(time.time() - t0),
                             device=str(device), torch=torch.__version__)
     save_checkpoint(out, net.cpu(), grid, meta)
     print(format_table(metrics), flush=True)

@@ -154,8 +154,8 @@ def lattice_positions(crystal: Crystal, grid: Grid, rotation: Rotation | np.ndar
                       origin: np.ndarray | None = None, cutoff: float | None = None):
     """Representation 2: every periodic image whose Gaussian reaches the cube.
 
-    The lattice is rotated about the cube centre and translated so that the cell origin
-    sits at ``origin`` (Å, cube frame; default the cube's corner ``(0, 0, 0)``). All images
+    The lattice vectors are rotated (about the cell origin) and the cell origin is placed
+    at ``origin`` (Å, cube frame; default the cube's corner ``(0, 0, 0)``). All images
     within ``cutoff`` Å of the cube (default ``4 sigma``) are returned, so the field inside
     the cube is the full periodic sum of Eq. 1 to within ``exp(-8)`` of a peak.
 

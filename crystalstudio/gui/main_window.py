@@ -1,0 +1,604 @@
+"""The crystalstudio main window: input crystal and its reconstruction, side by side.
+
+Left view "Input": the density field M of the input crystal (volume rendering), its atoms
+as spheres in Jmol colours and the cube outline. Right view "Reconstruction": the decoded
+field M_hat and the atoms segmented from it. Both views share one ``vtkCamera``, so
+rotating one rotates the other.
+
+Files (CIF, POSCAR/.vasp, pymatgen .json) are opened by drag and drop or File > Open…;
+reading and encode -> decode -> segment run in a worker thread, the result is made the
+session's current reconstruction on the GUI thread and the views update in place.
+Every error message goes through :meth:`MainWindow.show_error`.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PySide6.QtCore import QEvent, QObject, QSettings, Qt, QThreadPool, QTimer, Signal
+from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
+from PySide6.QtWidgets import (QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar, QSplitter,
+                               QVBoxLayout, QWidget)
+from pyvistaqt import QtInteractor
+
+from ..core.checkpoint import load_checkpoint
+from ..core.density import Grid
+from ..io.structures import element_colors, element_radius, read_structure, write_cif, write_xyz
+from ..render.scene import CrystalScene
+from ..session import Reconstruction, Session, sample_files
+from .workers import Task
+
+__all__ = ["MainWindow", "status_text", "STRUCTURE_FILTER"]
+
+APP_NAME = "crystalstudio"
+MAX_RECENT = 8
+ATOM_RADIUS_SCALE = 0.35  # sphere radius = 0.35 * atomic radius
+BACKGROUND = "#1b1b1f"
+VOLUME_OPACITY = 0.4  # lighter than the scene's default so atoms inside the density stay visible
+CAMERA_ZOOM = 1.0
+STRUCTURE_FILTER = ("Structures (*.cif *.mcif *.vasp POSCAR* CONTCAR* *.json);;CIF (*.cif);;"
+                    "POSCAR / VASP (POSCAR* CONTCAR* *.vasp);;pymatgen JSON (*.json);;All files (*)")
+_INPUT_EVENTS = (QEvent.Type.MouseMove, QEvent.Type.MouseButtonRelease, QEvent.Type.Wheel,
+                 QEvent.Type.KeyPress, QEvent.Type.KeyRelease)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception message (its type name if it has none)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def status_text(rec: Reconstruction) -> str:
+    """One status-bar line from ``rec.metrics``, e.g.
+    ``"NaCl: 8 atoms in, 8 out · 100% within 0.5 Å · species 50% · exact count ✓ · MSE 1.2e-03"``."""
+    m = rec.metrics
+    parts = [f"{rec.crystal.name}: {m['n_true']} atoms in, {m['n_pred']} out",
+             f"{m['atoms_within_tol']:.0%} within {m.get('tol_A', 0.5):g} Å",
+             f"species {m['species_accuracy']:.0%}",
+             f"exact count {'✓' if m['exact_count'] else '✗'}"]
+    if m.get("median_error_A") is not None:
+        parts.append(f"median error {m['median_error_A']:.2f} Å")
+    parts.append(f"MSE {m['voxel_mse']:.1e}")
+    return " · ".join(parts)
+
+
+def _atom_style(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Jmol colours and sphere radii (0.35 x atomic radius) of atomic numbers ``Z``."""
+    Z = np.asarray(Z, np.int64).reshape(-1)
+    radii = np.array([ATOM_RADIUS_SCALE * element_radius(z) for z in Z], np.float64)
+    return element_colors(Z, "jmol"), radii
+
+
+class _Panel:
+    """One titled 3-D view: a ``QtInteractor`` child widget and the :class:`CrystalScene` in it."""
+
+    def __init__(self, parent: QWidget, title: str) -> None:
+        self.widget = QWidget(parent)
+        layout = QVBoxLayout(self.widget)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(2)
+        self.label = QLabel(title, self.widget)
+        self.label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.label.setStyleSheet("font-weight: bold; padding: 2px;")
+        layout.addWidget(self.label)
+        # auto_update=False: no 5 Hz re-render timer; the window renders when something changed.
+        self.view = QtInteractor(self.widget, auto_update=False)
+        self.view.set_background(BACKGROUND)
+        self.view.setAcceptDrops(False)  # drops go to the main window, not to pyvista's own handler
+        layout.addWidget(self.view, 1)
+        self.scene = CrystalScene(self.view, max_opacity=VOLUME_OPACITY)
+        self.title = title
+
+    def set_crystal(self, M: np.ndarray | None, grid: Grid, positions: np.ndarray, Z: np.ndarray,
+                    caption: str) -> None:
+        self.scene.set_outline(grid)
+        self.scene.set_density(M, grid)
+        colors, radii = _atom_style(Z)
+        self.scene.set_atoms(positions, Z, colors, radii)
+        self.label.setText(f"{self.title} · {caption}")
+
+    def close(self) -> None:
+        self.view.close()
+
+
+class MainWindow(QMainWindow):
+    """Input crystal and its reconstruction in two linked 3-D views, with menus and status bar.
+
+    Args:
+        session: the session to show; None when no model could be loaded (the window then
+            asks for a checkpoint before it opens structures).
+        settings: where geometry, recent files and view toggles are kept (default: the
+            application's ``QSettings()``).
+
+    Signals:
+        reconstruction_shown(Reconstruction): the views show a new reconstruction.
+        failed(str): a file or checkpoint could not be used (the message shown).
+    """
+
+    reconstruction_shown = Signal(object)
+    failed = Signal(str)
+    _session_event = Signal(str, object)
+
+    def __init__(self, session: Session | None, settings: QSettings | None = None,
+                 parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.session: Session | None = None
+        self.settings = settings if settings is not None else QSettings()
+        self._pool = QThreadPool(self)
+        self._pool.setMaxThreadCount(1)  # jobs run one after the other, in order
+        self._tasks: dict[int, Task] = {}
+        self._job = 0  # id of the newest job; older results are dropped
+        self._closed = False
+        self._camera_fitted = False
+        self._sync_pending: set[int] = set()
+        self._session_event.connect(self._on_session_event)
+
+        self.setWindowTitle(APP_NAME)
+        self.setAcceptDrops(True)
+        self.resize(1400, 800)
+
+        self.splitter = QSplitter(Qt.Orientation.Horizontal, self)
+        self.input = _Panel(self.splitter, "Input")
+        self.output = _Panel(self.splitter, "Reconstruction")
+        self.splitter.addWidget(self.input.widget)
+        self.splitter.addWidget(self.output.widget)
+        self.splitter.setChildrenCollapsible(False)
+        self.splitter.setStretchFactor(0, 1)
+        self.splitter.setStretchFactor(1, 1)
+        self.setCentralWidget(self.splitter)
+        self.panels = (self.input, self.output)
+        # One camera for both views; interaction in either re-renders the other.
+        self.output.view.renderer.camera = self.input.view.renderer.camera
+        for p in self.panels:
+            p.view.installEventFilter(self)
+
+        self._busy = QProgressBar(self)
+        self._busy.setRange(0, 0)  # indeterminate
+        self._busy.setMaximumWidth(120)
+        self._busy.setVisible(False)
+        self.statusBar().addPermanentWidget(self._busy)
+
+        self._build_menus()
+        self._restore_settings()
+        self._set_session(session)
+        grid = self.grid
+        for p in self.panels:
+            p.scene.set_outline(grid)
+        self.input.label.setText("Input · drop a CIF / POSCAR file here")
+        self.reset_camera()
+        if session is None:
+            self.statusBar().showMessage("No model loaded: File > Open checkpoint…")
+        else:
+            self.statusBar().showMessage("Drop a structure file (CIF, POSCAR, .json) or use File > Open…")
+
+    # ------------------------------------------------------------------ construction
+    def _build_menus(self) -> None:
+        def action(text: str, slot: Callable, shortcut: Any = None, checkable: bool = False) -> QAction:
+            a = QAction(text, self)
+            if shortcut is not None:
+                a.setShortcut(QKeySequence(shortcut))
+            a.setCheckable(checkable)
+            (a.toggled if checkable else a.triggered).connect(slot)
+            self.addAction(a)  # shortcuts work while a view has focus, too
+            return a
+
+        m = self.menuBar().addMenu("&File")
+        self.open_action = action("&Open…", self._ask_open, QKeySequence.StandardKey.Open)
+        m.addAction(self.open_action)
+        m.addAction(action("Open &checkpoint…", self._ask_checkpoint))
+        self.samples_menu = m.addMenu("&Samples")
+        for path in sample_files():
+            a = self.samples_menu.addAction(path.stem)
+            a.triggered.connect(lambda _=False, p=path: self.open_file(p))
+        self.recent_menu = m.addMenu("&Recent files")
+        self.recent_menu.aboutToShow.connect(self._fill_recent_menu)
+        m.addSeparator()
+        self.save_action = action("&Save reconstruction as CIF/XYZ…", self._ask_save, QKeySequence.StandardKey.Save)
+        m.addAction(self.save_action)
+        m.addAction(action("Save screens&hot…", self._ask_screenshot))
+        m.addSeparator()
+        m.addAction(action("&Quit", self.close, QKeySequence.StandardKey.Quit))
+
+        v = self.menuBar().addMenu("&View")
+        self.density_action = action("Show &density", self.show_density, "D", checkable=True)
+        self.atoms_action = action("Show &atoms", self.show_atoms, "A", checkable=True)
+        self.reset_action = action("&Reset camera", self.reset_camera, "R")
+        for a in (self.density_action, self.atoms_action, self.reset_action):
+            v.addAction(a)
+
+        h = self.menuBar().addMenu("&Help")
+        h.addAction(action("&About model", self._show_about_model))
+
+    def _restore_settings(self) -> None:
+        s = self.settings
+        geom = s.value("window/geometry")
+        if geom is not None:
+            self.restoreGeometry(geom)
+        split = s.value("window/splitter")
+        if split is not None:
+            self.splitter.restoreState(split)
+        else:
+            self.splitter.setSizes([700, 700])
+        # setChecked emits toggled only on a change: start from True so the scenes match.
+        self.density_action.setChecked(True)
+        self.atoms_action.setChecked(True)
+        self.density_action.setChecked(s.value("view/density", True, type=bool))
+        self.atoms_action.setChecked(s.value("view/atoms", True, type=bool))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def grid(self) -> Grid:
+        return self.session.grid if self.session is not None else Grid()
+
+    @property
+    def busy(self) -> bool:
+        """True while a file or checkpoint is being processed."""
+        return bool(self._tasks)
+
+    def recent_files(self) -> list[str]:
+        v = self.settings.value("files/recent")
+        if v is None:
+            return []
+        if isinstance(v, str):
+            return [v]
+        return [str(x) for x in v]
+
+    # ------------------------------------------------------------------ dialogs (tests patch these)
+    def show_error(self, title: str, text: str) -> None:
+        """Tell the user something failed (a modal warning box)."""
+        QMessageBox.warning(self, title, text)
+
+    def show_info(self, title: str, text: str) -> None:
+        """An information box (rich text allowed)."""
+        QMessageBox.information(self, title, text)
+
+    def _error(self, title: str, text: str) -> None:
+        self.statusBar().showMessage(text)
+        self.failed.emit(text)
+        self.show_error(title, text)
+
+    def _last_dir(self) -> str:
+        return str(self.settings.value("files/last_dir", str(Path.home())))
+
+    def _ask_open(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open structure", self._last_dir(), STRUCTURE_FILTER)
+        if path:
+            self.open_file(path)
+
+    def _ask_checkpoint(self) -> None:
+        start = str(self.session.model.path.parent) if self.session and self.session.model.path else self._last_dir()
+        path, _ = QFileDialog.getOpenFileName(self, "Open checkpoint", start,
+                                              "Checkpoints (*.safetensors);;All files (*)")
+        if path:
+            self.open_checkpoint(path)
+
+    def _ask_save(self) -> None:
+        rec = self.session.current if self.session else None
+        if rec is None:
+            self._error("Nothing to save", "Open a structure first; there is no reconstruction yet.")
+            return
+        start = str(Path(self._last_dir()) / f"{rec.crystal.name}_reconstructed.cif")
+        path, chosen = QFileDialog.getSaveFileName(self, "Save reconstruction", start, "CIF (*.cif);;XYZ (*.xyz)")
+        if path:
+            if not Path(path).suffix:
+                path += ".xyz" if chosen.startswith("XYZ") else ".cif"
+            self.save_reconstruction(path)
+
+    def _ask_screenshot(self) -> None:
+        name = self.session.current.crystal.name if self.session and self.session.current else "crystalstudio"
+        path, _ = QFileDialog.getSaveFileName(self, "Save screenshot", str(Path(self._last_dir()) / f"{name}.png"),
+                                              "PNG image (*.png)")
+        if path:
+            if not Path(path).suffix:
+                path += ".png"
+            self.save_screenshot(path)
+
+    def _fill_recent_menu(self) -> None:
+        self.recent_menu.clear()
+        files = self.recent_files()
+        if not files:
+            self.recent_menu.addAction("(none)").setEnabled(False)
+            return
+        for f in files:
+            a = self.recent_menu.addAction(f)
+            a.triggered.connect(lambda _=False, p=f: self.open_file(p))
+        self.recent_menu.addSeparator()
+        self.recent_menu.addAction("Clear list").triggered.connect(lambda: self.settings.remove("files/recent"))
+
+    def _add_recent(self, path: Path) -> None:
+        p = str(Path(path).resolve())
+        files = [p] + [f for f in self.recent_files() if f != p]
+        self.settings.setValue("files/recent", files[:MAX_RECENT])
+        self.settings.setValue("files/last_dir", str(Path(p).parent))
+
+    # ------------------------------------------------------------------ jobs
+    def _start(self, message: str, fn: Callable, *args: Any, done: Callable, title: str) -> None:
+        """Run ``fn(*args)`` in the worker pool; ``done(result)`` on the GUI thread if still the newest job."""
+        self._job += 1
+        job = self._job
+        task = Task(fn, *args)
+        task.signals.done.connect(lambda result: self._finish(job, done, result))
+        task.signals.failed.connect(lambda exc: self._finish(job, None, exc, title))
+        self._tasks[job] = task
+        self._busy.setVisible(True)
+        self.statusBar().showMessage(message)
+        self._pool.start(task)
+
+    def _finish(self, job: int, done: Callable | None, value: Any, title: str = "") -> None:
+        self._tasks.pop(job, None)
+        self._busy.setVisible(bool(self._tasks))
+        if self._closed:
+            return
+        if done is None:  # failed: always tell, even when a newer job is running
+            self._error(title, _one_line(value))
+            if self.session is not None and self.session.current is not None and not self._tasks:
+                self.statusBar().showMessage(status_text(self.session.current), 0)
+            return
+        if job != self._job:
+            return  # superseded by a newer request
+        done(value)
+
+    def open_file(self, path: str | Path) -> None:
+        """Read ``path`` and reconstruct it in the background; errors end in :meth:`show_error`."""
+        path = Path(path)
+        if self.session is None:
+            self._error("No model", "No model is loaded; use File > Open checkpoint… first.")
+            return
+        session, grid = self.session, self.session.grid
+
+        def work() -> Reconstruction:
+            try:
+                crystal = read_structure(path, grid)
+                return session.compute(crystal)
+            except Exception as exc:
+                msg = _one_line(exc)
+                if not msg.startswith(path.name):  # StructureError messages already name the file
+                    raise RuntimeError(f"{path.name}: {type(exc).__name__}: {msg}") from exc
+                raise
+
+        def done(rec: Reconstruction) -> None:
+            self._add_recent(path)
+            session.set_current(rec)  # -> "reconstruction" event -> views
+
+        self._start(f"Reconstructing {path.name}…", work, done=done, title="Cannot open structure")
+
+    def open_checkpoint(self, path: str | Path) -> None:
+        """Load another model in the background; the current crystal is reconstructed with it."""
+        path = Path(path)
+        device = self.session.device if self.session is not None else "cpu"
+        current = self.session.current if self.session is not None else None
+
+        def work():
+            model = load_checkpoint(path, device)
+            rec = Session(model=model, device=device).compute(current.crystal, current.rotation) if current else None
+            return model, rec
+
+        def done(result) -> None:
+            model, rec = result
+            if self.session is None:
+                self._set_session(Session(model=model, device=device))
+            else:
+                self.session.model = model
+            self.setWindowTitle(self._title())
+            if rec is not None:
+                self.session.set_current(rec)
+            else:
+                self.statusBar().showMessage(f"Model {path.name} loaded; drop a structure file to reconstruct it.")
+
+        self._start(f"Loading {path.name}…", work, done=done, title="Cannot load checkpoint")
+
+    # ------------------------------------------------------------------ session -> views
+    def _set_session(self, session: Session | None) -> None:
+        self.session = session
+        if session is not None:
+            # The callback may be called from any thread; the signal brings it to the GUI thread.
+            session.subscribe(lambda event, value: self._session_event.emit(event, value))
+
+    def _on_session_event(self, event: str, value: object) -> None:
+        if event == "reconstruction" and not self._closed:
+            self._show(value)
+
+    def _title(self) -> str:
+        rec = self.session.current if self.session is not None else None
+        return f"{APP_NAME} — {rec.crystal.name}" if rec is not None else APP_NAME
+
+    def _show(self, rec: Reconstruction) -> None:
+        grid = self.grid
+        n_in, n_out = len(rec.Z), len(rec.atoms)
+        self.input.set_crystal(rec.M, grid, rec.positions, rec.Z, f"{rec.crystal.name}, {n_in} atoms")
+        self.output.set_crystal(rec.M_hat, grid, rec.atoms.positions, rec.atoms.Z, f"{n_out} atoms segmented")
+        if not self._camera_fitted:
+            self.reset_camera(render=False)
+        self.setWindowTitle(self._title())
+        self.statusBar().showMessage(status_text(rec), 0)
+        self.render()
+        self.reconstruction_shown.emit(rec)
+
+    def render(self) -> None:
+        """Re-render both views now (GUI thread)."""
+        for p in self.panels:
+            p.view.render()
+
+    # ------------------------------------------------------------------ view actions
+    def show_density(self, visible: bool) -> None:
+        if self.density_action.isChecked() != bool(visible):
+            self.density_action.setChecked(bool(visible))  # re-enters through toggled
+            return
+        for p in self.panels:
+            p.scene.show_density(visible)
+        self.settings.setValue("view/density", bool(visible))
+        self.render()
+
+    def show_atoms(self, visible: bool) -> None:
+        if self.atoms_action.isChecked() != bool(visible):
+            self.atoms_action.setChecked(bool(visible))
+            return
+        for p in self.panels:
+            p.scene.show_atoms(visible)
+        self.settings.setValue("view/atoms", bool(visible))
+        self.render()
+
+    def reset_camera(self, render: bool = True) -> None:
+        """Isometric view of the whole cube (the camera is shared, so both views follow)."""
+        self.input.scene.reset_camera("iso", zoom=CAMERA_ZOOM)
+        self.output.view.renderer.reset_camera_clipping_range()
+        self._camera_fitted = self.session is not None and self.session.current is not None
+        if render:
+            self.render()
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802
+        """After mouse/keyboard interaction in one view, re-render the other (shared camera)."""
+        if event.type() in _INPUT_EVENTS:
+            for i, p in enumerate(self.panels):
+                if obj is p.view:
+                    other = self.panels[1 - i]
+                    if 1 - i not in self._sync_pending:
+                        self._sync_pending.add(1 - i)
+                        QTimer.singleShot(0, lambda k=1 - i, o=other: self._sync_render(k, o))
+        return super().eventFilter(obj, event)
+
+    def _sync_render(self, k: int, panel: _Panel) -> None:
+        self._sync_pending.discard(k)
+        if not self._closed:
+            panel.view.renderer.reset_camera_clipping_range()
+            panel.view.render()
+
+    # ------------------------------------------------------------------ saving
+    def save_reconstruction(self, path: str | Path) -> Path | None:
+        """Write the reconstructed atoms to ``path`` (.xyz: XYZ, anything else: CIF).
+
+        Returns the path written, or None after telling the user why not.
+        """
+        path = Path(path)
+        rec = self.session.current if self.session is not None else None
+        if rec is None:
+            self._error("Nothing to save", "Open a structure first; there is no reconstruction yet.")
+            return None
+        if len(rec.atoms) == 0:
+            self._error("Nothing to save", f"No atoms were segmented from the {rec.crystal.name} reconstruction.")
+            return None
+        try:
+            if path.suffix.lower() == ".xyz":
+                ck = self.session.model.path.name if self.session.model.path else "in-memory model"
+                out = write_xyz(rec.atoms.positions, rec.atoms.Z, path,
+                                comment=f"{rec.crystal.name} reconstructed by crystalstudio ({ck}); "
+                                        f"cube {self.grid.length:g} A")
+            else:
+                out = write_cif(rec.atoms.positions, rec.atoms.Z, path, grid=self.grid)
+        except (OSError, ValueError) as exc:
+            self._error("Cannot save", f"{path.name}: {getattr(exc, 'strerror', None) or _one_line(exc)}")
+            return None
+        self.settings.setValue("files/last_dir", str(path.resolve().parent))
+        self.statusBar().showMessage(f"Saved {len(rec.atoms)} atoms to {path}", 5000)
+        return out
+
+    def grab_views(self):
+        """A ``QPixmap`` of the two views (rendered first)."""
+        for p in self.panels:
+            p.view.renderer.reset_camera_clipping_range()
+            p.view.render()
+        return self.splitter.grab()
+
+    def save_screenshot(self, path: str | Path) -> Path | None:
+        """Save a PNG of the two views; None (after an error message) when it cannot be written."""
+        path = Path(path)
+        if not self.grab_views().save(str(path), "PNG"):
+            self._error("Cannot save screenshot", f"{path.name}: could not write the PNG file")
+            return None
+        self.statusBar().showMessage(f"Screenshot saved to {path}", 5000)
+        return path
+
+    # ------------------------------------------------------------------ about
+    def about_model_text(self) -> str:
+        """HTML description of the loaded model: checkpoint, grid, training data, held-out metrics."""
+        if self.session is None:
+            return "<p>No model is loaded. Use <i>File &gt; Open checkpoint…</i>.</p>"
+        model = self.session.model
+        info = model.info
+        esc = lambda v: html.escape(str(v))  # noqa: E731
+        g = model.grid
+        rows = [("Checkpoint", model.path if model.path else "(in memory)"),
+                ("Representation", info.get("representation")),
+                ("Grid", f"{g.n}³ voxels, {g.length:g} Å cube, σ = {g.sigma:g} Å"),
+                ("Latent size", model.latent),
+                ("Species classes", len(info.get("classes", [])))]
+        for k in ("beta", "gamma"):
+            if k in info:
+                rows.append((k, info[k]))
+        tr = info.get("training") or {}
+        counts = [f"{tr[k]} {k[2:]}" for k in ("n_train", "n_val", "n_test") if k in tr]
+        if counts:
+            rows.append(("Training data", ", ".join(counts) + " crystals"))
+        if tr.get("sources"):
+            src = tr["sources"]
+            rows.append(("Sources", ", ".join(map(str, src)) if isinstance(src, (list, tuple)) else src))
+        for k, label in (("steps", "Steps"), ("samples", "Samples seen"), ("seconds", "Training time (s)"),
+                         ("device", "Device"), ("note", "Note")):
+            if k in tr:
+                rows.append((label, tr[k]))
+        text = "<table>" + "".join(f"<tr><td><b>{esc(k)}</b>&nbsp;&nbsp;</td><td>{esc(v)}</td></tr>"
+                                   for k, v in rows) + "</table>"
+        metrics = info.get("metrics")
+        if metrics:
+            split = metrics.get("split", "held-out")
+            text += f"<p><b>Held-out metrics ({esc(split)})</b></p><table>"
+            for k, v in metrics.items():
+                if k == "split" or isinstance(v, (dict, list)):
+                    continue
+                val = f"{v:.4g}" if isinstance(v, float) else v
+                text += f"<tr><td>{esc(k)}&nbsp;&nbsp;</td><td>{esc(val)}</td></tr>"
+            text += "</table>"
+        else:
+            text += "<p><i>No held-out metrics in this checkpoint (untrained or unevaluated model).</i></p>"
+        return text
+
+    def _show_about_model(self) -> None:
+        self.show_info("About model", self.about_model_text())
+
+    # ------------------------------------------------------------------ drag and drop
+    @staticmethod
+    def _local_files(event) -> list[Path]:
+        md = event.mimeData()
+        if md is None or not md.hasUrls():
+            return []
+        return [Path(u.toLocalFile()) for u in md.urls() if u.isLocalFile() and Path(u.toLocalFile()).is_file()]
+
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:  # noqa: N802
+        if self._local_files(event):
+            event.acceptProposedAction()
+        else:
+            event.ignore()
+
+    def dragMoveEvent(self, event) -> None:  # noqa: N802
+        if self._local_files(event):
+            event.acceptProposedAction()
+        else:
+            event.ignore()
+
+    def dropEvent(self, event: QDropEvent) -> None:  # noqa: N802
+        files = self._local_files(event)
+        if not files:
+            event.ignore()
+            return
+        event.acceptProposedAction()
+        self.open_file(files[0])  # one structure at a time: the first dropped file
+
+    # ------------------------------------------------------------------ closing
+    def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
+        if not self._closed:
+            self._closed = True
+            self.settings.setValue("window/geometry", self.saveGeometry())
+            self.settings.setValue("window/splitter", self.splitter.saveState())
+            self.settings.sync()
+            self._pool.clear()
+            self._pool.waitForDone(30_000)
+            for p in self.panels:
+                p.view.removeEventFilter(self)
+                p.close()
+        super().closeEvent(event)
+
