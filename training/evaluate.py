@@ -1,53 +1,115 @@
-"""Held-out evaluation: the Sec. 4.1 measures of Hoffmann et al. 2019.
+"""Held-out evaluation: the Sec. 4.1 / 4.2 / 4.4 measures of Hoffmann et al. 2019.
 
 For each crystal: representation 1 with a rotation fixed by the seed, encode (posterior
 mean), decode, segment, then compare atoms (:func:`crystalstudio.core.metrics.match_atoms`)
 and voxels (MSE in Eq. 1 units). Needs only numpy/scipy/torch (runs on the GPU machine).
+
+:func:`evaluate` is the compact table used during training. The harness
+(``python -m training.evaluate``, or ``python -m training evaluate``) adds everything
+behind the paper's figures and writes it to one JSON file (optionally PNG figures, see
+:mod:`training.figures`)::
+
+    python -m training.evaluate --checkpoint runs/m.safetensors --data data/mp.npz \\
+        --split test --json eval.json --figures figs/ [--seed 0] [--limit N] [--draws 200]
+
+``--data`` takes a prepared ``.npz`` or CSV files in the CDVAE layout (a ``cif`` column)
+/ CIF folders, converted in memory with :func:`training.data.prepare`, so a crystal's
+split is the same hash of its reduced formula as in training (``--val``/``--test`` must
+be the fractions given to ``prepare``; defaults are prepare's).
+
+JSON (all fractions in [0, 1], distances in Å, deterministic for a seed):
+
+* run: ``checkpoint``, ``representation``, ``grid``, ``latent``, ``checkpoint_steps``,
+  ``data``, ``split``, ``seed``, ``limit``, ``tol_A``, ``draws``, ``n_split`` (crystals in
+  the split before ``--limit``), ``split_ids_sha1``, ``split_matches_checkpoint_test_ids``;
+* the :func:`aggregate` table at top level (``n_crystals``, ``atoms_within_tol``, ...,
+  ``voxel_mse``) and ``error_percentiles_A``;
+* ``counts`` (Fig. 3B/4D): ``pairs`` [[true, predicted], ...] per crystal, ``exact``,
+  ``within2``, ``mean_abs_diff``;
+* ``distances`` (Fig. 3D/4C): ``true_to_pred`` and ``pred_to_true``, each with ``n``,
+  ``n_no_partner`` (the other side empty), ``within_tol``, ``percentiles`` (5 .. 99) and
+  ``hist`` (``edges``, ``counts``, ``overflow``);
+* ``species`` (Fig. 3C/4E, 4B): over matched true atoms ``n_matched``, ``exact``,
+  ``within2``, ``wrong`` (fractions) and ``pairs`` [[true Z, predicted Z, count], ...];
+  per voxel ``voxel_top1_accuracy`` and ``voxel_top1_accuracy_atoms`` (U-Net argmax on the
+  decoded field against S, all voxels / voxels with an atom);
+* ``voxel_mse_stats`` (Fig. 4A): per-crystal MSE ``mean`` and ``percentiles``, ``hist``;
+* ``random_draws`` (Fig. 9A): z ~ N(0, I) from the seed, decoded and segmented; nearest
+  neighbour distances between segmented atoms vs between the true atoms of the evaluated
+  crystals (same cube frame, no periodic images) and of their reconstructions:
+  ``nn_hist`` (``edges``, ``draws``, ``real``, ``reconstructed``), ``atoms_per_draw``,
+  ``frac_empty``, ``frac_draws_with_close_pair`` (two atoms closer than ``close_A``),
+  ``frac_nn_below_close_draws`` / ``_real``, ``nn_percentiles_draws`` / ``_real``;
+* ``per_crystal``: ``id``, ``formula``, ``n_true``, ``n_pred``, ``true_matched``, ``voxel_mse``.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 
-from crystalstudio.core.checkpoint import CrystalModel
+from crystalstudio.core.checkpoint import CheckpointError, CrystalModel, load_checkpoint
 from crystalstudio.core.density import Grid, random_rotations
+from crystalstudio.core.latent import random_latents
 from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import CrystalNet, kl_divergence
 from crystalstudio.core.segment import species_map_to_atoms
 
-from .data import CrystalArrays, voxelise
+from .data import SPLITS, CrystalArrays, voxelise
+
+__all__ = ["evaluate", "evaluate_model", "format_table", "harness", "load_data", "run", "main", "add_arguments",
+           "HarnessError", "PERCENTILES"]
+
+PERCENTILES = (5, 25, 50, 75, 95, 99)
+DIST_EDGES = [round(0.05 * i, 2) for i in range(61)]  # 0 .. 3 Å, matching distances
+NN_EDGES = [round(0.1 * i, 1) for i in range(81)]  # 0 .. 8 Å, interatomic spacings
+CLOSE_A = 0.5  # Fig. 9A: atoms closer than this are unphysical
 
 
-@torch.no_grad()
-def evaluate(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, seed: int = 0,
-             batch: int = 16, device: str | torch.device = "cpu", tol: float = 0.5) -> dict:
-    """Sec. 4.1 table over crystals ``idx`` plus the per-dimension mean KL.
+class HarnessError(ValueError):
+    """A one-line reason the harness cannot run (missing data, empty split, ...)."""
 
-    Returns:
-        dict: the :func:`aggregate` measures, ``latent_kl`` (latent,) list of mean KL per
-        dimension in nats, and ``latent_rank`` (dimensions sorted by decreasing KL).
+
+def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, seed: int, batch: int,
+                     device, tol: float, kls: list, voxel: np.ndarray | None = None):
+    """Yield ``(match, mse, true_pos, true_Z, atoms)`` per crystal of ``idx``, in order.
+
+    KL per dimension (B, latent) of each batch is appended to ``kls``; when ``voxel`` is
+    given, ``[correct, voxels, correct atom voxels, atom voxels]`` of the U-Net's argmax
+    against S are added to it.
     """
-    was_training = net.training
-    net.eval()
     rot = random_rotations(len(idx), seed)
-    per, mse, kls = [], [], []
     for s in range(0, len(idx), batch):
         b = idx[s:s + batch]
-        M, _, P, Zp = voxelise(data, b, grid, rot[s:s + batch], device)
+        M, S, P, Zp = voxelise(data, b, grid, rot[s:s + batch], device)
         mu, logvar = net.vae.encode(M)
         kls.append(kl_divergence(mu, logvar).cpu())
         Mh = net.vae.decode(mu)
-        species = net.unet(Mh).argmax(1).cpu().numpy()
+        species_t = net.unet(Mh).argmax(1)
+        if voxel is not None:
+            ok, atom = species_t == S, S > 0
+            voxel += np.array([int(ok.sum()), ok.numel(), int((ok & atom).sum()), int(atom.sum())], np.int64)
+        species = species_t.cpu().numpy()
         Mh_np = Mh.float().cpu().numpy()
-        mse.extend(((Mh - M) ** 2).flatten(1).mean(1).cpu().tolist())
+        mse = ((Mh - M) ** 2).flatten(1).mean(1).cpu().tolist()
         for k in range(len(b)):
             atoms = species_map_to_atoms(species[k], grid, Mh_np[k])
             keep = Zp[k] > 0
-            per.append(match_atoms(P[k][keep], Zp[k][keep], atoms.positions, atoms.Z, tol))
-    net.train(was_training)
+            tp, tz = P[k][keep], Zp[k][keep]
+            yield match_atoms(tp, tz, atoms.positions, atoms.Z, tol), mse[k], tp, tz, atoms
+
+
+def _table(per: list[dict], mse: list[float], kls: list, latent: int) -> dict:
     res = aggregate(per, mse)
-    kl = torch.cat(kls).mean(0).numpy() if kls else np.zeros(net.cfg.latent)
+    kl = torch.cat(kls).mean(0).numpy() if kls else np.zeros(latent)
     res["latent_kl"] = [round(float(v), 5) for v in kl]
     res["latent_rank"] = [int(i) for i in np.argsort(-kl, kind="stable")]
     d = np.concatenate([r["d_true"] for r in per]) if per else np.zeros(0)
@@ -57,6 +119,28 @@ def evaluate(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, 
     return res
 
 
+@torch.no_grad()
+def evaluate(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, seed: int = 0,
+             batch: int = 16, device: str | torch.device = "cpu", tol: float = 0.5) -> dict:
+    """Sec. 4.1 table over crystals ``idx`` plus the per-dimension mean KL.
+
+    Returns:
+        dict: the :func:`aggregate` measures, ``latent_kl`` (latent,) list of mean KL per
+        dimension in nats, ``latent_rank`` (dimensions sorted by decreasing KL) and
+        ``error_percentiles_A`` (50/90/95/99th percentile of the true -> predicted distance).
+    """
+    was_training = net.training
+    net.eval()
+    per, mse, kls = [], [], []
+    try:
+        for r, e, *_ in _reconstructions(net, data, idx, grid, seed, batch, device, tol, kls):
+            per.append(r)
+            mse.append(e)
+    finally:
+        net.train(was_training)
+    return _table(per, mse, kls, net.cfg.latent)
+
+
 def evaluate_model(model: CrystalModel, data: CrystalArrays, split: str = "test", seed: int = 0,
                    limit: int | None = None) -> dict:
     """Evaluate a loaded checkpoint on one split of a prepared ``.npz``."""
@@ -64,6 +148,265 @@ def evaluate_model(model: CrystalModel, data: CrystalArrays, split: str = "test"
     if limit:
         idx = idx[:limit]
     return evaluate(model.net, data, idx, model.grid, seed, device=model.device)
+
+
+# ----------------------------------------------------------------------------- harness
+
+def _pct(x: np.ndarray) -> dict:
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    return {str(p): (float(np.percentile(x, p)) if len(x) else None) for p in PERCENTILES}
+
+
+def _hist(x: np.ndarray, edges: list[float]) -> dict:
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    counts, _ = np.histogram(x, np.asarray(edges))
+    return {"edges": list(edges), "counts": counts.tolist(), "underflow": int((x < edges[0]).sum()),
+            "overflow": int((x > edges[-1]).sum())}
+
+
+def _frac(num: float, den: float):
+    return float(num) / float(den) if den else None
+
+
+def _nn_distances(pos: np.ndarray) -> np.ndarray:
+    """Distance from each atom to its nearest other atom (no periodic images), Å."""
+    pos = np.asarray(pos, np.float64).reshape(-1, 3)
+    if len(pos) < 2:
+        return np.zeros(0)
+    d, _ = cKDTree(pos).query(pos, k=2)
+    return d[:, 1]
+
+
+def _direction(d: np.ndarray, tol: float) -> dict:
+    d = np.asarray(d, np.float64)
+    fin = np.isfinite(d)
+    return {"n": int(len(d)), "n_no_partner": int((~fin).sum()), "within_tol": _frac((d <= tol).sum(), len(d)),
+            "percentiles": _pct(d), "hist": _hist(d, DIST_EDGES)}
+
+
+@torch.no_grad()
+def _random_draws(model: CrystalModel, n: int, seed: int, batch: int) -> dict:
+    """Decode and segment n draws z ~ N(0, I) (Sec. 4.4); per-draw atom counts and NN distances."""
+    z = random_latents(n, model.latent, seed)
+    counts, nn, close = [], [], []
+    for s in range(0, n, batch):
+        Mh = model.net.vae.decode(torch.as_tensor(z[s:s + batch], device=model.device))
+        species = model.net.unet(Mh).argmax(1).cpu().numpy()
+        Mh_np = Mh.float().cpu().numpy()
+        for k in range(len(species)):
+            atoms = species_map_to_atoms(species[k], model.grid, Mh_np[k])
+            d = _nn_distances(atoms.positions)
+            counts.append(len(atoms))
+            nn.append(d)
+            close.append(bool((d < CLOSE_A).any()))
+    return {"counts": np.asarray(counts, np.int64), "nn": np.concatenate(nn) if nn else np.zeros(0),
+            "close": np.asarray(close, bool)}
+
+
+@torch.no_grad()
+def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int = 0, draws: int = 200,
+            tol: float = 0.5, batch: int = 16) -> dict:
+    """All measures of the module docstring over crystals ``idx`` (no run metadata).
+
+    Deterministic for a given seed: rotations are ``random_rotations(len(idx), seed)`` and
+    draws ``random_latents(draws, latent, seed)``.
+    """
+    net = model.net
+    was_training = net.training
+    net.eval()
+    per, mse, kls, rows = [], [], [], []
+    voxel = np.zeros(4, np.int64)
+    dt, dp, nn_real, nn_rec, zpairs = [], [], [], [], []
+    try:
+        recs = _reconstructions(net, data, idx, model.grid, seed, batch, model.device, tol, kls, voxel)
+        for i, (r, e, tp, tz, atoms) in zip(idx, recs):
+            per.append(r)
+            mse.append(e)
+            dt.append(r["d_true"])
+            dp.append(r["d_pred"])
+            nn_real.append(_nn_distances(tp))
+            nn_rec.append(_nn_distances(atoms.positions))
+            m = r["d_true"] <= tol
+            if m.any():  # species of the nearest predicted atom, as in match_atoms
+                _, j = cKDTree(atoms.positions).query(tp[m])
+                zpairs.append(np.stack([tz[m], atoms.Z[j]], 1))
+            rows.append({"id": str(data.ids[i]), "formula": str(data.formula[i]), "n_true": int(r["n_true"]),
+                         "n_pred": int(r["n_pred"]), "true_matched": int(r["true_matched"]), "voxel_mse": float(e)})
+        res = _table(per, mse, kls, model.latent)
+        res.pop("latent_kl")
+        res.pop("latent_rank")
+
+        nt = np.array([r["n_true"] for r in rows], np.int64)
+        npred = np.array([r["n_pred"] for r in rows], np.int64)
+        res["counts"] = {"pairs": np.stack([nt, npred], 1).tolist(), "exact": _frac((nt == npred).sum(), len(nt)),
+                         "within2": _frac((np.abs(nt - npred) <= 2).sum(), len(nt)),
+                         "mean_abs_diff": float(np.abs(nt - npred).mean()) if len(nt) else None}
+        res["distances"] = {"tol_A": tol, "true_to_pred": _direction(np.concatenate(dt), tol),
+                            "pred_to_true": _direction(np.concatenate(dp), tol)}
+        zp = np.concatenate(zpairs) if zpairs else np.zeros((0, 2), np.int64)
+        dz = np.abs(zp[:, 0] - zp[:, 1])
+        uniq, cnt = np.unique(zp, axis=0, return_counts=True) if len(zp) else (np.zeros((0, 2), int), [])
+        res["species"] = {
+            "n_matched": int(len(zp)), "exact": _frac((dz == 0).sum(), len(dz)),
+            "within2": _frac((dz <= 2).sum(), len(dz)), "wrong": _frac((dz > 2).sum(), len(dz)),
+            "pairs": [[int(a), int(b), int(c)] for (a, b), c in zip(uniq, cnt)],
+            "voxel_top1_accuracy": _frac(voxel[0], voxel[1]), "voxel_top1_accuracy_atoms": _frac(voxel[2], voxel[3]),
+        }
+        e = np.asarray(mse, np.float64)
+        pos = e[e > 0]
+        lo, hi = (np.floor(np.log10(pos.min())), np.ceil(np.log10(pos.max()))) if len(pos) else (-3.0, 0.0)
+        edges = np.logspace(lo, max(hi, lo + 1), 31).tolist()
+        res["voxel_mse_stats"] = {"mean": float(e.mean()) if len(e) else None, "percentiles": _pct(e),
+                                  "hist": _hist(e, edges), "units": "Eq. 1 density squared, mean over voxels"}
+
+        nn_real = np.concatenate(nn_real) if nn_real else np.zeros(0)
+        nn_rec = np.concatenate(nn_rec) if nn_rec else np.zeros(0)
+        rd = {"n": int(draws), "seed": int(seed), "close_A": CLOSE_A,
+              "frame": "cube (representation 1), no periodic images"}
+        dr = _random_draws(model, draws, seed, batch) if draws > 0 else None
+        nn_draws = dr["nn"] if dr else np.zeros(0)
+        rd["nn_hist"] = {"edges": NN_EDGES, "draws": _hist(nn_draws, NN_EDGES)["counts"],
+                         "real": _hist(nn_real, NN_EDGES)["counts"],
+                         "reconstructed": _hist(nn_rec, NN_EDGES)["counts"],
+                         "overflow": {"draws": int((nn_draws > NN_EDGES[-1]).sum()),
+                                      "real": int((nn_real > NN_EDGES[-1]).sum()),
+                                      "reconstructed": int((nn_rec > NN_EDGES[-1]).sum())}}
+        rd["n_nn"] = {"draws": int(len(nn_draws)), "real": int(len(nn_real)), "reconstructed": int(len(nn_rec))}
+        rd["atoms_per_draw"] = ({"mean": float(dr["counts"].mean()), "percentiles": _pct(dr["counts"])}
+                                if dr else {"mean": None, "percentiles": _pct([])})
+        rd["frac_empty"] = _frac((dr["counts"] == 0).sum(), draws) if dr else None
+        rd["frac_draws_with_close_pair"] = _frac(dr["close"].sum(), draws) if dr else None
+        rd["frac_nn_below_close_draws"] = _frac((nn_draws < CLOSE_A).sum(), len(nn_draws))
+        rd["frac_nn_below_close_real"] = _frac((nn_real < CLOSE_A).sum(), len(nn_real))
+        rd["nn_percentiles_draws"] = _pct(nn_draws)
+        rd["nn_percentiles_real"] = _pct(nn_real)
+        res["random_draws"] = rd
+        res["per_crystal"] = rows
+    finally:
+        net.train(was_training)
+    return res
+
+
+def _clean(x):
+    """JSON-safe copy: numpy -> Python, floats to 7 significant digits, NaN/inf -> None."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(f"{float(x):.7g}") if np.isfinite(x) else None
+    return x
+
+
+def load_data(paths: list[str], grid: Grid, val: float = 0.05, test: float = 0.10) -> CrystalArrays:
+    """A prepared ``.npz``, or CSV files / CIF folders converted in memory with ``prepare``.
+
+    Raises:
+        HarnessError: a missing file or no usable crystal.
+    """
+    paths = [str(p) for p in paths]
+    for p in paths:
+        if not Path(p).exists():
+            raise HarnessError(f"{p}: no such data file")
+    if len(paths) == 1 and paths[0].lower().endswith(".npz"):
+        try:
+            return CrystalArrays.load(paths[0])
+        except Exception as exc:  # zip / key errors of a foreign file
+            raise HarnessError(f"{paths[0]}: not a prepared crystal .npz ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+    if any(p.lower().endswith(".npz") for p in paths):
+        raise HarnessError("give one prepared .npz, or CSV files / CIF folders (not both)")
+    from .data import prepare
+
+    with tempfile.TemporaryDirectory(prefix="crystalstudio-eval-") as tmp:
+        out = Path(tmp) / "eval.npz"
+        try:
+            prepare(paths, str(out), grid, val, test)
+        except ValueError as exc:
+            if "at least one array" in str(exc):
+                raise HarnessError(f"{', '.join(paths)}: no usable crystal") from None
+            raise
+        except KeyError as exc:
+            raise HarnessError(f"{', '.join(paths)}: CSV without a {exc} column") from None
+        return CrystalArrays.load(str(out))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The harness's options (shared by ``python -m training evaluate``)."""
+    p.add_argument("--checkpoint", required=True, help="crystalstudio .safetensors checkpoint")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="prepared .npz, or CSV files (cif column) / CIF folders converted like prepare")
+    p.add_argument("--split", default="test", choices=list(SPLITS))
+    p.add_argument("--limit", type=int, default=0, help="first N crystals of the split (0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the rotations and the random draws")
+    p.add_argument("--draws", type=int, default=200, help="random latent draws z ~ N(0, I) (Fig. 9A)")
+    p.add_argument("--tol", type=float, default=0.5, help="atom match distance in Å (paper 0.5)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--val", type=float, default=0.05, help="validation fraction given to prepare (CSV input)")
+    p.add_argument("--test", type=float, default=0.10, help="test fraction given to prepare (CSV input)")
+    p.add_argument("--json", default="", help="write the measures to this JSON file")
+    p.add_argument("--figures", default="", help="write PNG figures into this folder")
+    return p
+
+
+def run(a: argparse.Namespace) -> dict:
+    """Run the harness for parsed options; prints the table, writes JSON / figures.
+
+    Raises:
+        CheckpointError: unusable checkpoint (one-line message).
+        HarnessError: unusable data or options (one-line message).
+    """
+    if a.limit < 0 or a.draws < 0 or a.batch < 1 or not a.tol > 0:
+        raise HarnessError("--limit and --draws must be >= 0, --batch >= 1, --tol > 0")
+    model = load_checkpoint(a.checkpoint, a.device)
+    if model.representation != "unit_cell":
+        raise HarnessError(f"{Path(a.checkpoint).name}: representation {model.representation!r} is not evaluated "
+                           "(the harness builds representation 1, unit cells)")
+    data = load_data(a.data, model.grid, a.val, a.test)
+    full = data.indices(a.split)
+    idx = full[: a.limit] if a.limit else full
+    if not len(idx):
+        raise HarnessError(f"no crystals in the {a.split} split of {' '.join(map(str, a.data))}")
+    ids_sha1 = hashlib.sha1("\n".join(sorted(map(str, data.ids[full]))).encode()).hexdigest()
+    ck_sha1 = model.info.get("training", {}).get("test_ids_sha1")
+    res = {
+        "checkpoint": str(a.checkpoint),
+        "representation": model.representation,
+        "grid": model.grid.to_dict(),
+        "latent": model.latent,
+        "checkpoint_steps": model.info.get("training", {}).get("steps"),
+        "data": [str(p) for p in a.data],
+        "split": a.split,
+        "seed": a.seed,
+        "limit": a.limit or None,
+        "tol_A": a.tol,
+        "draws": a.draws,
+        "n_split": int(len(full)),
+        "split_ids_sha1": ids_sha1,
+        "split_matches_checkpoint_test_ids": (ids_sha1 == ck_sha1) if (a.split == "test" and ck_sha1) else None,
+        **harness(model, data, idx, a.seed, a.draws, a.tol, a.batch),
+    }
+    res = _clean(res)
+    print(format_table(res), flush=True)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(res, indent=1, allow_nan=False) + "\n"
+        with open(a.json, "w") as fh:
+            fh.write(text)
+        print(f"measures written to {a.json}", file=sys.stderr)
+    if a.figures:
+        from .figures import make_figures
+
+        files = make_figures(res, a.figures)
+        print(f"{len(files)} figures written to {a.figures}", file=sys.stderr)
+    return res
 
 
 def format_table(res: dict) -> str:
@@ -78,11 +421,31 @@ def format_table(res: dict) -> str:
     ]
     out = ["| measure | crystalstudio | paper (Sec. 4.1) |", "|---|---|---|"]
     for label, key, paper in rows:
-        if key in res:
+        if res.get(key) is not None:
             out.append(f"| {label} | {100 * res[key]:.1f}% | {paper} |")
-    if "median_error_A" in res:
+    if res.get("median_error_A") is not None:
         out.append(f"| median position error | {res['median_error_A']:.3f} Å | - |")
-    if "voxel_mse" in res:
+    if res.get("voxel_mse") is not None:
         out.append(f"| voxel MSE (Eq. 1 units) | {res['voxel_mse']:.2e} | - |")
     out.append(f"| held-out crystals | {res.get('n_crystals', 0)} ({res.get('n_true_atoms', 0)} atoms) | - |")
     return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.evaluate``: exit 0, or 2 with a one-line ``error: ...`` on stderr."""
+    p = argparse.ArgumentParser(prog="python -m training.evaluate",
+                                description="Held-out measures of Hoffmann et al. 2019 (Sec. 4.1, 4.2, 4.4) "
+                                            "of a checkpoint: JSON + optional PNG figures.")
+    add_arguments(p)
+    a = p.parse_args(argv)
+    try:
+        run(a)
+    except (CheckpointError, HarnessError, OSError) as exc:
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Evaluation harness (python -m training.evaluate): JSON measures, determinism, figures,
+CSV input with the training split, one-line errors, and a perfect-predictor reference."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+from scipy.spatial.distance import cdist
+
+import training.evaluate as ev
+from crystalstudio.core.checkpoint import save_checkpoint
+from crystalstudio.core.density import Grid
+from crystalstudio.core.models import CrystalNet, ModelConfig
+from training.data import CrystalArrays, prepare
+
+ROOT = Path(__file__).resolve().parents[2]
+GRID = Grid()  # 30^3, 10 Å: h = 1/3 Å, so every atom owns voxels of S
+TINY = dict(grid_n=30, latent=8, enc_channels=(4, 4, 4, 4), bottleneck_channels=4, dec_channels=(4, 4, 4),
+            unet_channels=(4, 8))
+VAL, TEST = 0.2, 0.3  # with these fractions NaCl, CsCl -> train; Si -> val; MgO, LiF, GaAs, Po -> test
+CRYSTALS = {
+    "a_nacl": ("Fm-3m", 5.64, ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+    "b_cscl": ("Pm-3m", 4.1, ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+    "c_si": ("Fd-3m", 5.431, ["Si"], [[0, 0, 0]]),
+    "d_mgo": ("Fm-3m", 4.21, ["Mg", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+    "e_lif": ("Fm-3m", 4.03, ["Li", "F"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+    "f_gaas": ("F-43m", 5.65, ["Ga", "As"], [[0, 0, 0], [0.25, 0.25, 0.25]]),
+    "g_po": ("Pm-3m", 3.35, ["Po"], [[0, 0, 0]]),
+}
+TEST_IDS = ["d_mgo", "e_lif", "f_gaas", "g_po"]
+TABLE_KEYS = ("n_crystals", "n_true_atoms", "atoms_within_tol", "pred_within_tol", "exact_count", "within2_count",
+              "species_accuracy", "species_within2", "median_error_A", "voxel_mse")
+RUN_KEYS = ("checkpoint", "representation", "grid", "latent", "data", "split", "seed", "limit", "tol_A", "draws",
+            "n_split", "split_ids_sha1", "split_matches_checkpoint_test_ids")
+SECTIONS = ("counts", "distances", "species", "voxel_mse_stats", "random_draws", "per_crystal")
+
+
+def structure(name: str) -> Structure:
+    sg, a, species, coords = CRYSTALS[name]
+    return Structure.from_spacegroup(sg, Lattice.cubic(a), species, coords)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    base = tmp_path_factory.mktemp("harness")
+    cifs = base / "cifs"
+    cifs.mkdir()
+    for name in CRYSTALS:
+        structure(name).to(filename=str(cifs / f"{name}.cif"))
+    csv_path = base / "all.csv"
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["material_id", "pretty_formula", "cif"])
+        for name in CRYSTALS:
+            w.writerow([name, structure(name).composition.reduced_formula, (cifs / f"{name}.cif").read_text()])
+    npz = base / "tiny.npz"
+    prepare([str(cifs)], str(npz), GRID, VAL, TEST)
+    data = CrystalArrays.load(str(npz))
+    assert sorted(map(str, data.ids[data.indices("test")])) == TEST_IDS
+    torch.manual_seed(0)
+    net = CrystalNet(ModelConfig(**TINY))
+    test_sha1 = hashlib.sha1("\n".join(TEST_IDS).encode()).hexdigest()
+    ckpt = base / "tiny.safetensors"
+    save_checkpoint(ckpt, net, GRID, {"representation": "unit_cell", "training": {"test_ids_sha1": test_sha1}})
+    return {"base": base, "cifs": cifs, "csv": csv_path, "npz": npz, "ckpt": ckpt, "data": data}
+
+
+def _args(files, out: Path, data=None, *extra) -> list[str]:
+    return ["--checkpoint", str(files["ckpt"]), "--data", str(data or files["npz"]), "--split", "test",
+            "--json", str(out), "--draws", "12", "--batch", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def result(files):
+    out = files["base"] / "a.json"
+    figs = files["base"] / "figs"
+    assert ev.main(_args(files, out, None, "--figures", str(figs))) == 0
+    return out, figs
+
+
+def _fractions(res: dict):
+    yield from (res[k] for k in TABLE_KEYS[2:8])
+    yield from (res["counts"][k] for k in ("exact", "within2"))
+    for d in ("true_to_pred", "pred_to_true"):
+        yield res["distances"][d]["within_tol"]
+    yield from (res["species"][k] for k in ("exact", "within2", "wrong", "voxel_top1_accuracy",
+                                             "voxel_top1_accuracy_atoms"))
+    rd = res["random_draws"]
+    yield from (rd[k] for k in ("frac_empty", "frac_draws_with_close_pair", "frac_nn_below_close_real"))
+
+
+def test_json_keys_and_ranges(files, result):
+    res = json.loads(result[0].read_text())
+    for k in TABLE_KEYS + RUN_KEYS + SECTIONS:
+        assert k in res, k
+    assert "latent_kl" not in res and "latent_rank" not in res
+    assert res["checkpoint"] == str(files["ckpt"]) and res["data"] == [str(files["npz"])]
+    assert res["representation"] == "unit_cell" and res["grid"]["n"] == 30 and res["latent"] == 8
+    assert res["split"] == "test" and res["seed"] == 0 and res["draws"] == 12 and res["limit"] is None
+    assert res["n_crystals"] == res["n_split"] == 4
+    assert res["split_matches_checkpoint_test_ids"] is True
+    # counts: the true side is the pymatgen structures' site count (independent of the harness)
+    assert [r["id"] for r in res["per_crystal"]] == TEST_IDS
+    assert res["counts"]["pairs"] == [[r["n_true"], r["n_pred"]] for r in res["per_crystal"]]
+    assert [p[0] for p in res["counts"]["pairs"]] == [len(structure(n)) for n in TEST_IDS] == [8, 8, 8, 1]
+    assert res["n_true_atoms"] == 25
+    assert res["counts"]["exact"] == res["exact_count"] and res["counts"]["within2"] == res["within2_count"]
+    for v in _fractions(res):
+        assert v is None or 0.0 <= v <= 1.0
+    # distances: both directions, monotone percentiles, histogram accounts for every finite distance
+    for d, n in (("true_to_pred", 25), ("pred_to_true", sum(p[1] for p in res["counts"]["pairs"]))):
+        dd = res["distances"][d]
+        assert dd["n"] == n
+        pct = [dd["percentiles"][str(p)] for p in ev.PERCENTILES]
+        if all(v is not None for v in pct):
+            assert pct == sorted(pct) and pct[0] >= 0
+        h = dd["hist"]
+        assert len(h["counts"]) == len(h["edges"]) - 1
+        assert sum(h["counts"]) + h["overflow"] + dd["n_no_partner"] == n
+    assert res["distances"]["true_to_pred"]["within_tol"] == res["atoms_within_tol"]
+    # species: matched atoms, pairs consistent with the aggregate table
+    sp = res["species"]
+    assert sp["n_matched"] == round(res["atoms_within_tol"] * 25) == sum(c for _, _, c in sp["pairs"])
+    if sp["n_matched"]:
+        assert sp["exact"] == pytest.approx(res["species_accuracy"]) and sp["within2"] == pytest.approx(
+            res["species_within2"])
+        assert sp["exact"] + (sp["within2"] - sp["exact"]) + sp["wrong"] == pytest.approx(1.0)
+    # voxel MSE
+    vm = res["voxel_mse_stats"]
+    assert vm["mean"] == pytest.approx(res["voxel_mse"], rel=1e-6) and res["voxel_mse"] >= 0
+    assert vm["percentiles"]["5"] <= vm["percentiles"]["50"] <= vm["percentiles"]["99"]
+    assert sum(vm["hist"]["counts"]) + vm["hist"]["underflow"] + vm["hist"]["overflow"] == 4
+    # random draws against the real crystals' nearest-neighbour spacings
+    rd = res["random_draws"]
+    assert rd["n"] == 12 and rd["seed"] == 0
+    nh = rd["nn_hist"]
+    for k in ("draws", "real", "reconstructed"):
+        assert len(nh[k]) == len(nh["edges"]) - 1
+    assert sum(nh["draws"]) + nh["overflow"]["draws"] == rd["n_nn"]["draws"]
+    assert rd["atoms_per_draw"]["mean"] >= 0
+
+
+def test_real_spacings_match_an_independent_computation(result):
+    """The 'real' NN histogram equals nearest-neighbour distances within each pymatgen cell."""
+    res = json.loads(result[0].read_text())
+    nn = []
+    for name in TEST_IDS:
+        s = structure(name)
+        x = np.mod(s.frac_coords, 1.0) @ s.lattice.matrix
+        if len(x) > 1:
+            d = cdist(x, x) + np.diag(np.full(len(x), np.inf))
+            nn.extend(d.min(1))
+    rd = res["random_draws"]
+    assert rd["n_nn"]["real"] == len(nn) == 24
+    expected, _ = np.histogram(nn, rd["nn_hist"]["edges"])
+    assert rd["nn_hist"]["real"] == expected.tolist()
+    assert rd["nn_percentiles_real"]["50"] == pytest.approx(np.median(nn), abs=1e-4)
+    assert rd["frac_nn_below_close_real"] == 0.0
+
+
+def test_deterministic(files, result, tmp_path):
+    out = tmp_path / "b.json"
+    assert ev.main(_args(files, out)) == 0
+    assert out.read_bytes() == result[0].read_bytes()
+    # another seed: other rotations and draws
+    out2 = tmp_path / "c.json"
+    assert ev.main(_args(files, out2, None, "--seed", "1", "--draws", "0")) == 0
+    assert json.loads(out2.read_text())["voxel_mse"] != json.loads(result[0].read_text())["voxel_mse"]
+
+
+def test_figures_are_pngs(result, tmp_path):
+    from training.figures import main as figures_main
+
+    expected = sorted(f"{n}.png" for n in ("counts", "distances", "species", "voxel_mse", "random_draws"))
+    redrawn = tmp_path / "redrawn"
+    assert figures_main([str(result[0]), "--out", str(redrawn)]) == 0  # the same figures from the JSON alone
+    for figs in (result[1], redrawn):
+        assert sorted(p.name for p in figs.glob("*.png")) == expected
+        for p in figs.glob("*.png"):
+            b = p.read_bytes()
+            assert len(b) > 2000 and b[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_csv_selects_the_same_split_as_npz(files, result, tmp_path):
+    out = tmp_path / "csv.json"
+    assert ev.main(_args(files, out, files["csv"], "--val", str(VAL), "--test", str(TEST))) == 0
+    a, b = json.loads(result[0].read_text()), json.loads(out.read_text())
+    assert b["data"] == [str(files["csv"])]
+    assert [r["id"] for r in b["per_crystal"]] == TEST_IDS
+    assert b["split_ids_sha1"] == a["split_ids_sha1"] and b["split_matches_checkpoint_test_ids"] is True
+    a.pop("data"), b.pop("data")
+    assert a == b  # same crystals, same rotations: the same measures
+    # no test crystal is in the training split of the CSV route either
+    data = ev.load_data([str(files["csv"])], GRID, VAL, TEST)
+    assert not set(data.ids[data.indices("train")]) & set(TEST_IDS)
+    assert not set(data.formula[data.indices("train")]) & set(data.formula[data.indices("test")])
+
+
+def test_limit_and_stdout_table(files, tmp_path, capsys):
+    out = tmp_path / "l.json"
+    capsys.readouterr()
+    assert ev.main(_args(files, out, None, "--limit", "2", "--draws", "0")) == 0
+    res = json.loads(out.read_text())
+    assert res["n_crystals"] == 2 and res["n_split"] == 4 and res["limit"] == 2
+    assert [r["id"] for r in res["per_crystal"]] == TEST_IDS[:2]
+    assert res["random_draws"]["n_nn"]["draws"] == 0 and res["random_draws"]["frac_empty"] is None
+    assert capsys.readouterr().out.strip() == ev.format_table(res).strip()
+
+
+def test_training_cli_routes_to_the_harness(files, result, tmp_path):
+    from training.__main__ import main as training_main
+
+    out = tmp_path / "t.json"
+    assert training_main(["evaluate", *_args(files, out)]) == 0
+    assert out.read_bytes() == result[0].read_bytes()
+
+
+def test_bad_inputs_give_one_line_errors(files, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    capsys.readouterr()
+    assert ev.main(["--checkpoint", str(bad), "--data", str(files["npz"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: bad.safetensors: ")
+    assert ev.main(["--checkpoint", str(files["ckpt"]), "--data", str(tmp_path / "none.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no such data file" in err
+    # as a module, in a fresh interpreter
+    p = subprocess.run([sys.executable, "-m", "training.evaluate", "--checkpoint", str(bad), "--data",
+                        str(files["npz"])], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and p.stdout == ""
+    assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error: bad.safetensors: ")
+
+
+class _OneHotUNet(torch.nn.Module):
+    """Logits = one-hot of the true S of the batch just voxelised (optionally Z shifted)."""
+
+    def __init__(self, k: int, store: list, shift: int):
+        super().__init__()
+        self.k, self.store, self.shift = k, store, shift
+
+    def forward(self, M: torch.Tensor) -> torch.Tensor:
+        S = self.store[-1]
+        assert S.shape == M.shape
+        S = torch.where(S > 0, S + self.shift, S)
+        return torch.nn.functional.one_hot(S, self.k).permute(0, 4, 1, 2, 3).float()
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_perfect_predictor_reference(files, tmp_path, monkeypatch, shift):
+    """Decoded field = input field, U-Net = one-hot of the true S: the harness must report
+    every atom within 0.5 Å, exact counts and (unshifted) exact species; with Z shifted by
+    one, species are 0% exact but 100% within ±2."""
+    store = []
+    orig_vox, orig_load = ev.voxelise, ev.load_checkpoint
+
+    def spy(*a, **k):
+        out = orig_vox(*a, **k)
+        store.append(out[1])
+        return out
+
+    def load(path, device="cpu"):
+        model = orig_load(path, device)
+        n = model.grid.n
+        model.net.vae.encode = lambda M, cond=None: (M.flatten(1), torch.zeros_like(M.flatten(1)))
+        model.net.vae.decode = lambda z, cond=None: z.view(-1, n, n, n)
+        model.net.unet = _OneHotUNet(model.config.n_classes, store, shift)
+        return model
+
+    monkeypatch.setattr(ev, "voxelise", spy)
+    monkeypatch.setattr(ev, "load_checkpoint", load)
+    out = tmp_path / "perfect.json"
+    assert ev.main(_args(files, out, None, "--draws", "0")) == 0
+    res = json.loads(out.read_text())
+    assert res["n_crystals"] == 4 and res["n_true_atoms"] == 25
+    assert res["atoms_within_tol"] == res["pred_within_tol"] == 1.0
+    assert res["exact_count"] == res["within2_count"] == res["counts"]["exact"] == 1.0
+    assert all(t == p for t, p in res["counts"]["pairs"])
+    assert res["distances"]["true_to_pred"]["percentiles"]["99"] < 0.5
+    assert res["distances"]["pred_to_true"]["within_tol"] == 1.0
+    assert res["voxel_mse"] == 0.0 and res["voxel_mse_stats"]["hist"]["underflow"] == 4
+    assert res["species"]["n_matched"] == 25
+    if shift == 0:
+        assert res["species_accuracy"] == res["species_within2"] == res["species"]["exact"] == 1.0
+        assert res["species"]["voxel_top1_accuracy"] == res["species"]["voxel_top1_accuracy_atoms"] == 1.0
+        assert all(a == b for a, b, _ in res["species"]["pairs"])
+    else:
+        assert res["species_accuracy"] == 0.0 and res["species_within2"] == 1.0 and res["species"]["wrong"] == 0.0
+        assert res["species"]["voxel_top1_accuracy_atoms"] == 0.0
+        assert all(b == a + 1 for a, b, _ in res["species"]["pairs"])
