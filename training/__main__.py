@@ -23,19 +23,21 @@ def main(argv: list[str] | None = None) -> int:
     from .train import TrainConfig
 
     pt = sub.add_parser("train", help="train the VAE + U-Net; writes a safetensors checkpoint")
-    for name, default in vars(TrainConfig()).items():
+    from dataclasses import fields
+
+    for f in fields(TrainConfig):
+        name, default = f.name, getattr(TrainConfig(), f.name)
         if name == "model":
             pt.add_argument("--model", type=json.loads, default={}, help="ModelConfig overrides as JSON")
+        elif "bool" in str(f.type):  # --flag / --no-flag; a None default means "decide by device"
+            pt.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=default)
         else:
             pt.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
 
-    pe = sub.add_parser("evaluate", help="Sec. 4.1 measures of a checkpoint on a split")
-    pe.add_argument("--checkpoint", required=True)
-    pe.add_argument("--data", required=True, help="prepared .npz")
-    pe.add_argument("--split", default="test", choices=["train", "val", "test"])
-    pe.add_argument("--limit", type=int, default=0)
-    pe.add_argument("--seed", type=int, default=0)
-    pe.add_argument("--json", default="", help="write the measures to this JSON file")
+    from .evaluate import add_arguments as evaluate_arguments
+
+    pe = sub.add_parser("evaluate", help="held-out measures of a checkpoint (same as python -m training.evaluate)")
+    evaluate_arguments(pe)
 
     a = p.parse_args(argv)
     if a.cmd == "prepare":
@@ -50,18 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         kw = {k: v for k, v in vars(a).items() if k != "cmd"}
         train(TrainConfig(**kw))
     else:
-        from crystalstudio.core.checkpoint import load_checkpoint
+        from .evaluate import run as run_evaluation
 
-        from .data import CrystalArrays
-        from .evaluate import evaluate_model, format_table
-
-        model = load_checkpoint(a.checkpoint)
-        res = evaluate_model(model, CrystalArrays.load(a.data), a.split, a.seed, a.limit or None)
-        res = {k: v for k, v in res.items() if k not in ("latent_kl", "latent_rank")}
-        print(format_table(res))
-        if a.json:
-            with open(a.json, "w") as fh:
-                json.dump(res, fh, indent=1)
+        run_evaluation(a)  # errors propagate (CheckpointError / HarnessError, one-line messages)
     return 0
 
 

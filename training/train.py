@@ -8,26 +8,48 @@ decoder times gamma (Eq. 2) and the U-Net at full weight (Eq. 3) through one pas
 
 Checkpoints (safetensors, <= 16 MiB) are written every ``save_every_min`` minutes and at
 the end, with the held-out (test split) measures and the latent ranking in their metadata.
+Beside each checkpoint ``<out>.optim.safetensors`` holds the Adam state (safetensors
+tensors + JSON metadata: step, samples, seconds), so ``--resume`` continues a run where
+its last checkpoint left it (same step count, learning-rate schedule and budgets).
+
+At scale (all defaults of the flags below are "on for CUDA, off for CPU"; CPU runs behave
+exactly as before):
+
+* ``--amp``: bf16 autocast of the networks; the losses are computed in float32.
+* ``--channels-last``: channels-last-3d memory format of weights and inputs.
+* ``--gpu-batcher``: the whole data set padded on the device, batches and rotations drawn
+  there (:class:`training.batcher.GPUCrystalBatcher`); no Python loop per crystal.
+* Multi-GPU: ``torchrun --standalone --nproc_per_node=N -m training train ...``
+  (DistributedDataParallel, :mod:`training.dist`); ``--batch`` is per process.
+* Per-step losses stay on the device and are copied to the host every 25 steps (CSV rows
+  are still one per step), so the host does not wait for the GPU at every step.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from crystalstudio.core.checkpoint import save_checkpoint
 from crystalstudio.core.density import Grid, random_rotations
 from crystalstudio.core.models import CrystalNet, ModelConfig, count_parameters, scale_grad, unet_loss, vae_loss
 
+from . import dist as tdist
 from .data import CrystalArrays, voxelise
 from .evaluate import evaluate, format_table
+
+OPTIM_FORMAT = "crystalstudio-optimizer"
 
 
 @dataclass
@@ -39,7 +61,7 @@ class TrainConfig:
     # optimisation (paper: Adam, lr 1e-5, batch 24; a larger lr converges far sooner here)
     steps: int = 3000
     minutes: float = 0.0                 # wall-clock budget; 0 = steps only
-    batch: int = 16
+    batch: int = 16                      # per process (global batch = batch * world size under torchrun)
     lr: float = 1e-3
     warmup: int = 100
     beta: float = 0.01                   # KL weight in Eq. 2
@@ -55,6 +77,13 @@ class TrainConfig:
     save_every_min: float = 5.0
     model: dict = field(default_factory=dict)  # ModelConfig overrides
     init: str = ""                       # start from this checkpoint's weights (resume / fine-tune)
+    resume: bool = False                 # also restore optimizer + step from <init or out>.optim.safetensors
+    # speed (None = on for CUDA, off for CPU)
+    amp: bool | None = None              # bf16 autocast (losses in float32)
+    channels_last: bool | None = None    # channels-last-3d memory format
+    gpu_batcher: bool | None = None      # whole data set on the device, batches drawn there
+    progress: bool | None = None         # tqdm bar (None = when stderr is a terminal)
+    tensorboard: str = ""                # TensorBoard log folder (needs the tensorboard package)
 
 
 def _lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
@@ -65,14 +94,227 @@ def _lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
     return cfg.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
+class JointNet(nn.Module):
+    """VAE + U-Net as one module (one ``forward`` for DistributedDataParallel).
+
+    ``forward(M (B, 1, n, n, n), gamma) -> (M_hat, mu, logvar, logits)``; the U-Net sees
+    the decoded field through :func:`scale_grad` (Eq. 2 and Eq. 3 in one pass).
+    """
+
+    def __init__(self, net: CrystalNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, M: torch.Tensor, gamma: float):
+        M_hat, mu, logvar = self.net.vae(M)
+        return M_hat, mu, logvar, self.net.unet(scale_grad(M_hat, gamma))
+
+
+def forward_losses(model: nn.Module, M: torch.Tensor, S: torch.Tensor, cfg: TrainConfig, amp: bool = False,
+                   channels_last: bool = False) -> dict:
+    """One forward pass of :class:`JointNet` (or its DDP wrapper) and the losses in float32.
+
+    Returns scalar tensors ``total`` (what is backpropagated), ``loss`` (Eq. 2 without the
+    segmentation term), ``recon``, ``kl`` and ``ce`` (Eq. 3).
+    """
+    x = M.unsqueeze(1)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast(M.device.type, dtype=torch.bfloat16, enabled=amp):
+        M_hat, mu, logvar, logits = model(x, cfg.gamma)
+    ce = unet_loss(logits.float(), S, cfg.background_weight)
+    L = vae_loss(M, M_hat.float(), mu.float(), logvar.float(), None, cfg.beta, cfg.gamma)
+    return {"total": L["loss"] + ce, "loss": L["loss"], "recon": L["recon"], "kl": L["kl"], "ce": ce}
+
+
+# ---------------------------------------------------------------- optimizer state (resume)
+
+def optim_path(checkpoint: str | os.PathLike) -> Path:
+    """``runs/model.safetensors`` -> ``runs/model.optim.safetensors``."""
+    return Path(checkpoint).with_suffix(".optim.safetensors")
+
+
+def save_train_state(checkpoint: str | os.PathLike, opt: torch.optim.Optimizer, info: dict) -> Path:
+    """Write the optimizer state beside ``checkpoint``: tensors flattened to ``state.<param>.<name>``
+    in safetensors, everything else (param groups, non-tensor state, ``info``) as JSON metadata.
+    No pickle. Atomic (temporary file + rename)."""
+    from safetensors.torch import save_file
+
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{pid}.{name}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{name}"] = v
+    meta = {"format": OPTIM_FORMAT, "version": 1, "optimizer": type(opt).__name__,
+            "param_groups": sd["param_groups"], "scalars": scalars, **info}
+    path = optim_path(checkpoint)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"crystalstudio_optim": json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_train_state(checkpoint: str | os.PathLike) -> tuple[dict, dict]:
+    """``(optimizer state_dict, info)`` from :func:`save_train_state`'s side file."""
+    from safetensors import safe_open
+
+    path = optim_path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.name}: no optimizer state beside {Path(checkpoint).name} to resume from")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("crystalstudio_optim", "{}"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("format") != OPTIM_FORMAT:
+        raise ValueError(f"{path.name}: not a crystalstudio optimizer state")
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = v
+    for key, v in meta.pop("scalars").items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    groups = meta.pop("param_groups")
+    for g in groups:
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}, meta
+
+
+# ---------------------------------------------------------------- logging (master only)
+
+class _Log:
+    """CSV rows (one per step), console lines, tqdm bar and TensorBoard, on the master.
+
+    Per-step statistics are kept as device tensors and copied to the host in one go at
+    :meth:`flush`, so logging does not synchronise with the GPU at every step.
+    """
+
+    COLUMNS = ["step", "seconds", "lr", "loss", "recon", "kl", "seg_ce", "val_atoms_within", "val_species"]
+
+    def __init__(self, cfg: TrainConfig, path: Path, master: bool, start_step: int):
+        self.master, self.pending, self.fh, self.bar, self.tb = master, [], None, None, None
+        self.minutes = cfg.minutes > 0
+        if not master:
+            return
+        keep = []
+        if start_step and path.is_file():  # resuming: drop rows past the checkpoint, append
+            with open(path, newline="") as fh:
+                keep = [r for r in csv.reader(fh)][1:]
+            keep = [r for r in keep if r and int(r[0]) <= start_step]
+        self.fh = open(path, "w", newline="")
+        self.w = csv.writer(self.fh)
+        self.w.writerow(self.COLUMNS)
+        self.w.writerows(keep)
+        self.fh.flush()
+        show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+        if show:
+            try:
+                from tqdm import tqdm
+
+                self.bar = (tqdm(total=round(60 * cfg.minutes), desc="train (s)", mininterval=1.0,
+                                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s{postfix}")
+                            if self.minutes else
+                            tqdm(total=cfg.steps, initial=start_step, unit="step", desc="train", mininterval=1.0))
+            except ImportError:
+                pass
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(cfg.tensorboard)
+            except ImportError:
+                self.say("tensorboard is not installed: --tensorboard ignored")
+
+    def say(self, text: str) -> None:
+        if not self.master:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def add(self, step: int, seconds: float, lr: float, L: dict) -> None:
+        if not self.master:
+            return
+        stats = torch.stack([L["total"], L["recon"], L["kl"], L["ce"]]).detach()
+        self.pending.append((step, seconds, lr, stats))
+        if self.bar is not None:
+            self.bar.update(max(0, int(seconds) - self.bar.n) if self.minutes else 1)
+
+    def flush(self, val: dict | None = None, echo: bool = True) -> None:
+        """Write the pending rows; ``val`` (evaluation measures) goes on the last one."""
+        if not self.master or not self.pending:
+            return
+        values = torch.stack([p[3] for p in self.pending]).float().cpu().tolist()
+        for i, ((step, seconds, lr, _), (tot, rec, kl, ce)) in enumerate(zip(self.pending, values)):
+            row = [step, round(seconds, 1), f"{lr:.2e}", f"{tot:.4f}", f"{rec:.4f}", f"{kl:.2f}", f"{ce:.4f}", "", ""]
+            if val is not None and i == len(values) - 1:
+                row[-2:] = [f"{val['atoms_within_tol']:.4f}", f"{val['species_accuracy']:.4f}"]
+            self.w.writerow(row)
+            if self.tb is not None:
+                for k, v in zip(("loss", "recon", "kl", "seg_ce"), (tot, rec, kl, ce)):
+                    self.tb.add_scalar(f"train/{k}", v, step)
+                self.tb.add_scalar("train/lr", lr, step)
+        self.fh.flush()
+        self.pending = []
+        if self.bar is not None:
+            self.bar.set_postfix(loss=row[3], refresh=False)
+        line = f"step {row[0]} {row[1]}s loss {row[3]} recon {row[4]} kl {row[5]} ce {row[6]}"
+        if val is not None:
+            line += (f" | val atoms {val['atoms_within_tol']:.3f} count {val['exact_count']:.3f} "
+                     f"species {val['species_accuracy']:.3f}")
+            if self.tb is not None:
+                for k in ("atoms_within_tol", "exact_count", "species_accuracy"):
+                    self.tb.add_scalar(f"val/{k}", val[k], row[0])
+        if echo:
+            self.say(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.tb is not None:
+            self.tb.close()
+        if self.fh is not None:
+            self.fh.close()
+
+
+def _seed(cfg: TrainConfig, rank: int, start_step: int) -> tuple[np.random.Generator, int]:
+    """Per-rank (and, on resume, per-start-step) seeds; rank 0 of a fresh run uses ``cfg.seed`` as before."""
+    if rank == 0 and start_step == 0:
+        return np.random.default_rng(cfg.seed), cfg.seed
+    ss = np.random.SeedSequence([cfg.seed, rank, start_step])
+    return np.random.default_rng(ss), int(ss.generate_state(1, np.uint64)[0] >> 1)
+
+
+# ---------------------------------------------------------------- training
+
 def train(cfg: TrainConfig) -> dict:
-    """Train and write the checkpoint; returns the final held-out measures."""
+    """Train and write the checkpoint; returns the final held-out measures (``{}`` on ranks > 0)."""
+    info, device = tdist.setup(cfg.device)
+    try:
+        return _train(cfg, info, device)
+    finally:
+        tdist.cleanup()
+
+
+def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    cuda = device.type == "cuda"
+    amp = cuda if cfg.amp is None else cfg.amp
+    channels_last = cuda if cfg.channels_last is None else cfg.channels_last
+    use_batcher = cuda if cfg.gpu_batcher is None else cfg.gpu_batcher
+    master, world = dinfo.master, dinfo.world_size
+    out = Path(cfg.out)
+    source = cfg.init or (str(out) if cfg.resume else "")
+    state, saved = (load_train_state(source) if cfg.resume else (None, {}))
+    start_step = int(saved.get("step", 0))
+    rng, torch_seed = _seed(cfg, dinfo.rank, start_step)
+    torch.manual_seed(torch_seed)
     data = CrystalArrays.load(cfg.data)
     raw = np.load(cfg.data, allow_pickle=False)["grid"]
     grid = Grid(int(raw[0]), float(raw[1]), float(raw[2]), float(raw[3]))
@@ -80,23 +322,49 @@ def train(cfg: TrainConfig) -> dict:
     zmax = int(data.Z.max())
     mcfg = ModelConfig(**{"grid_n": grid.n, "n_classes": max(95, zmax + 1), **cfg.model})
     prior_steps = 0
-    if cfg.init:
+    if source:
         from crystalstudio.core.checkpoint import load_checkpoint
 
-        init = load_checkpoint(cfg.init)
+        init = load_checkpoint(source)
         if init.grid != grid:
-            raise ValueError(f"{cfg.init}: trained on {init.grid}, the data are on {grid}")
+            raise ValueError(f"{source}: trained on {init.grid}, the data are on {grid}")
         net = init.net.to(device)
         mcfg = net.cfg
-        prior_steps = int(init.info.get("training", {}).get("steps", 0))
+        ck_steps = int(init.info.get("training", {}).get("steps", 0))
+        if cfg.resume:
+            prior_steps = int(saved.get("prior_steps", 0))
+            if prior_steps + start_step != ck_steps:
+                raise ValueError(f"{optim_path(source).name} is at step {prior_steps + start_step} but "
+                                 f"{Path(source).name} at step {ck_steps}: not saved together")
+        else:
+            prior_steps = ck_steps
     else:
         net = CrystalNet(mcfg).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log_path = Path(cfg.log or out.with_suffix(".csv"))
-    print(f"device {device}, {len(train_idx)} train / {len(val_idx)} val / {len(test_idx)} test crystals, "
-          f"{count_parameters(net)} parameters", flush=True)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, **({"fused": True} if cuda else {}))
+    if state is not None:
+        flags = {k: opt.param_groups[0].get(k) for k in ("foreach", "fused", "capturable", "differentiable")}
+        opt.load_state_dict(state)
+        for g in opt.param_groups:
+            g.update({k: v for k, v in flags.items() if k in g})
+    model: nn.Module = JointNet(net)
+    if dinfo.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
+    batcher = gen = None
+    if use_batcher:
+        from .batcher import GPUCrystalBatcher
+
+        batcher = GPUCrystalBatcher(data, grid, device, pool=train_idx)
+        gen = torch.Generator(device).manual_seed(torch_seed)
+    if master:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    log = _Log(cfg, Path(cfg.log or out.with_suffix(".csv")), master, start_step)
+    log.say(f"device {device} x {world}, {len(train_idx)} train / {len(val_idx)} val / {len(test_idx)} test "
+            f"crystals, {count_parameters(net)} parameters, amp {amp}, channels-last {channels_last}, "
+            f"gpu batcher {use_batcher}" + (f", resumed at step {start_step}" if cfg.resume else ""))
     meta_base = {
         "representation": "unit_cell",
         "beta": cfg.beta,
@@ -104,54 +372,61 @@ def train(cfg: TrainConfig) -> dict:
         "training": {"config": asdict(cfg), "sources": data.sources, "n_train": int(len(train_idx)),
                      "n_val": int(len(val_idx)), "n_test": int(len(test_idx)),
                      "split": "by reduced formula (sha1 hash), test never trained on",
-                     "test_ids_sha1": __import__("hashlib").sha1(
+                     "test_ids_sha1": hashlib.sha1(
                          "\n".join(sorted(map(str, data.ids[test_idx]))).encode()).hexdigest()},
     }
-    t0 = time.time()
-    last_save = t0
-    step = 0
-    with open(log_path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["step", "seconds", "lr", "loss", "recon", "kl", "seg_ce", "val_atoms_within", "val_species"])
-        while step < cfg.steps and (cfg.minutes <= 0 or time.time() - t0 < 60 * cfg.minutes):
-            lr = _lr_at(cfg, step, time.time() - t0)
+    t0 = time.time() - float(saved.get("seconds", 0.0))
+    clock = tdist.Clock(t0, dinfo, device)
+    last_save = time.time()
+    step, samples = start_step, int(saved.get("samples", 0))
+
+    def save(net_: CrystalNet, meta: dict) -> None:  # master only: checkpoint + optimizer state beside it
+        meta = {**meta, "training": {**meta["training"], "steps": prior_steps + step, "samples": samples}}
+        save_checkpoint(out, net_, grid, meta)
+        save_train_state(out, opt, {"step": step, "prior_steps": prior_steps, "samples": samples,
+                                    "seconds": round(time.time() - t0, 1), "world_size": world})
+
+    try:
+        while step < cfg.steps and (cfg.minutes <= 0 or clock(step) < 60 * cfg.minutes):
+            lr = _lr_at(cfg, step, clock(step))
             for g in opt.param_groups:
                 g["lr"] = lr
-            b = rng.choice(train_idx, size=cfg.batch, replace=len(train_idx) < cfg.batch)
-            M, S, _, _ = voxelise(data, b, grid, random_rotations(len(b), rng), device)
-            net.train()
-            M_hat, mu, logvar = net.vae(M)
-            logits = net.unet(scale_grad(M_hat, cfg.gamma))
-            ce = unet_loss(logits, S, cfg.background_weight)
-            L = vae_loss(M, M_hat, mu, logvar, None, cfg.beta, cfg.gamma)
+            if batcher is not None:
+                M, S, _, _ = batcher(*batcher.sample(cfg.batch, gen))
+            else:
+                b = rng.choice(train_idx, size=cfg.batch, replace=len(train_idx) < cfg.batch)
+                M, S, _, _ = voxelise(data, b, grid, random_rotations(len(b), rng), device)
+            model.train()
+            L = forward_losses(model, M, S, cfg, amp, channels_last)
             opt.zero_grad(set_to_none=True)
-            (L["loss"] + ce).backward()
+            L["total"].backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 100.0)
             opt.step()
             step += 1
-            row = [step, round(time.time() - t0, 1), f"{lr:.2e}", f"{(L['loss'] + ce).item():.4f}",
-                   f"{L['recon'].item():.4f}", f"{L['kl'].item():.2f}", f"{ce.item():.4f}", "", ""]
-            if step % cfg.eval_every == 0 and len(val_idx):
-                r = evaluate(net, data, val_idx[: cfg.eval_n], grid, seed=1, device=device)
-                row[-2:] = [f"{r['atoms_within_tol']:.4f}", f"{r['species_accuracy']:.4f}"]
-                print(f"step {step} {row[1]}s loss {row[3]} recon {row[4]} kl {row[5]} ce {row[6]} | val atoms "
-                      f"{r['atoms_within_tol']:.3f} count {r['exact_count']:.3f} species {r['species_accuracy']:.3f}",
-                      flush=True)
+            samples += cfg.batch * world
+            log.add(step, time.time() - t0, lr, L)
+            if master and step % cfg.eval_every == 0 and len(val_idx):
+                log.flush(val=evaluate(net, data, val_idx[: cfg.eval_n], grid, seed=1, device=device))
             elif step % 25 == 0:
-                print(f"step {step} {row[1]}s loss {row[3]} recon {row[4]} kl {row[5]} ce {row[6]}", flush=True)
-            w.writerow(row)
-            fh.flush()
-            if time.time() - last_save > 60 * cfg.save_every_min:
-                save_checkpoint(out, net, grid, {**meta_base, "training": {**meta_base["training"], "steps": prior_steps + step}})
+                log.flush()
+            if master and time.time() - last_save > 60 * cfg.save_every_min:
+                log.flush(echo=False)
+                save(net, meta_base)
                 last_save = time.time()
+        log.flush(echo=False)
+    finally:
+        log.close()
+    if not master:
+        return {}
     idx = test_idx[: cfg.test_n] if cfg.test_n else test_idx
     res = evaluate(net, data, idx, grid, seed=0, device=device)
     metrics = {k: v for k, v in res.items() if k not in ("latent_kl", "latent_rank")}
     metrics["split"] = "test"
     meta = {**meta_base, "metrics": metrics, "latent_rank": res["latent_rank"], "latent_kl": res["latent_kl"]}
-    meta["training"].update(steps=prior_steps + step, init=cfg.init or None, samples=step * cfg.batch, seconds=round(time.time() - t0),
-                            device=str(device), torch=torch.__version__)
-    save_checkpoint(out, net.cpu(), grid, meta)
+    meta["training"].update(init=cfg.init or None, resumed_at=start_step if cfg.resume else None,
+                            seconds=round(time.time() - t0), device=str(device), world_size=world,
+                            amp=amp, channels_last=channels_last, torch=torch.__version__)
+    save(net.cpu(), meta)
     print(format_table(metrics), flush=True)
     out.with_suffix(".json").write_text(json.dumps(metrics, indent=1))
     return metrics
