@@ -3,6 +3,14 @@
 * ``crystalstudio [FILE ...]`` or ``crystalstudio gui [FILE ...]``: the desktop app.
 * ``crystalstudio reconstruct FILE.cif [--checkpoint PATH] [--out recon.cif] [--json]``:
   encode, decode and segment one crystal and print the Sec. 4.1 measures.
+* ``crystalstudio interpolate A.cif B.cif --frames 60 --fps 30 --size 1280x720 --out movie.mp4
+  [--mode linear|spherical] [--orbit DEG] [--no-density] [--no-atoms]``: render the latent
+  interpolation between two crystals (posterior means) off-screen to MP4 or GIF.
+* ``crystalstudio sweep FILE.cif --dim K --frames N --out movie.mp4``: sweep latent
+  dimension K from -3 to 3 around the encoded crystal.
+* ``crystalstudio sample --n 8 --seed 0 --out DIR [--size 640x480]``: decode random draws
+  z ~ N(0, I); write ``sample_000.cif`` / ``.png`` / ``.npy`` per draw.
+* ``crystalstudio export-density FILE.cif --out field.vti|field.npy``: the decoded density.
 
 Bad input exits with status 2 and one line on stderr naming the file and the problem.
 """
@@ -11,9 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+COMMANDS = ("reconstruct", "interpolate", "sweep", "sample", "export-density", "gui")
 
 
 def _fail(msg: str) -> int:
@@ -60,9 +72,236 @@ def _reconstruct(a: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- headless exports
+
+
+class _BadInput(Exception):
+    """One-line message for :func:`_fail`."""
+
+
+def _headless_gl() -> None:
+    """Without a display, ask VTK for its EGL window directly (it would fall back to it anyway,
+    after printing a warning about the missing X server)."""
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+
+
+def _size(text: str) -> tuple[int, int]:
+    from .render.export import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise _BadInput(f"--size: {exc}") from None
+
+
+def _out_file(path: str, check) -> Path:
+    """Validate an output file name (suffix via ``check``, existing folder) before any work."""
+    p = Path(path)
+    try:
+        check(p)
+    except ValueError as exc:
+        raise _BadInput(str(exc)) from None
+    if not p.parent.is_dir():
+        raise _BadInput(f"{p}: folder {str(p.parent)!r} does not exist")
+    if p.is_dir():
+        raise _BadInput(f"{p}: is a folder")
+    return p
+
+
+def _video_out(a: argparse.Namespace) -> tuple[Path, tuple[int, int]]:
+    from .render.export import _check_video_size, video_format
+
+    size = _size(a.size)
+    out = _out_file(a.out, video_format)
+    try:
+        _check_video_size(video_format(out), size, out.name)
+    except ValueError as exc:
+        raise _BadInput(str(exc)) from None
+    if a.frames < 2:
+        raise _BadInput(f"--frames must be at least 2, got {a.frames}")
+    if not 0 < a.fps <= 240:
+        raise _BadInput(f"--fps must be in (0, 240], got {a.fps:g}")
+    return out, size
+
+
+def _session(a: argparse.Namespace):
+    from .session import Session
+
+    return Session(a.checkpoint, device=a.device)
+
+
+def _progress_bar(total: int, quiet: bool, desc: str):
+    """``(callback(i, total) -> True, close())`` drawing a tqdm bar on stderr."""
+    if quiet:
+        return (lambda i, n: True), (lambda: None)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="frame", desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def cb(i: int, n: int) -> bool:
+        if i > bar.n:
+            bar.update(i - bar.n)
+        return True
+
+    return cb, bar.close
+
+
+def _render_video(a: argparse.Namespace, session, zs, out: Path, size, titles) -> int:
+    from .render.export import export_path
+
+    cb, close = _progress_bar(len(zs), a.quiet, "rendering")
+    try:
+        export_path(session, zs, out, fps=a.fps, size=size, orbit_degrees=a.orbit,
+                    show_density=not a.no_density, show_atoms=not a.no_atoms, progress=cb, titles=titles)
+    finally:
+        close()
+    print(out)
+    return 0
+
+
+def _interpolate(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .core.latent import interpolate
+
+    out, size = _video_out(a)
+    session = _session(a)
+    ra, rb = session.open(a.a), session.open(a.b)
+    zs = interpolate(ra.mu, rb.mu, a.frames, a.mode)
+    label = f"{ra.crystal.name} -> {rb.crystal.name}"
+    titles = [f"{label}   t = {t:.2f}" for t in np.linspace(0.0, 1.0, a.frames)]
+    return _render_video(a, session, zs, out, size, titles)
+
+
+def _sweep(a: argparse.Namespace) -> int:
+    from .core.latent import sweep
+
+    out, size = _video_out(a)
+    if not a.lo < a.hi:
+        raise _BadInput(f"--range: need LO < HI, got {a.lo:g} {a.hi:g}")
+    session = _session(a)
+    if not 0 <= a.dim < session.model.latent:
+        raise _BadInput(f"--dim {a.dim} out of range 0..{session.model.latent - 1}")
+    rec = session.open(a.file)
+    zs = sweep(rec.mu, a.dim, a.frames, a.lo, a.hi)
+    titles = [f"{rec.crystal.name}   z[{a.dim}] = {v:+.2f}" for v in zs[:, a.dim]]
+    return _render_video(a, session, zs, out, size, titles)
+
+
+def _formula(composition: dict) -> str:
+    from .io.structures import element_symbol
+
+    return "".join(f"{element_symbol(z)}{c if c > 1 else ''}" for z, c in sorted(composition.items())) or "-"
+
+
+def _sample(a: argparse.Namespace) -> int:
+    from .core.latent import random_latents
+    from .io.structures import write_cif
+    from .render.export import FrameRenderer, save_density_npy, save_png
+
+    size = _size(a.size)
+    if a.n < 1:
+        raise _BadInput(f"--n must be at least 1, got {a.n}")
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise _BadInput(f"{out}: exists and is not a folder")
+    session = _session(a)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _BadInput(f"{out}: cannot create the folder ({exc.strerror or exc})") from None
+    zs = random_latents(a.n, session.model.latent, a.seed)
+    rows, n_cif = [], 0
+    cb, close = _progress_bar(a.n, a.quiet, "sampling")
+    try:
+        with FrameRenderer(session.grid, size, show_density=not a.no_density, show_atoms=not a.no_atoms) as r:
+            for i, z in enumerate(zs):
+                f = session.decode(z)
+                stem = out / f"sample_{i:03d}"
+                save_density_npy(f.M_hat, stem.with_suffix(".npy"))
+                save_png(r.render(f, title=f"sample {i}  (seed {a.seed})"), stem.with_suffix(".png"))
+                note = ""
+                if len(f.atoms):
+                    write_cif(f.atoms.positions, f.atoms.Z, stem.with_suffix(".cif"), grid=session.grid)
+                    n_cif += 1
+                else:
+                    note = "  (no atoms segmented: no CIF)"
+                rd = f.readouts
+                dmin = "n/a" if rd["min_distance_A"] is None else f"{rd['min_distance_A']:.2f} Å"
+                rows.append(f"  {stem.name}  {rd['n_atoms']:3d} atoms  {_formula(rd['composition']):<16s} "
+                            f"min distance {dmin}{note}")
+                cb(i + 1, a.n)
+    finally:
+        close()
+    print(f"{a.n} samples (seed {a.seed}) in {out}: {a.n} PNG, {a.n} NPY, {n_cif} CIF")
+    print("\n".join(rows))
+    return 0
+
+
+def _export_density(a: argparse.Namespace) -> int:
+    from .render.export import save_density_npy, save_density_vti
+
+    def check(p: Path) -> None:
+        if p.suffix.lower() not in (".vti", ".npy"):
+            raise ValueError(f"{p.name}: unsupported format {p.suffix or '(no suffix)'!r}; use .vti or .npy")
+
+    out = _out_file(a.out, check)
+    session = _session(a)
+    rec = session.open(a.file)
+    M = rec.M if a.input else rec.M_hat
+    if out.suffix.lower() == ".vti":
+        save_density_vti(M, session.grid, out)
+    else:
+        save_density_npy(M, out)
+    print(out)
+    return 0
+
+
+def _headless(a: argparse.Namespace) -> int:
+    """Run an export subcommand; bad input of any kind -> one line on stderr, exit 2."""
+    from .core.checkpoint import CheckpointError
+    from .io.structures import StructureError
+
+    _headless_gl()
+    run = {"interpolate": _interpolate, "sweep": _sweep, "sample": _sample, "export-density": _export_density}[a.cmd]
+    try:
+        return run(a)
+    except (_BadInput, StructureError, CheckpointError) as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        name = exc.filename or getattr(a, "out", "")
+        return _fail(f"{name}: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        print("crystalstudio: interrupted (nothing written)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _add_render_args(sp: argparse.ArgumentParser, size: str = "1280x720") -> None:
+    sp.add_argument("--size", default=size, help=f"image size WIDTHxHEIGHT in pixels (default {size})")
+    sp.add_argument("--no-density", action="store_true", help="do not draw the density volume")
+    sp.add_argument("--no-atoms", action="store_true", help="do not draw the segmented atoms")
+
+
+def _add_common_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--checkpoint", default=None, help="model checkpoint (default: the shipped one)")
+    sp.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _add_video_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--out", required=True, help="output video: .mp4 (H.264) or .gif")
+    sp.add_argument("--frames", type=int, default=60, help="number of frames (default 60)")
+    sp.add_argument("--fps", type=float, default=30.0, help="frames per second (default 30)")
+    sp.add_argument("--orbit", type=float, default=0.0, metavar="DEG",
+                    help="turn the camera by DEG degrees over the video (default 0)")
+    _add_render_args(sp)
+    _add_common_args(sp)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] not in ("reconstruct", "gui", "-h", "--help", "--version"):
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
         argv = ["gui", *argv]
     p = argparse.ArgumentParser(prog="crystalstudio", description="Explore learned 3-D crystal representations.")
     p.add_argument("--version", action="version", version=f"crystalstudio {__import__('crystalstudio').__version__}")
@@ -76,9 +315,37 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default=None, help="write the reconstructed atoms (.cif or .xyz)")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+
+    i = sub.add_parser("interpolate", help="render the latent interpolation between two crystals to MP4/GIF")
+    i.add_argument("a", metavar="A.cif", help="start crystal")
+    i.add_argument("b", metavar="B.cif", help="end crystal")
+    i.add_argument("--mode", choices=("linear", "spherical"), default="linear", help="interpolation (default linear)")
+    _add_video_args(i)
+    w = sub.add_parser("sweep", help="render one latent dimension swept from -3 to 3 around a crystal")
+    w.add_argument("file", help="CIF (or POSCAR / pymatgen JSON) file")
+    w.add_argument("--dim", type=int, required=True, metavar="K", help="latent dimension to sweep")
+    w.add_argument("--range", type=float, nargs=2, default=(-3.0, 3.0), metavar=("LO", "HI"), dest="range_",
+                   help="values of z[K] at the first and last frame (default -3 3)")
+    _add_video_args(w)
+    s = sub.add_parser("sample", help="decode random latent draws z ~ N(0, I) to CIF, PNG and NPY")
+    s.add_argument("--n", type=int, default=8, help="number of draws (default 8)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--out", required=True, help="output folder (created if missing)")
+    _add_render_args(s, "640x480")
+    _add_common_args(s)
+    e = sub.add_parser("export-density", help="write the decoded density of a crystal as .vti (ParaView) or .npy")
+    e.add_argument("file", help="CIF (or POSCAR / pymatgen JSON) file")
+    e.add_argument("--out", required=True, help="output field: .vti or .npy")
+    e.add_argument("--input", action="store_true", help="write the input field M instead of the decoded one")
+    _add_common_args(e)
+
     a = p.parse_args(argv)
     if a.cmd == "reconstruct":
         return _reconstruct(a)
+    if a.cmd == "sweep":
+        a.lo, a.hi = a.range_
+    if a.cmd in ("interpolate", "sweep", "sample", "export-density"):
+        return _headless(a)
     from .gui.app import main as gui_main
 
     return gui_main(a.files, a.checkpoint)

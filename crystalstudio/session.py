@@ -1,7 +1,8 @@
 """The plain-Python session: the single source of truth the GUI and the CLI both drive.
 
 No Qt here. Views subscribe with :meth:`Session.subscribe` and are told
-``callback(event, value)`` when something changed (``"model"``, ``"reconstruction"``).
+``callback(event, value)`` when something changed (``"model"``, ``"reconstruction"``,
+``"latent"`` (the explorer's z), ``"endpoint"`` ((``"A"``/``"B"``, :class:`Endpoint`))).
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from typing import Callable
 import numpy as np
 
 from .core.checkpoint import CheckpointError, CrystalModel, load_checkpoint
-from .core.density import Crystal, cell_positions, density_field
+from .core.density import Crystal, cell_positions, density_field, lattice_positions
 from .core.metrics import match_atoms
 from .core.segment import Atoms
 
-__all__ = ["Session", "Reconstruction", "Frame", "default_checkpoint", "sample_files", "CheckpointError",
-           "readouts"]
+__all__ = ["Session", "Reconstruction", "Frame", "Endpoint", "default_checkpoint", "sample_files",
+           "CheckpointError", "readouts"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_CHECKPOINT = "unit_cell.safetensors"
@@ -77,6 +78,21 @@ class Frame:
     M_hat: np.ndarray
     atoms: Atoms
     readouts: dict = field(default_factory=dict)
+
+
+@dataclass
+class Endpoint:
+    """One end of an interpolation (Sec. 4.3): a named latent vector.
+
+    Attributes:
+        name: what it is (e.g. the crystal's name, ``"seed 3"``).
+        z: (latent,) float32.
+        reconstruction: the encoded crystal it came from, if any.
+    """
+
+    name: str
+    z: np.ndarray
+    reconstruction: Reconstruction | None = None
 
 
 def readouts(atoms: Atoms, M_hat: np.ndarray, peak_scale: float, close_A: float = 0.5) -> dict:
@@ -137,6 +153,10 @@ class Session:
         self.device = device
         self.model: CrystalModel = model or load_checkpoint(checkpoint or default_checkpoint(), device)
         self.current: Reconstruction | None = None
+        # Latent-space state of the explorer (plain data; the GUI and scripts share it).
+        self.z: np.ndarray | None = None  # the latent vector being explored
+        self.endpoints: dict[str, Endpoint | None] = {"A": None, "B": None}
+        self.t = 0.0  # position between A (t = 0) and B (t = 1)
 
     # ------------------------------------------------------------------ events
     def subscribe(self, callback: Callable[[str, object], None]) -> None:
@@ -160,6 +180,7 @@ class Session:
         """
         model = load_checkpoint(path, self.device)
         self.model = model
+        self.reset_latent_state()
         self._emit("model", model)
         if self.current is not None:
             self.reconstruct(self.current.crystal, self.current.rotation)
@@ -170,17 +191,83 @@ class Session:
         """Encode, decode and segment ``crystal`` (representation 1); no state change, thread-safe."""
         grid = self.model.grid
         R = np.eye(3) if rotation is None else np.asarray(rotation, np.float64)
-        pos = cell_positions(crystal, grid, R)
-        M, _ = density_field(pos, crystal.Z, grid, species=False)
+        if self.model.representation == "repeating_lattice":
+            # the cube filled with the lattice from the cell origin; compare with the atoms inside
+            allpos, allZ = lattice_positions(crystal, grid, R)
+            M, _ = density_field(allpos, allZ, grid, species=False)
+            inside = np.all((allpos >= 0) & (allpos <= grid.length), axis=1)
+            pos, Z = allpos[inside], allZ[inside]
+        else:
+            pos, Z = cell_positions(crystal, grid, R), crystal.Z.copy()
+            M, _ = density_field(pos, Z, grid, species=False)
         mu, logvar = self.model.encode(M)
         M_hat = self.model.decode(mu)
         atoms = self.model.segment(M_hat)
-        return Reconstruction(crystal, R, pos, crystal.Z.copy(), M, mu, logvar, M_hat, atoms,
-                              summarise(pos, crystal.Z, atoms, M, M_hat))
+        return Reconstruction(crystal, R, pos, Z, M, mu, logvar, M_hat, atoms,
+                              summarise(pos, Z, atoms, M, M_hat))
 
     def set_current(self, rec: Reconstruction) -> None:
+        """Make ``rec`` the current reconstruction; the explored z becomes its ``mu``."""
         self.current = rec
+        self.z = np.array(rec.mu, np.float32)
         self._emit("reconstruction", rec)
+
+    # ------------------------------------------------------------------ latent state
+    def reset_latent_state(self) -> None:
+        """Forget z and the endpoints when they no longer fit the model (another latent size)."""
+        n = self.model.latent
+        if self.z is not None and self.z.shape != (n,):
+            self.z = None
+        for k, ep in self.endpoints.items():
+            if ep is not None and ep.z.shape != (n,):
+                self.endpoints[k] = None
+
+    def set_latent(self, z: np.ndarray) -> np.ndarray:
+        """Set the explored latent vector (copied, float32); observers get ``("latent", z)``.
+
+        Raises:
+            ValueError: ``z`` is not a (latent,) vector of finite numbers.
+        """
+        z = np.array(z, np.float32).reshape(-1)
+        if z.shape != (self.model.latent,) or not np.all(np.isfinite(z)):
+            raise ValueError(f"z must be {self.model.latent} finite numbers, got shape {z.shape}")
+        self.z = z
+        self._emit("latent", z)
+        return z
+
+    def set_endpoint(self, which: str, name: str, z: np.ndarray,
+                     reconstruction: Reconstruction | None = None) -> Endpoint:
+        """Set interpolation end ``which`` ("A" or "B"); observers get ``("endpoint", (which, Endpoint))``."""
+        if which not in self.endpoints:
+            raise ValueError(f"endpoint must be 'A' or 'B', got {which!r}")
+        ep = Endpoint(str(name), np.array(z, np.float32).reshape(-1), reconstruction)
+        self.endpoints[which] = ep
+        self._emit("endpoint", (which, ep))
+        return ep
+
+    def latent_between(self, t: float, mode: str = "linear") -> np.ndarray:
+        """z at ``t`` in [0, 1] between endpoints A and B (``"linear"`` or ``"spherical"``).
+
+        t = 0 and t = 1 give A's and B's z exactly (same z, same decoded field).
+
+        Raises:
+            ValueError: an endpoint is not set, or an unknown mode.
+        """
+        from .core.latent import lerp, slerp
+
+        a, b = self.endpoints["A"], self.endpoints["B"]
+        if a is None or b is None:
+            raise ValueError("set both interpolation endpoints A and B first")
+        f = {"linear": lerp, "spherical": slerp}.get(mode)
+        if f is None:
+            raise ValueError(f"unknown interpolation mode {mode!r} (linear, spherical)")
+        t = float(min(max(t, 0.0), 1.0))
+        self.t = t
+        if t == 0.0:
+            return a.z.copy()
+        if t == 1.0:
+            return b.z.copy()
+        return f(a.z, b.z, t)
 
     def reconstruct(self, crystal: Crystal, rotation: np.ndarray | None = None) -> Reconstruction:
         """:meth:`compute` then make it the current reconstruction (observers are told)."""
@@ -203,4 +290,5 @@ class Session:
         """
         from .io.structures import read_structure
 
-        return self.reconstruct(read_structure(path, self.model.grid))
+        lattice = self.model.representation == "repeating_lattice"  # any cell fills the cube
+        return self.reconstruct(read_structure(path, self.model.grid, require_fit=not lattice))

@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--sigma", type=float, default=1.0, help="Gaussian width in Å (Eq. 1, default 1)")
     pp.add_argument("--test", type=float, default=0.10, help="test fraction, by composition")
     pp.add_argument("--val", type=float, default=0.05, help="validation fraction, by composition")
+    pp.add_argument("--all-cells", action="store_true",
+                    help="keep cells larger than the cube (for --representation repeating_lattice)")
 
     from .train import TrainConfig
 
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from .data import prepare
 
-        print(json.dumps(prepare(a.inputs, a.out, Grid(a.grid, a.length, a.sigma), a.val, a.test), indent=1))
+        print(json.dumps(prepare(a.inputs, a.out, Grid(a.grid, a.length, a.sigma), a.val, a.test,
+                                 require_fit=not a.all_cells), indent=1))
     elif a.cmd == "train":
         from .train import train
 

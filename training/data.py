@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crystalstudio.core.density import Crystal, Grid, cell_positions, density_fields, pad_batch, random_rotations
+from crystalstudio.core.density import (Crystal, Grid, cell_positions, density_fields, lattice_positions, pad_batch,
+                                       random_rotations)
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
@@ -54,8 +55,11 @@ def _iter_sources(paths: list[str]):
 
 
 def prepare(paths: list[str], out: str, grid: Grid = Grid(), val: float = 0.05, test: float = 0.1,
-            max_atoms: int = 64) -> dict:
+            max_atoms: int = 64, require_fit: bool = True) -> dict:
     """Convert structures to the compact ``.npz`` described in the module docstring.
+
+    ``require_fit=False`` keeps cells larger than the cube (for representation 2, where
+    the cube is filled with the lattice whatever the cell size).
 
     Returns a summary dict (counts per split, rejections by reason).
     """
@@ -68,7 +72,7 @@ def prepare(paths: list[str], out: str, grid: Grid = Grid(), val: float = 0.05, 
     rejected: dict[str, int] = {}
     for source, mid, text in tqdm(list(_iter_sources(paths)), desc="reading CIFs", unit="crystal"):
         try:
-            c = read_cif_text(text, name=str(mid), grid=grid)
+            c = read_cif_text(text, name=str(mid), grid=grid, require_fit=require_fit)
         except StructureError as exc:
             reason = str(exc).split(": ", 1)[-1].split("(")[0].strip()[:40]
             rejected[reason] = rejected.get(reason, 0) + 1
@@ -135,28 +139,63 @@ class CrystalArrays:
         return {str(k): int(v) for k, v in zip(u, c)}
 
 
+def random_origins(data: CrystalArrays, idx: np.ndarray, rotations: np.ndarray | None,
+                   rng: np.random.Generator, p_cell_origin: float = 0.5) -> np.ndarray:
+    """(B, 3) Å cube-frame positions of the lattice origin for representation 2: the cube
+    starts at the cell origin (origin = 0) with probability ``p_cell_origin``, else at a
+    uniformly random point of the (rotated) cell."""
+    out = np.zeros((len(idx), 3))
+    for b, i in enumerate(idx):
+        if rng.random() >= p_cell_origin:
+            L = data.lattice[int(i)] if rotations is None else data.lattice[int(i)] @ rotations[b].T
+            out[b] = -(rng.random(3) @ L)
+    return out
+
+
 def voxelise(data: CrystalArrays, idx: np.ndarray, grid: Grid, rotations: np.ndarray | None,
-             device: torch.device | str = "cpu"):
-    """Representation 1 (Sec. 3.1) for a batch: centred, rotated unit cells.
+             device: torch.device | str = "cpu", representation: str = "unit_cell",
+             origins: np.ndarray | None = None):
+    """Density fields of a batch in either representation of Sec. 3.1.
+
+    * ``"unit_cell"`` (1): the unit cell centred in the cube and rotated.
+    * ``"repeating_lattice"`` (2): the rotated lattice filling the cube, the cell origin at
+      ``origins[b]`` (Å, cube frame; default the cube corner), every periodic image whose
+      Gaussian reaches the cube summed (:func:`~crystalstudio.core.density.lattice_positions`).
 
     Args:
         data: the crystals.
         idx: (B,) crystal indices.
         grid: the grid.
         rotations: (B, 3, 3) rotation matrices, or None for no rotation.
+        representation: see above.
+        origins: (B, 3) lattice origins for representation 2.
 
     Returns:
         ``(M, S, positions, Z)``: M (B, n, n, n) float32, S (B, n, n, n) int64 on ``device``;
-        positions (B, Nmax, 3) float64 Å and Z (B, Nmax) int64 numpy (0 = padding).
+        positions (B, Nmax, 3) float64 Å and Z (B, Nmax) int64 numpy (0 = padding) of the
+        atoms inside the cube (the true atoms a reconstruction is compared with).
     """
-    pos, zs = [], []
+    if representation not in ("unit_cell", "repeating_lattice"):
+        raise ValueError(f"unknown representation {representation!r}")
+    pos, zs, inside_pos, inside_z = [], [], [], []
     for b, i in enumerate(idx):
         c = data.crystal(int(i))
-        pos.append(cell_positions(c, grid, None if rotations is None else rotations[b]))
-        zs.append(c.Z)
+        R = None if rotations is None else rotations[b]
+        if representation == "unit_cell":
+            p, z = cell_positions(c, grid, R), c.Z
+        else:
+            p, z = lattice_positions(c, grid, R, None if origins is None else origins[b])
+        pos.append(p)
+        zs.append(z)
+        keep = np.all((p >= 0) & (p <= grid.length), axis=1)
+        inside_pos.append(p[keep])
+        inside_z.append(z[keep])
     P, Zp = pad_batch(pos, zs)
     M, S = density_fields(torch.as_tensor(P, device=device), torch.as_tensor(Zp, device=device), grid)
-    return M, S, P, Zp
+    if representation == "unit_cell":
+        return M, S, P, Zp
+    Pin, Zin = pad_batch(inside_pos, inside_z)
+    return M, S, Pin, Zin
 
 
-__all__ = ["prepare", "CrystalArrays", "voxelise", "random_rotations", "SPLITS"]
+__all__ = ["prepare", "CrystalArrays", "voxelise", "random_origins", "random_rotations", "SPLITS"]

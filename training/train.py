@@ -46,7 +46,7 @@ from crystalstudio.core.density import Grid, random_rotations
 from crystalstudio.core.models import CrystalNet, ModelConfig, count_parameters, scale_grad, unet_loss, vae_loss
 
 from . import dist as tdist
-from .data import CrystalArrays, voxelise
+from .data import CrystalArrays, random_origins, voxelise
 from .evaluate import evaluate, format_table
 
 OPTIM_FORMAT = "crystalstudio-optimizer"
@@ -67,6 +67,8 @@ class TrainConfig:
     beta: float = 0.01                   # KL weight in Eq. 2
     gamma: float = 0.1                   # segmentation weight in Eq. 2 (paper 0.1)
     background_weight: float = 1.0       # cross-entropy weight of the no-atom class
+    unet_true_frac: float = 0.0          # fraction of each batch the U-Net segments from the true M
+                                         # (not the decoded one): teaches it sharp peaks early
     # runtime
     device: str = "auto"
     threads: int = 0                     # torch CPU threads (0 = torch default)
@@ -81,6 +83,7 @@ class TrainConfig:
     # speed (None = on for CUDA, off for CPU)
     amp: bool | None = None              # bf16 autocast (losses in float32)
     channels_last: bool | None = None    # channels-last-3d memory format
+    representation: str = "unit_cell"    # Sec. 3.1: "unit_cell" (1) or "repeating_lattice" (2)
     gpu_batcher: bool | None = None      # whole data set on the device, batches drawn there
     progress: bool | None = None         # tqdm bar (None = when stderr is a terminal)
     tensorboard: str = ""                # TensorBoard log folder (needs the tensorboard package)
@@ -105,9 +108,12 @@ class JointNet(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, M: torch.Tensor, gamma: float):
+    def forward(self, M: torch.Tensor, gamma: float, n_true: int = 0):
         M_hat, mu, logvar = self.net.vae(M)
-        return M_hat, mu, logvar, self.net.unet(scale_grad(M_hat, gamma))
+        u_in = scale_grad(M_hat, gamma)
+        if n_true > 0:  # the first n_true crystals: the U-Net segments the true field instead
+            u_in = torch.cat([M[:n_true, 0].to(u_in.dtype), u_in[n_true:]])
+        return M_hat, mu, logvar, self.net.unet(u_in)
 
 
 def forward_losses(model: nn.Module, M: torch.Tensor, S: torch.Tensor, cfg: TrainConfig, amp: bool = False,
@@ -121,7 +127,7 @@ def forward_losses(model: nn.Module, M: torch.Tensor, S: torch.Tensor, cfg: Trai
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     with torch.autocast(M.device.type, dtype=torch.bfloat16, enabled=amp):
-        M_hat, mu, logvar, logits = model(x, cfg.gamma)
+        M_hat, mu, logvar, logits = model(x, cfg.gamma, int(round(cfg.unet_true_frac * len(M))))
     ce = unet_loss(logits.float(), S, cfg.background_weight)
     L = vae_loss(M, M_hat.float(), mu.float(), logvar.float(), None, cfg.beta, cfg.gamma)
     return {"total": L["loss"] + ce, "loss": L["loss"], "recon": L["recon"], "kl": L["kl"], "ce": ce}
@@ -307,7 +313,7 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
     cuda = device.type == "cuda"
     amp = cuda if cfg.amp is None else cfg.amp
     channels_last = cuda if cfg.channels_last is None else cfg.channels_last
-    use_batcher = cuda if cfg.gpu_batcher is None else cfg.gpu_batcher
+    use_batcher = (cuda if cfg.gpu_batcher is None else cfg.gpu_batcher) and cfg.representation == "unit_cell"
     master, world = dinfo.master, dinfo.world_size
     out = Path(cfg.out)
     source = cfg.init or (str(out) if cfg.resume else "")
@@ -366,7 +372,7 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
             f"crystals, {count_parameters(net)} parameters, amp {amp}, channels-last {channels_last}, "
             f"gpu batcher {use_batcher}" + (f", resumed at step {start_step}" if cfg.resume else ""))
     meta_base = {
-        "representation": "unit_cell",
+        "representation": cfg.representation,
         "beta": cfg.beta,
         "gamma": cfg.gamma,
         "training": {"config": asdict(cfg), "sources": data.sources, "n_train": int(len(train_idx)),
@@ -395,7 +401,9 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
                 M, S, _, _ = batcher(*batcher.sample(cfg.batch, gen))
             else:
                 b = rng.choice(train_idx, size=cfg.batch, replace=len(train_idx) < cfg.batch)
-                M, S, _, _ = voxelise(data, b, grid, random_rotations(len(b), rng), device)
+                rots = random_rotations(len(b), rng)
+                origins = (random_origins(data, b, rots, rng) if cfg.representation == "repeating_lattice" else None)
+                M, S, _, _ = voxelise(data, b, grid, rots, device, cfg.representation, origins)
             model.train()
             L = forward_losses(model, M, S, cfg, amp, channels_last)
             opt.zero_grad(set_to_none=True)
@@ -406,7 +414,8 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
             samples += cfg.batch * world
             log.add(step, time.time() - t0, lr, L)
             if master and step % cfg.eval_every == 0 and len(val_idx):
-                log.flush(val=evaluate(net, data, val_idx[: cfg.eval_n], grid, seed=1, device=device))
+                log.flush(val=evaluate(net, data, val_idx[: cfg.eval_n], grid, seed=1, device=device,
+                                                  representation=cfg.representation))
             elif step % 25 == 0:
                 log.flush()
             if master and time.time() - last_save > 60 * cfg.save_every_min:
@@ -419,7 +428,7 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
     if not master:
         return {}
     idx = test_idx[: cfg.test_n] if cfg.test_n else test_idx
-    res = evaluate(net, data, idx, grid, seed=0, device=device)
+    res = evaluate(net, data, idx, grid, seed=0, device=device, representation=cfg.representation)
     metrics = {k: v for k, v in res.items() if k not in ("latent_kl", "latent_rank")}
     metrics["split"] = "test"
     meta = {**meta_base, "metrics": metrics, "latent_rank": res["latent_rank"], "latent_kl": res["latent_kl"]}
