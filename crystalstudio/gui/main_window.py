@@ -9,6 +9,10 @@ Files (CIF, POSCAR/.vasp, pymatgen .json) are opened by drag and drop or File > 
 reading and encode -> decode -> segment run in a worker thread, the result is made the
 session's current reconstruction on the GUI thread and the views update in place.
 Every error message goes through :meth:`MainWindow.show_error`.
+
+The dock "Latent explorer" (:class:`~crystalstudio.gui.explorer.LatentExplorer`) moves z
+(sliders, A-B interpolation, random draws, conditioning); its frames replace the right
+view's content ("Decoded"). The dock "Slices" shows M, M_hat and their difference.
 """
 
 from __future__ import annotations
@@ -20,15 +24,16 @@ from typing import Any, Callable
 import numpy as np
 from PySide6.QtCore import QEvent, QObject, QSettings, Qt, QThreadPool, QTimer, Signal
 from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
-from PySide6.QtWidgets import (QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar, QSplitter,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar,
+                               QScrollArea, QSplitter, QVBoxLayout, QWidget)
 from pyvistaqt import QtInteractor
 
 from ..core.checkpoint import load_checkpoint
 from ..core.density import Grid
 from ..io.structures import element_colors, element_radius, read_structure, write_cif, write_xyz
-from ..render.scene import CrystalScene
-from ..session import Reconstruction, Session, sample_files
+from ..render.scene import DEFAULT_CLIM_MAX, CrystalScene
+from ..session import Frame, Reconstruction, Session, sample_files
+from .explorer import LatentExplorer
 from .workers import Task
 
 __all__ = ["MainWindow", "status_text", "STRUCTURE_FILTER"]
@@ -102,6 +107,20 @@ class _Panel:
         self.scene.set_atoms(positions, Z, colors, radii)
         self.label.setText(f"{self.title} · {caption}")
 
+    def set_colour_range(self, hi: float | None) -> None:
+        """Pin the density colour range to ``(0, hi)`` (units of Z); None: back to the default
+        ``(0, 30)`` that grows with the fields shown."""
+        sc = self.scene
+        # CrystalScene has no public setter yet; its clim is pinned at construction.
+        if hi is None:
+            sc._fixed_clim = False
+            sc._set_clim((0.0, DEFAULT_CLIM_MAX))
+        else:
+            sc._fixed_clim = True
+            sc._set_clim((0.0, max(float(hi), 1e-3)))
+        if sc._bar is not None:  # colour bar labels: decimals for a weak field
+            sc._bar.SetLabelFormat("%.0f" if hi is None or hi >= 10 else "%.1f" if hi >= 1 else "%.2f")
+
     def close(self) -> None:
         self.view.close()
 
@@ -117,10 +136,12 @@ class MainWindow(QMainWindow):
 
     Signals:
         reconstruction_shown(Reconstruction): the views show a new reconstruction.
+        frame_shown(Frame, bool): the right view shows a latent explorer frame (segmented?).
         failed(str): a file or checkpoint could not be used (the message shown).
     """
 
     reconstruction_shown = Signal(object)
+    frame_shown = Signal(object, bool)
     failed = Signal(str)
     _session_event = Signal(str, object)
 
@@ -163,6 +184,7 @@ class MainWindow(QMainWindow):
         self._busy.setVisible(False)
         self.statusBar().addPermanentWidget(self._busy)
 
+        self._build_docks()
         self._build_menus()
         self._restore_settings()
         self._set_session(session)
@@ -177,6 +199,28 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage("Drop a structure file (CIF, POSCAR, .json) or use File > Open…")
 
     # ------------------------------------------------------------------ construction
+    def _build_docks(self) -> None:
+        self.explorer = LatentExplorer(self)
+        self.explorer.frame_ready.connect(self.show_frame)
+        self.explorer.failed.connect(self._error)
+        scroll = QScrollArea(self)
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(self.explorer)
+        self.explorer_dock = QDockWidget("Latent explorer", self)
+        self.explorer_dock.setObjectName("latent_explorer_dock")
+        self.explorer_dock.setWidget(scroll)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.explorer_dock.setMinimumWidth(self.explorer.minimumSizeHint().width()
+                                           + scroll.verticalScrollBar().sizeHint().width() + 8)
+        self.slices_dock = QDockWidget("Slices", self)
+        self.slices_dock.setObjectName("slices_dock")
+        self.slices_dock.setWidget(self.explorer.slice_view)
+        self.setCorner(Qt.Corner.BottomRightCorner, Qt.DockWidgetArea.RightDockWidgetArea)
+        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.explorer_dock)
+        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.slices_dock)
+        self.resizeDocks([self.explorer_dock], [360], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.slices_dock], [170], Qt.Orientation.Vertical)
+
     def _build_menus(self) -> None:
         def action(text: str, slot: Callable, shortcut: Any = None, checkable: bool = False) -> QAction:
             a = QAction(text, self)
@@ -210,6 +254,14 @@ class MainWindow(QMainWindow):
         self.reset_action = action("&Reset camera", self.reset_camera, "R")
         for a in (self.density_action, self.atoms_action, self.reset_action):
             v.addAction(a)
+        self.fit_range_action = action("&Fit colour range of the decoded view", self.fit_colour_range,
+                                       checkable=True)
+        self.fit_range_action.setToolTip("Spread the colour map over the decoded field's own range "
+                                         "(weak fields stay visible; frames are no longer comparable)")
+        v.addAction(self.fit_range_action)
+        v.addSeparator()
+        v.addAction(self.explorer_dock.toggleViewAction())
+        v.addAction(self.slices_dock.toggleViewAction())
 
         h = self.menuBar().addMenu("&Help")
         h.addAction(action("&About model", self._show_about_model))
@@ -224,6 +276,10 @@ class MainWindow(QMainWindow):
             self.splitter.restoreState(split)
         else:
             self.splitter.setSizes([700, 700])
+        state = s.value("window/state")
+        if state is not None:
+            self.restoreState(state)
+        self.fit_range_action.setChecked(s.value("view/fit_range", False, type=bool))
         # setChecked emits toggled only on a change: start from True so the scenes match.
         self.density_action.setChecked(True)
         self.atoms_action.setChecked(True)
@@ -384,6 +440,7 @@ class MainWindow(QMainWindow):
                 self._set_session(Session(model=model, device=device))
             else:
                 self.session.model = model
+                self.explorer.model_changed()
             self.setWindowTitle(self._title())
             if rec is not None:
                 self.session.set_current(rec)
@@ -398,6 +455,7 @@ class MainWindow(QMainWindow):
         if session is not None:
             # The callback may be called from any thread; the signal brings it to the GUI thread.
             session.subscribe(lambda event, value: self._session_event.emit(event, value))
+        self.explorer.set_session(session)
 
     def _on_session_event(self, event: str, value: object) -> None:
         if event == "reconstruction" and not self._closed:
@@ -411,7 +469,10 @@ class MainWindow(QMainWindow):
         grid = self.grid
         n_in, n_out = len(rec.Z), len(rec.atoms)
         self.input.set_crystal(rec.M, grid, rec.positions, rec.Z, f"{rec.crystal.name}, {n_in} atoms")
+        self.output.title = "Reconstruction"
+        self._fit_output_range(rec.M_hat)
         self.output.set_crystal(rec.M_hat, grid, rec.atoms.positions, rec.atoms.Z, f"{n_out} atoms segmented")
+        self.explorer.on_reconstruction(rec)
         if not self._camera_fitted:
             self.reset_camera(render=False)
         self.setWindowTitle(self._title())
@@ -423,6 +484,44 @@ class MainWindow(QMainWindow):
         """Re-render both views now (GUI thread)."""
         for p in self.panels:
             p.view.render()
+
+    def show_frame(self, frame: Frame, caption: str = "", segmented: bool = True) -> None:
+        """Draw a latent explorer frame in the right view ("Decoded"); with ``segmented`` False
+        only the density changes and the atoms on screen stay."""
+        if self._closed:
+            return
+        grid = self.grid
+        out = self.output
+        out.title = "Decoded"
+        self._fit_output_range(frame.M_hat)
+        if segmented:
+            out.set_crystal(frame.M_hat, grid, frame.atoms.positions, frame.atoms.Z,
+                            f"{caption} · {len(frame.atoms)} atoms")
+        else:
+            out.scene.set_density(frame.M_hat, grid)
+            out.label.setText(f"Decoded · {caption}")
+        out.view.renderer.reset_camera_clipping_range()
+        out.view.render()
+        self.frame_shown.emit(frame, segmented)
+
+    def _fit_output_range(self, M_hat: np.ndarray | None) -> None:
+        if self.fit_range_action.isChecked() and M_hat is not None and M_hat.size:
+            self.output.set_colour_range(float(M_hat.max()) * self.grid.peak_scale)
+
+    def fit_colour_range(self, on: bool) -> None:
+        """Fit the decoded view's colour range to its field (on) or use the fixed 0-30 Z (off)."""
+        if self.fit_range_action.isChecked() != bool(on):
+            self.fit_range_action.setChecked(bool(on))
+            return
+        self.settings.setValue("view/fit_range", bool(on))
+        field = self.explorer.frame.M_hat if self.explorer.frame is not None else None
+        if on:
+            self._fit_output_range(field)
+        else:
+            self.output.set_colour_range(None)
+            if field is not None:
+                self.output.scene.set_density(field, self.grid)  # may raise the range again
+        self.output.view.render()
 
     # ------------------------------------------------------------------ view actions
     def show_density(self, visible: bool) -> None:
@@ -594,7 +693,9 @@ class MainWindow(QMainWindow):
             self._closed = True
             self.settings.setValue("window/geometry", self.saveGeometry())
             self.settings.setValue("window/splitter", self.splitter.saveState())
+            self.settings.setValue("window/state", self.saveState())
             self.settings.sync()
+            self.explorer.shutdown()
             self._pool.clear()
             self._pool.waitForDone(30_000)
             for p in self.panels:

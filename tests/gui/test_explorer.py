@@ -1,0 +1,261 @@
+"""The latent explorer dock in a real main window under Xvfb (pytest-qt, Qt ``xcb`` + Mesa).
+
+Nothing here depends on how good the model is: only on decoding being deterministic and
+the decoded field changing with z. The shipped checkpoint may be an untrained placeholder
+whose fields peak below 1 Z, under the transparent floor of the fixed 0-30 Z colour range,
+so the pixel test fits the colour range of the decoded view to the field first.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from PySide6.QtCore import QTimer
+
+from crystalstudio.core.checkpoint import CrystalModel
+from crystalstudio.core.latent import lerp, random_latents
+from crystalstudio.core.models import CrystalNet, ModelConfig
+from crystalstudio.gui.explorer import DEBOUNCE_MS, NOT_CONDITIONAL, ROWS, composition_text, readouts_html
+from crystalstudio.io.structures import read_structure
+from crystalstudio.render.scene import render_frame
+from crystalstudio.session import ASSETS, Session
+
+pytestmark = pytest.mark.gui
+
+NACL = ASSETS / "samples" / "NaCl.cif"
+SRTIO3 = ASSETS / "samples" / "SrTiO3.cif"
+WAIT_MS = 120_000  # CPU inference on a busy machine
+
+
+def open_and_wait(qtbot, window, path):
+    with qtbot.waitSignal(window.reconstruction_shown, timeout=WAIT_MS) as blocker:
+        window.open_file(path)
+    qtbot.waitUntil(lambda: not window.busy, timeout=WAIT_MS)
+    return blocker.args[0]
+
+
+def frame_of(qtbot, explorer, action, z=None, segmented=True):
+    """Run ``action()`` and wait for the frame it leads to (segmented, with latent ``z`` if given)."""
+    def check(frame, seg):
+        return seg == segmented and (z is None or np.array_equal(frame.z, z))
+
+    with qtbot.waitSignal(explorer.frame_shown, timeout=WAIT_MS, check_params_cb=check) as blocker:
+        action()
+    return blocker.args[0]
+
+
+def idle(qtbot, explorer):
+    qtbot.waitUntil(lambda: not explorer.runner.busy, timeout=WAIT_MS)
+
+
+def changed(a: np.ndarray, b: np.ndarray, tol: int) -> float:
+    return float((np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=-1) > tol).mean())
+
+
+def test_slider_changes_decoded_field_and_right_view(qtbot, window, model):
+    ex = window.explorer
+    assert window.explorer_dock.isVisible() and window.slices_dock.isVisible()
+    rec = open_and_wait(qtbot, window, NACL)
+    np.testing.assert_array_equal(window.session.z, rec.mu)  # the explorer starts at the encoded z
+    window.fit_range_action.trigger()
+    before = render_frame(window.output.view)
+
+    # Sliders in rank order, -3..3, a page of ROWS rows; value labels follow z.
+    rank = model.latent_rank
+    assert [r.dim for r in ex.rows] == rank[:ROWS]
+    row = ex.rows[0]
+    d0 = row.dim
+    assert (row.slider.minimum(), row.slider.maximum()) == (-300, 300)
+    frame = frame_of(qtbot, ex, lambda: row.slider.setValue(300))
+    assert frame.z[d0] == pytest.approx(3.0)
+    np.testing.assert_array_equal(np.delete(frame.z, d0), np.delete(rec.mu, d0))
+    assert np.any(frame.M_hat != rec.M_hat), "decoded field did not change with z"
+    after = render_frame(window.output.view)
+    assert changed(before, after, tol=2) > 0.001, "right view did not change"
+    assert window.output.label.text().startswith("Decoded")
+    assert "z[" in window.output.label.text()
+
+    # Any of the 300 dimensions can be brought up.
+    last = rank[-1]
+    r = ex.show_dimension(last)
+    assert r is ex.row_for(last) and r.slider.isVisible() and ex.jump_spin.value() == last
+    frame = frame_of(qtbot, ex, lambda: r.slider.setValue(-150))
+    assert frame.z[last] == pytest.approx(-1.5) and frame.z[d0] == pytest.approx(3.0)
+    ex.first_spin.setValue(1)
+    assert ex.rows[0].dim == rank[0] and ex.rows[0].slider.value() == 300
+
+    # Reset to encoded: z = mu again, the reconstruction's field comes back.
+    frame = frame_of(qtbot, ex, ex.reset_button.click, z=rec.mu)
+    np.testing.assert_allclose(frame.M_hat, rec.M_hat)
+    assert ex.rows[0].slider.value() == int(round(np.clip(rec.mu[rank[0]], -3, 3) * 100))
+    assert "Atoms" in ex.readout_label.text() and "vs NaCl input" in ex.readout_label.text()
+
+
+def test_interpolation_ends_reproduce_the_reconstructions(qtbot, window, model):
+    ex = window.explorer
+    ex.tabs.setCurrentIndex(1)
+    assert not ex.t_slider.isEnabled() and not ex.play_button.isEnabled()
+    for which, combo, name in (("A", ex.a_combo, "NaCl"), ("B", ex.b_combo, "SrTiO3")):
+        i = combo.findText(name)
+        assert i > 0
+        with qtbot.waitSignal(ex.endpoint_set, timeout=WAIT_MS, check_params_cb=lambda w, k=which: w == k):
+            combo.setCurrentIndex(i)
+            combo.activated.emit(i)  # what a user's choice sends
+        assert window.session.endpoints[which].name == name
+    assert ex.t_slider.isEnabled() and ex.play_button.isEnabled()
+    zA, zB = window.session.endpoints["A"].z, window.session.endpoints["B"].z
+
+    ref = Session(model=model)
+    M_a = ref.compute(read_structure(NACL, ref.grid)).M_hat
+    M_b = ref.compute(read_structure(SRTIO3, ref.grid)).M_hat
+
+    mid = frame_of(qtbot, ex, lambda: ex.t_slider.setValue(500), z=lerp(zA, zB, 0.5))
+    assert not np.allclose(mid.M_hat, M_a)
+    f0 = frame_of(qtbot, ex, lambda: ex.t_slider.setValue(0), z=zA)
+    np.testing.assert_allclose(f0.M_hat, M_a)
+    f1 = frame_of(qtbot, ex, lambda: ex.t_slider.setValue(1000), z=zB)
+    np.testing.assert_allclose(f1.M_hat, M_b)
+    assert not np.allclose(M_a, M_b)
+    for mode in ("linear", "spherical"):  # both modes end exactly on A and B
+        np.testing.assert_array_equal(window.session.latent_between(0.0, mode), zA)
+        np.testing.assert_array_equal(window.session.latent_between(1.0, mode), zB)
+
+    # Play: t steps through `frames` values from A to B and stops at B without loop.
+    ex.steps_spin.setValue(3)
+    ex.t_slider.setValue(0)
+    idle(qtbot, ex)
+    seen: list[np.ndarray] = []
+    ex.frame_shown.connect(lambda f, seg: seen.append(f.z.copy()) if seg else None)
+    ex.play_button.click()
+    assert ex.playing and ex.play_button.text() == "Pause"
+    qtbot.waitUntil(lambda: not ex.playing, timeout=WAIT_MS)
+    idle(qtbot, ex)
+    assert ex.t_slider.value() == 1000 and len(seen) >= 2
+    np.testing.assert_allclose(seen[-2], 0.5 * zA + 0.5 * zB, atol=1e-6)
+    np.testing.assert_array_equal(seen[-1], zB)
+
+
+def test_window_stays_responsive_and_requests_coalesce(qtbot, window, monkeypatch):
+    ex = window.explorer
+    session = window.session
+    real_decode = session.decode
+    calls: list[tuple[np.ndarray, bool, bool]] = []
+    in_decode = threading.Event()
+
+    def slow_decode(z, cond=None, segment=True):
+        in_decode.set()
+        calls.append((np.array(z), segment, threading.current_thread() is threading.main_thread()))
+        time.sleep(1.5)
+        result = real_decode(z, cond, segment)
+        in_decode.clear()
+        return result
+
+    monkeypatch.setattr(session, "decode", slow_decode)
+    gui_thread: list[bool] = []
+    ex.frame_shown.connect(lambda f, seg: gui_thread.append(threading.current_thread() is threading.main_thread()))
+
+    row = ex.rows[0]
+    row.slider.setSliderDown(True)  # a drag: density only while it moves
+    t0 = time.monotonic()
+    for k in range(1, 11):
+        row.slider.setValue(20 * k)
+    assert ex.runner.busy
+    # The event loop runs while the decode sleeps: a timer fires, a queued click is handled.
+    fired: list[float] = []
+    QTimer.singleShot(50, lambda: fired.append(time.monotonic() - t0))
+    QTimer.singleShot(100, ex.reset_button.click)  # nothing encoded: it says so
+    qtbot.waitUntil(lambda: bool(fired) and "Nothing encoded" in ex.status_label.text(), timeout=1300)
+    assert in_decode.is_set() and len(calls) == 1, "the click waited for the decode"
+    assert fired[0] < 1.3
+    row.slider.setSliderDown(False)  # release: decode + segment the newest value
+    idle(qtbot, ex)
+    assert 1 <= len(calls) <= 3, len(calls)
+    assert calls[0][1] is False  # dragging: density only
+    z_last, segment_last, _ = calls[-1]
+    assert segment_last and z_last[row.dim] == pytest.approx(2.0)
+    assert not any(c[2] for c in calls), "decode ran on the GUI thread"
+    assert gui_thread and all(gui_thread), "frames were applied outside the GUI thread"
+    assert ex.segmented and ex.frame.z[row.dim] == pytest.approx(2.0)
+
+    # A pause in the drag (debounce) segments without a release.
+    calls.clear()
+    row.slider.setSliderDown(True)
+    row.slider.setValue(-100)
+    qtbot.waitUntil(lambda: any(c[1] for c in calls), timeout=DEBOUNCE_MS + 10_000)
+    idle(qtbot, ex)
+    row.slider.setSliderDown(False)  # nothing new to decode: same z as the last frame
+    idle(qtbot, ex)
+    assert [c[1] for c in calls] == [False, True]
+    assert all(c[0][row.dim] == pytest.approx(-1.0) for c in calls)
+
+
+def test_randomise_seed_and_conditioning_control(qtbot, window, model, monkeypatch):
+    ex = window.explorer
+    ex.tabs.setCurrentIndex(2)
+    ex.seed_spin.setValue(7)
+    ex.randomise_button.click()
+    z1 = ex.z.copy()
+    ex.randomise_button.click()
+    np.testing.assert_array_equal(ex.z, z1)
+    np.testing.assert_array_equal(z1, random_latents(1, model.latent, 7)[0])
+    ex.sample_button.click()
+    assert ex.seed_spin.value() == 8 and not np.array_equal(ex.z, z1)
+    frame = frame_of(qtbot, ex, lambda: None, z=random_latents(1, model.latent, 8)[0])
+    assert frame.readouts["max_density_Z"] == pytest.approx(frame.M_hat.max() * model.grid.peak_scale)
+    idle(qtbot, ex)
+
+    # A checkpoint that is not conditional (the shipped one): the control is off, with the reason.
+    if not model.config.conditional:
+        assert not ex.cond_group.isEnabled() and ex.cond_group.toolTip() == NOT_CONDITIONAL
+        assert ex.cond() is None
+
+    # A conditional model enables it and its target goes to the decoder.
+    net = CrystalNet(ModelConfig(conditional=True))
+    cmodel = CrystalModel(net, model.grid, {"representation": "unit_cell"})
+    conds: list = []
+    real_decode = cmodel.decode
+    monkeypatch.setattr(cmodel, "decode", lambda z, cond=None: conds.append(cond) or real_decode(z, cond))
+    window.session.model = cmodel
+    ex.model_changed()
+    assert ex.cond_group.isEnabled() and ex.cond_group.toolTip() == ""
+    ex.cond_group.setChecked(True)
+    ex.cond_spin.setValue(0.5)
+    assert "7.9" in ex.cond_z_label.text()  # 0.5 x peak_scale 15.75
+    frame_of(qtbot, ex, ex.randomise_button.click)
+    idle(qtbot, ex)
+    assert conds and conds[-1] == pytest.approx(0.5)
+
+
+def test_slice_view_follows_index_and_axis(qtbot, window):
+    sv = window.explorer.slice_view
+    n = window.grid.n
+    i, j, k = np.meshgrid(*[np.arange(n)] * 3, indexing="ij")
+    target = np.exp(-((i - 8) ** 2 + (j - 15) ** 2 + (k - 20) ** 2) / 8.0).astype(np.float32)
+    decoded = np.roll(target, 3, axis=0)
+    sv.set_fields(target, decoded, "blob")
+    assert sv.index == n // 2 and sv.axis == 2
+    shown = {key: sv.image(key).copy() for key in ("target", "decoded", "difference")}
+    assert shown["target"].shape == (n, n, 3)
+    assert not np.array_equal(shown["target"], shown["decoded"])
+    sv.index_slider.setValue(5)
+    assert sv.index == 5 and not np.array_equal(sv.image("target"), shown["target"])
+    assert not np.array_equal(sv.image("difference"), shown["difference"])
+    at5 = sv.image("target").copy()
+    sv.axis_combo.setCurrentIndex(0)
+    assert not np.array_equal(sv.image("target"), at5)
+    assert window.explorer.slice_view.images["decoded"].pixmap() is not None
+    sv.set_fields(None, decoded)  # a random draw has no target
+    assert sv.image("target") is None and sv.image("difference") is None and sv.image("decoded") is not None
+
+
+def test_readout_text():
+    assert composition_text({17: 4, 11: 4}) == "Na4 Cl4" and composition_text({}) == "—"
+    r = {"n_atoms": 2, "composition": {8: 2}, "min_distance_A": 0.3, "too_close": True,
+         "max_density": 0.5, "max_density_Z": 7.87}
+    text = readouts_html(r)
+    assert "O2" in text and "0.30 Å" in text and "#e03030" in text and "Z 7.9" in text
+    ok = readouts_html({**r, "min_distance_A": 1.2, "too_close": False})
+    assert "#e03030" not in ok and "1.20 Å" in ok
