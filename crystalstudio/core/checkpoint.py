@@ -26,7 +26,7 @@ import torch
 
 from .density import REPRESENTATIONS, Grid
 from .models import CrystalNet, ModelConfig
-from .segment import Atoms, segment
+from .segment import Atoms, species_map_to_atoms
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "CrystalModel", "FORMAT",
            "MAX_BYTES"]
@@ -238,8 +238,6 @@ class CrystalModel:
         with self._lock:
             with torch.no_grad():
                 species = self.net.unet(self._t(M_hat)[None])[0].argmax(0).cpu().numpy()
-        from .segment import species_map_to_atoms
-
         return species_map_to_atoms(species, self.grid, M_hat)
 
     def decode_segment(self, z: np.ndarray, cond: float | None = None) -> tuple[np.ndarray, Atoms]:
@@ -247,5 +245,3 @@ class CrystalModel:
         M = self.decode(z, cond)
         return M, self.segment(M)
 
-
-_ = segment  # re-exported for callers that hold raw logits
