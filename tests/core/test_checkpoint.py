@@ -232,7 +232,7 @@ def test_no_pickle_anywhere():
     assert len(files) >= 10
     for p in files:
         text = p.read_text()
-        assert "torch.load(" not in text, p
+        assert "torch." + "load(" not in text, p  # spelled apart so this file does not match itself
         assert not IMPORT_PICKLE.search(text), p
         assert "allow_pickle=True" not in text, p
         assert "weights_only=False" not in text, p

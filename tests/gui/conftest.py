@@ -1,8 +1,5 @@
 """Shared fixtures of the GUI tests: the shipped model (loaded once per module) and one
 main window in a real Qt session under Xvfb, with error dialogs recorded instead of shown.
-
-``test_main_window.py`` still defines its own copies of these two fixtures (they shadow
-these ones there and behave the same).
 """
 
 from __future__ import annotations

@@ -19,14 +19,13 @@ from PySide6.QtGui import QDragEnterEvent, QDropEvent
 from PySide6.QtTest import QTest
 from PySide6.QtWidgets import QApplication
 
-from crystalstudio.core.checkpoint import load_checkpoint
 from crystalstudio.core.segment import Atoms
 from crystalstudio.gui.app import create_window
 from crystalstudio.gui.app import main as app_main
 from crystalstudio.gui.main_window import MainWindow
 from crystalstudio.io.structures import read_structure
 from crystalstudio.render.scene import render_frame
-from crystalstudio.session import ASSETS, Session, default_checkpoint
+from crystalstudio.session import ASSETS, default_checkpoint
 
 pytestmark = pytest.mark.gui
 
@@ -34,26 +33,6 @@ NACL = ASSETS / "samples" / "NaCl.cif"
 NA_PURPLE = (0xAB, 0x5C, 0xF2)  # Jmol colours
 CL_GREEN = (0x1F, 0xF0, 0x1F)
 WAIT_MS = 120_000  # CPU inference on a busy machine
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_checkpoint(default_checkpoint())
-
-
-@pytest.fixture
-def window(qtbot, model, tmp_path, monkeypatch):
-    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
-    w = MainWindow(Session(model=model), settings=settings)
-    errors: list[tuple[str, str]] = []
-    monkeypatch.setattr(w, "show_error", lambda title, text: errors.append((title, text)))
-    w.errors = errors
-    qtbot.addWidget(w)
-    w.resize(1000, 560)
-    w.show()
-    qtbot.waitExposed(w)
-    yield w
-    w.close()
 
 
 def drop(window: MainWindow, path: Path) -> None:
