@@ -2,7 +2,8 @@
 
 No Qt here. Views subscribe with :meth:`Session.subscribe` and are told
 ``callback(event, value)`` when something changed (``"model"``, ``"reconstruction"``,
-``"latent"`` (the explorer's z), ``"endpoint"`` ((``"A"``/``"B"``, :class:`Endpoint`))).
+``"latent"`` (the explorer's z), ``"endpoint"`` ((``"A"``/``"B"``, :class:`Endpoint`)),
+``"keyframes"`` (their count)).
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ class Session:
         self.z: np.ndarray | None = None  # the latent vector being explored
         self.endpoints: dict[str, Endpoint | None] = {"A": None, "B": None}
         self.t = 0.0  # position between A (t = 0) and B (t = 1)
+        self.keyframes: list[np.ndarray] = []  # latent vectors of a user-made path (export)
 
     # ------------------------------------------------------------------ events
     def subscribe(self, callback: Callable[[str, object], None]) -> None:
@@ -200,8 +202,9 @@ class Session:
         else:
             pos, Z = cell_positions(crystal, grid, R), crystal.Z.copy()
             M, _ = density_field(pos, Z, grid, species=False)
-        mu, logvar = self.model.encode(M)
-        M_hat = self.model.decode(mu)
+        cond = float(M.max()) if self.model.config.conditional else None  # Sec. 4.5: its own maximum
+        mu, logvar = self.model.encode(M, cond)
+        M_hat = self.model.decode(mu, cond)
         atoms = self.model.segment(M_hat)
         return Reconstruction(crystal, R, pos, Z, M, mu, logvar, M_hat, atoms,
                               summarise(pos, Z, atoms, M, M_hat))
@@ -221,6 +224,36 @@ class Session:
         for k, ep in self.endpoints.items():
             if ep is not None and ep.z.shape != (n,):
                 self.endpoints[k] = None
+        self.keyframes = [k for k in self.keyframes if k.shape == (n,)]
+
+    def natural_cond(self) -> float | None:
+        """Conditioning value when the user sets none: for a conditional model the current
+        crystal's largest input density (Eq. 1 units; None before any, i.e. the model's
+        reference); None for an unconditional model."""
+        if not self.model.config.conditional or self.current is None:
+            return None
+        return float(self.current.M.max())
+
+    def add_keyframe(self, z: np.ndarray | None = None) -> int:
+        """Append ``z`` (default: the explored z) to the keyframe path; returns the count.
+
+        Raises:
+            ValueError: no z yet, or ``z`` is not a (latent,) vector of finite numbers.
+        """
+        z = self.z if z is None else z
+        if z is None:
+            raise ValueError("nothing to add: encode a crystal or move a slider first")
+        z = np.array(z, np.float32).reshape(-1)
+        if z.shape != (self.model.latent,) or not np.all(np.isfinite(z)):
+            raise ValueError(f"a keyframe must be {self.model.latent} finite numbers, got shape {z.shape}")
+        self.keyframes.append(z)
+        self._emit("keyframes", len(self.keyframes))
+        return len(self.keyframes)
+
+    def clear_keyframes(self) -> None:
+        """Forget the keyframe path."""
+        self.keyframes = []
+        self._emit("keyframes", 0)
 
     def set_latent(self, z: np.ndarray) -> np.ndarray:
         """Set the explored latent vector (copied, float32); observers get ``("latent", z)``.

@@ -60,7 +60,7 @@ from crystalstudio.core.checkpoint import CheckpointError, CrystalModel, load_ch
 from crystalstudio.core.density import Grid, random_rotations
 from crystalstudio.core.latent import random_latents
 from crystalstudio.core.metrics import aggregate, match_atoms
-from crystalstudio.core.models import CrystalNet, kl_divergence
+from crystalstudio.core.models import CrystalNet, kl_divergence, max_density
 from crystalstudio.core.segment import species_map_to_atoms
 
 from .data import SPLITS, CrystalArrays, voxelise
@@ -92,9 +92,10 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
         b = idx[s:s + batch]
         # representation 2 is evaluated with the cube starting at the cell origin
         M, S, P, Zp = voxelise(data, b, grid, rot[s:s + batch], device, representation)
-        mu, logvar = net.vae.encode(M)
+        cond = max_density(M) if net.cfg.conditional else None  # Sec. 4.5: the input's own maximum
+        mu, logvar = net.vae.encode(M, cond)
         kls.append(kl_divergence(mu, logvar).cpu())
-        Mh = net.vae.decode(mu)
+        Mh = net.vae.decode(mu, cond)
         species_t = net.unet(Mh).argmax(1)
         if voxel is not None:
             ok, atom = species_t == S, S > 0

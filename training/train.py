@@ -83,6 +83,7 @@ class TrainConfig:
     # speed (None = on for CUDA, off for CPU)
     amp: bool | None = None              # bf16 autocast (losses in float32)
     channels_last: bool | None = None    # channels-last-3d memory format
+    conditional: bool = False            # Sec. 4.5: condition the bottleneck on the largest density
     representation: str = "unit_cell"    # Sec. 3.1: "unit_cell" (1) or "repeating_lattice" (2)
     gpu_batcher: bool | None = None      # whole data set on the device, batches drawn there
     progress: bool | None = None         # tqdm bar (None = when stderr is a terminal)
@@ -288,6 +289,15 @@ class _Log:
             self.fh.close()
 
 
+def reference_max_density(data: CrystalArrays, idx: np.ndarray, grid: Grid, rng: np.random.Generator,
+                          n: int = 256) -> float:
+    """Median largest density (Eq. 1 units) of ``n`` randomly rotated training crystals: the
+    ``cond_scale`` of a conditional model (Sec. 4.5), so the bottleneck scale is about 1."""
+    b = rng.choice(idx, size=min(n, len(idx)), replace=False)
+    M, _, _, _ = voxelise(data, b, grid, random_rotations(len(b), rng), torch.device("cpu"))
+    return float(M.flatten(1).amax(1).median())
+
+
 def _seed(cfg: TrainConfig, rank: int, start_step: int) -> tuple[np.random.Generator, int]:
     """Per-rank (and, on resume, per-start-step) seeds; rank 0 of a fresh run uses ``cfg.seed`` as before."""
     if rank == 0 and start_step == 0:
@@ -346,6 +356,12 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
             prior_steps = ck_steps
     else:
         net = CrystalNet(mcfg).to(device)
+    if cfg.conditional and not net.cfg.conditional:  # fresh, or fine-tuning an unconditional checkpoint
+        net.cfg.conditional = True
+        net.cfg.cond_scale = reference_max_density(data, train_idx, grid, rng)
+        log_note = f", conditional on the largest density (reference {net.cfg.cond_scale:.3f})"
+    else:
+        log_note = ""
     if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, **({"fused": True} if cuda else {}))
@@ -370,7 +386,7 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
     log = _Log(cfg, Path(cfg.log or out.with_suffix(".csv")), master, start_step)
     log.say(f"device {device} x {world}, {len(train_idx)} train / {len(val_idx)} val / {len(test_idx)} test "
             f"crystals, {count_parameters(net)} parameters, amp {amp}, channels-last {channels_last}, "
-            f"gpu batcher {use_batcher}" + (f", resumed at step {start_step}" if cfg.resume else ""))
+            f"gpu batcher {use_batcher}" + log_note + (f", resumed at step {start_step}" if cfg.resume else ""))
     meta_base = {
         "representation": cfg.representation,
         "beta": cfg.beta,

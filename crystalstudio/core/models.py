@@ -16,8 +16,12 @@ instead of 5 -> 10 -> 20 -> 40, so any grid size decodes exactly to n^3; one mor
 convolution before the fully connected layer keeps that layer (and the checkpoint) small;
 decoder kernels default to 3 (paper 5, 5, 4) for CPU speed.
 
-Room for the conditional variant (Sec. 4.5): with ``conditional=True`` the bottleneck
-input and output are multiplied by a per-crystal scale ``c`` (the largest density).
+The conditional variant (Sec. 4.5): with ``conditional=True`` the bottleneck input (the
+flattened encoder features) and output (z, before the decoder's first layer) are multiplied
+by ``c = cond / cond_scale``, where ``cond`` is the crystal's largest density (Eq. 1 units)
+and ``cond_scale`` a reference value fixed at training time (the median over training
+crystals), so that c is about 1 and an unconditional checkpoint can be fine-tuned into a
+conditional one.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ModelConfig", "DensityVAE", "AttentionUNet3D", "CrystalNet", "vae_loss", "unet_loss",
-           "kl_divergence", "scale_grad", "count_parameters", "param_bytes"]
+           "kl_divergence", "max_density", "scale_grad", "count_parameters", "param_bytes"]
 
 
 @dataclass
@@ -47,6 +51,8 @@ class ModelConfig:
         unet_channels: channels per U-Net level (finest first).
         n_classes: species classes, Z = 0 (no atom) .. n_classes - 1.
         conditional: Sec. 4.5 max-density conditioning of the bottleneck.
+        cond_scale: reference largest density (Eq. 1 units); the bottleneck is multiplied
+            by ``cond / cond_scale``.
     """
 
     grid_n: int = 30
@@ -60,6 +66,7 @@ class ModelConfig:
     unet_channels: tuple = (16, 32, 64)
     n_classes: int = 95
     conditional: bool = False
+    cond_scale: float = 1.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -72,6 +79,12 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model settings {sorted(unknown)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def max_density(M: torch.Tensor) -> torch.Tensor:
+    """Largest density of each field: M (B, n, n, n) or (B, 1, n, n, n) -> (B,), the
+    conditioning value of Sec. 4.5 (Eq. 1 units)."""
+    return M.flatten(1).amax(1).detach()
 
 
 def _block(cin: int, cout: int, k: int, stride: int = 1) -> nn.Sequential:
@@ -120,20 +133,32 @@ class DensityVAE(nn.Module):
         self.dec_blocks = nn.ModuleList(ups)
         self.out = nn.Conv3d(cin, 1, cfg.dec_kernel, padding=cfg.dec_kernel // 2)
 
+    def _cond(self, cond: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return (cond.to(like.dtype) / self.cfg.cond_scale).view(-1, 1)
+
     def encode(self, M: torch.Tensor, cond: torch.Tensor | None = None):
-        """M (B, n, n, n) -> (mu, logvar), each (B, latent)."""
+        """M (B, n, n, n) -> (mu, logvar), each (B, latent).
+
+        For a conditional model ``cond`` (B,) defaults to the largest density of each M.
+        """
         if M.dim() == 4:
             M = M.unsqueeze(1)
         h = self.encoder(M).flatten(1)
-        if self.cfg.conditional and cond is not None:
-            h = h * cond.view(-1, 1)
+        if self.cfg.conditional:
+            if cond is None:
+                cond = max_density(M)
+            h = h * self._cond(cond, h)
         mu, logvar = self.to_stats(h).chunk(2, dim=1)
         return mu, logvar.clamp(-20.0, 10.0)
 
     def decode(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """z (B, latent) -> M_hat (B, n, n, n), float32, >= 0."""
+        """z (B, latent) -> M_hat (B, n, n, n), float32, >= 0.
+
+        For a conditional model ``cond`` (B,) is the target largest density (Eq. 1 units);
+        None decodes at the reference ``cfg.cond_scale``.
+        """
         if self.cfg.conditional and cond is not None:
-            z = z * cond.view(-1, 1)
+            z = z * self._cond(cond, z)
         c, s = self.dec_start
         h = F.leaky_relu(self.from_z(z), 0.2).view(-1, c, s, s, s)
         for size, block in zip(self.dec_sizes, self.dec_blocks):
@@ -141,6 +166,8 @@ class DensityVAE(nn.Module):
         return F.relu(self.out(h)).squeeze(1)
 
     def forward(self, M: torch.Tensor, cond: torch.Tensor | None = None, sample: bool = True):
+        if self.cfg.conditional and cond is None:
+            cond = max_density(M)
         mu, logvar = self.encode(M, cond)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
         return self.decode(z, cond), mu, logvar

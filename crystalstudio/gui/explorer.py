@@ -294,7 +294,20 @@ class LatentExplorer(QWidget):
         srow.addWidget(self.steps_spin)
         srow.addStretch(1)
         v.addLayout(srow)
+        krow = QHBoxLayout()
+        self.add_key_button = QPushButton("Add keyframe", page)
+        self.add_key_button.setToolTip("Append the current z to the keyframe path (File > Export video…) [K]")
+        self.add_key_button.setShortcut("K")
+        self.clear_keys_button = QPushButton("Clear", page)
+        self.keys_label = QLabel("Keyframes: 0", page)
+        krow.addWidget(self.add_key_button)
+        krow.addWidget(self.clear_keys_button)
+        krow.addWidget(self.keys_label)
+        krow.addStretch(1)
+        v.addLayout(krow)
         v.addStretch(1)
+        self.add_key_button.clicked.connect(self.add_keyframe)
+        self.clear_keys_button.clicked.connect(self.clear_keyframes)
 
         self.set_a_button.clicked.connect(lambda: self.set_endpoint_current("A"))
         self.set_b_button.clicked.connect(lambda: self.set_endpoint_current("B"))
@@ -348,7 +361,7 @@ class LatentExplorer(QWidget):
         self.randomise_button.clicked.connect(self.randomise)
         self.sample_button.clicked.connect(self.sample)
         self.cond_spin.valueChanged.connect(self._on_cond_changed)
-        self.cond_group.toggled.connect(lambda _: self.request(segment=True))
+        self.cond_group.toggled.connect(self._on_cond_toggled)
         return page
 
     # ------------------------------------------------------------------ session / model
@@ -370,6 +383,7 @@ class LatentExplorer(QWidget):
         if s is None:
             self._order, self._rank_of = [], {}
             self.status_label.setText("No model loaded.")
+            self._show_keyframes()
             return
         s.reset_latent_state()
         m = s.model
@@ -391,6 +405,7 @@ class LatentExplorer(QWidget):
         self._on_cond_changed(self.cond_spin.value(), request=False)
         self._show_page(0)
         self._update_endpoints()
+        self._show_keyframes()
         self.status_label.setText("")
 
     @property
@@ -404,10 +419,30 @@ class LatentExplorer(QWidget):
         return s.z
 
     def cond(self) -> float | None:
-        """The target largest density passed to the decoder, or None (unconditioned)."""
+        """The target largest density passed to the decoder (Eq. 1 units): the control's value
+        when conditioning is on, else the session's :meth:`~Session.natural_cond` (None for an
+        unconditional model)."""
         if self.cond_group.isEnabled() and self.cond_group.isChecked():
             return float(self.cond_spin.value())
-        return None
+        return None if self.session is None else self.session.natural_cond()
+
+    # ------------------------------------------------------------------ keyframes
+    def add_keyframe(self) -> int:
+        """Append the explored z to the session's keyframe path; returns the count."""
+        if self.session is None:
+            return 0
+        n = self.session.add_keyframe(self.z)
+        self._show_keyframes()
+        return n
+
+    def clear_keyframes(self) -> None:
+        if self.session is not None:
+            self.session.clear_keyframes()
+        self._show_keyframes()
+
+    def _show_keyframes(self) -> None:
+        n = 0 if self.session is None else len(self.session.keyframes)
+        self.keys_label.setText(f"Keyframes: {n}")
 
     # ------------------------------------------------------------------ sliders
     def _show_page(self, first: int) -> None:
@@ -508,6 +543,14 @@ class LatentExplorer(QWidget):
         """Next seed, then :meth:`randomise`."""
         self.seed_spin.setValue(min(self.seed_spin.value() + 1, self.seed_spin.maximum()))
         return self.randomise()
+
+    def _on_cond_toggled(self, on: bool) -> None:
+        natural = None if self.session is None else self.session.natural_cond()
+        if on and natural is not None:  # start from the crystal's own largest density
+            with QSignalBlocker(self.cond_spin):
+                self.cond_spin.setValue(natural)
+            self._on_cond_changed(natural, request=False)
+        self.request(segment=True)
 
     def _on_cond_changed(self, value: float, request: bool = True) -> None:
         ps = self.session.model.grid.peak_scale if self.session is not None else 1.0

@@ -31,9 +31,11 @@ from pyvistaqt import QtInteractor
 from ..core.checkpoint import load_checkpoint
 from ..core.density import Grid
 from ..io.structures import element_colors, element_radius, read_structure, write_cif, write_xyz
+from ..render.export import ExportCancelled, save_density_npy, save_density_vti
 from ..render.scene import DEFAULT_CLIM_MAX, CrystalScene
 from ..session import Frame, Reconstruction, Session, sample_files
 from .explorer import LatentExplorer
+from .export_dialog import ExportDialog, ExportSpec, run_export
 from .workers import Task
 
 __all__ = ["MainWindow", "status_text", "STRUCTURE_FILTER"]
@@ -245,6 +247,9 @@ class MainWindow(QMainWindow):
         self.save_action = action("&Save reconstruction as CIF/XYZ…", self._ask_save, QKeySequence.StandardKey.Save)
         m.addAction(self.save_action)
         m.addAction(action("Save screens&hot…", self._ask_screenshot))
+        self.export_action = action("&Export video…", lambda: self.export_video(), "Ctrl+E")
+        m.addAction(self.export_action)
+        m.addAction(action("Export decoded &density (.npy, .vti)…", self._ask_export_density))
         m.addSeparator()
         m.addAction(action("&Quit", self.close, QKeySequence.StandardKey.Quit))
 
@@ -611,6 +616,74 @@ class MainWindow(QMainWindow):
             return None
         self.statusBar().showMessage(f"Screenshot saved to {path}", 5000)
         return path
+
+    # ------------------------------------------------------------------ export
+    def shown_field(self) -> np.ndarray | None:
+        """The decoded field (n, n, n) float32 on screen: the explorer's frame, else the reconstruction."""
+        frame = self.explorer.frame
+        if frame is not None:
+            return frame.M_hat
+        return self.session.current.M_hat if self.session is not None and self.session.current else None
+
+    def _ask_export_density(self) -> None:
+        if self.shown_field() is None:
+            self._error("Nothing to export", "Open a structure or decode a latent vector first.")
+            return
+        name = self.session.current.crystal.name if self.session.current else "decoded"
+        path, chosen = QFileDialog.getSaveFileName(
+            self, "Export decoded density", str(Path(self._last_dir()) / f"{name}_density.vti"),
+            "VTK image, ParaView (*.vti);;NumPy array (*.npy)")
+        if path:
+            if not Path(path).suffix:
+                path += ".npy" if chosen.startswith("NumPy") else ".vti"
+            self.export_density(path)
+
+    def export_density(self, path: str | Path) -> Path | None:
+        """Write the decoded field on screen (n, n, n) to ``path``: ``.npy`` (float32, Eq. 1
+        units) or ``.vti`` (VTK image: spacing h Å, origin h/2). None after an error message."""
+        path = Path(path)
+        M = self.shown_field()
+        if M is None:
+            self._error("Nothing to export", "Open a structure or decode a latent vector first.")
+            return None
+        try:
+            out = (save_density_npy(M, path) if path.suffix.lower() == ".npy"
+                   else save_density_vti(M, self.grid, path))
+        except (OSError, ValueError) as exc:
+            self._error("Cannot export density", f"{path.name}: {getattr(exc, 'strerror', None) or _one_line(exc)}")
+            return None
+        self.settings.setValue("files/last_dir", str(path.resolve().parent))
+        self.statusBar().showMessage(f"Density field saved to {out}", 5000)
+        return out
+
+    def export_video(self, spec: ExportSpec | None = None) -> Path | None:
+        """Export a latent path to MP4 / GIF with a progress dialog and Cancel.
+
+        ``spec`` None asks with :class:`ExportDialog`. Returns the file written, or None
+        (cancelled, or after a one-line error message; no partial file is left).
+        """
+        if self.session is None:
+            self._error("No model", "Load a checkpoint first (File > Open checkpoint…).")
+            return None
+        if spec is None:
+            dlg = ExportDialog(self.session, self.settings, self, dim=self.session.model.latent_rank[0])
+            if dlg.exec() != ExportDialog.DialogCode.Accepted:
+                return None
+            dlg.remember()
+            spec = dlg.spec()
+        self.explorer.play(False)
+        name = Path(spec.path).name or "(no file name)"
+        try:
+            out = run_export(self, self.session, spec, cond=self.explorer.cond())
+        except ExportCancelled:
+            self.statusBar().showMessage(f"Export cancelled; no {name} written", 5000)
+            return None
+        except (OSError, ValueError, RuntimeError) as exc:
+            self._error("Cannot export video", f"{name}: {getattr(exc, 'strerror', None) or _one_line(exc)}")
+            return None
+        self.settings.setValue("files/last_dir", str(out.resolve().parent))
+        self.statusBar().showMessage(f"Exported {spec.frames} frames to {out}", 8000)
+        return out
 
     # ------------------------------------------------------------------ about
     def about_model_text(self) -> str:
