@@ -55,7 +55,7 @@ def assert_refused(path: Path, pattern: str):
 
 def test_roundtrip_identical_outputs(saved):
     path, net = saved
-    model = load_checkpoint(path)
+    model = load_checkpoint(path, jit=False)  # the eager modules: bitwise equal
     assert isinstance(model, CrystalModel)
     assert model.config == net.cfg and model.grid == GRID and model.latent == 8
     assert model.representation == "unit_cell"
@@ -76,6 +76,17 @@ def test_roundtrip_identical_outputs(saved):
     np.testing.assert_array_equal(model.decode(z.numpy()), ref_dec.numpy())
     np.testing.assert_array_equal(model.decode(z[0].numpy()), ref_dec1[0].numpy())
     np.testing.assert_array_equal(model.logits(ref_dec1[0].numpy()), ref_logits[0].numpy())
+
+    # The default CPU path is traced and frozen (BatchNorm folded): equal to float32 rounding.
+    fast = load_checkpoint(path)
+    assert fast.jit and fast._frozen is None  # built on first use
+    dec = fast.decode(z.numpy())
+    assert fast._frozen is not None and fast.jit_error is None
+    np.testing.assert_allclose(dec, ref_dec.numpy(), rtol=1e-4, atol=1e-5 * float(ref_dec.abs().max()))
+    np.testing.assert_allclose(fast.logits(ref_dec1[0].numpy()), ref_logits[0].numpy(), rtol=1e-4,
+                               atol=1e-4 * float(ref_logits.abs().max()))
+    off = load_checkpoint(path, jit=False)
+    assert not off.jit and off.decode(z[0].numpy()) is not None and off._frozen is None
     M_hat, atoms = model.decode_segment(z[0].numpy())
     np.testing.assert_array_equal(M_hat, ref_dec1[0].numpy())
     assert atoms.positions.shape[1] == 3
