@@ -33,6 +33,29 @@ def default_checkpoint() -> Path:
     return Path(env) if env else ASSETS / DEFAULT_CHECKPOINT
 
 
+def bundled_checkpoints() -> list[tuple[Path, str]]:
+    """The checkpoints shipped in ``assets/`` with a one-line description each (from their
+    metadata: representation, conditioning, held-out atoms within 0.5 Å), the default first.
+    Unreadable files are left out."""
+    from .core.checkpoint import CheckpointError, read_metadata
+
+    out = []
+    for path in sorted(ASSETS.glob("*.safetensors"), key=lambda p: (p.name != DEFAULT_CHECKPOINT, p.name)):
+        try:
+            info = read_metadata(path)
+        except CheckpointError:
+            continue
+        what = {"unit_cell": "single rotated unit cell", "repeating_lattice": "repeating lattice"}.get(
+            info.get("representation"), str(info.get("representation")))
+        if info.get("model_config", {}).get("conditional"):
+            what += ", conditional on the largest density"
+        acc = (info.get("metrics") or {}).get("atoms_within_tol")
+        if isinstance(acc, (int, float)):
+            what += f" (held-out atoms within 0.5 Å: {100 * acc:.0f}%)"
+        out.append((path, what))
+    return out
+
+
 def sample_files() -> list[Path]:
     """The sample CIFs shipped in ``assets/samples`` (built from textbook prototypes)."""
     return sorted((ASSETS / "samples").glob("*.cif"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from PySide6.QtCore import QTimer
@@ -23,22 +24,34 @@ def create_app() -> QApplication:
 
 
 def create_window(checkpoint: str | None = None, settings=None):
-    """A :class:`MainWindow` with ``checkpoint`` (default: the shipped one) loaded.
+    """A :class:`MainWindow` with ``checkpoint`` loaded (default: the model chosen last time
+    in the Model menu when that file still exists, else the shipped default).
 
     Returns ``(window, error)``: when the model cannot be loaded the window still opens
     without one and ``error`` is the one-line message (None otherwise).
     """
-    from ..session import CheckpointError, Session
+    from pathlib import Path
+
+    from PySide6.QtCore import QSettings
+
+    from ..session import Session
     from .main_window import MainWindow
 
+    settings = settings if settings is not None else QSettings()
+    tries: list[str | None] = [checkpoint]
+    if checkpoint is None and not os.environ.get("CRYSTALSTUDIO_CHECKPOINT"):
+        last = str(settings.value("model/checkpoint", "") or "")
+        if last and Path(last).is_file():
+            tries = [last, None]  # the remembered model, else the shipped default
     session, error = None, None
-    try:
-        session = Session(checkpoint)
-    except CheckpointError as exc:
-        error = str(exc)
-    except Exception as exc:  # noqa: BLE001 - e.g. a torch error: still open the window
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        error = f"{checkpoint or 'default checkpoint'}: {type(exc).__name__}: {first}".rstrip(": ")
+    for ck in tries:
+        try:
+            session, error = Session(ck), None
+            break
+        except Exception as exc:  # noqa: BLE001 - CheckpointError, or e.g. a torch error: still open the window
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            error = first if type(exc).__name__ == "CheckpointError" else \
+                f"{ck or 'default checkpoint'}: {type(exc).__name__}: {first}".rstrip(": ")
     return MainWindow(session, settings=settings), error
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 from PySide6.QtCore import QEvent, QObject, QSettings, Qt, QThreadPool, QTimer, Signal
-from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
+from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import (QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar,
                                QScrollArea, QSplitter, QVBoxLayout, QWidget)
 from pyvistaqt import QtInteractor
@@ -33,7 +33,7 @@ from ..core.density import Grid
 from ..io.structures import element_colors, element_radius, read_structure, write_cif, write_xyz
 from ..render.export import ExportCancelled, save_density_npy, save_density_vti
 from ..render.scene import DEFAULT_CLIM_MAX, CrystalScene
-from ..session import Frame, Reconstruction, Session, sample_files
+from ..session import Frame, Reconstruction, Session, bundled_checkpoints, sample_files
 from .explorer import LatentExplorer
 from .export_dialog import ExportDialog, ExportSpec, run_export
 from .workers import Task
@@ -268,6 +268,20 @@ class MainWindow(QMainWindow):
         v.addAction(self.explorer_dock.toggleViewAction())
         v.addAction(self.slices_dock.toggleViewAction())
 
+        self.model_menu = self.menuBar().addMenu("&Model")
+        self.model_group = QActionGroup(self)
+        self.model_group.setExclusive(True)
+        self.model_actions: dict[str, QAction] = {}
+        for path, what in bundled_checkpoints():
+            a = self.model_menu.addAction(f"{path.stem}: {what}")
+            a.setCheckable(True)
+            a.setData(str(path))
+            self.model_group.addAction(a)
+            a.triggered.connect(lambda _=False, p=path: self.open_checkpoint(p))
+            self.model_actions[str(path.resolve())] = a
+        self.model_menu.addSeparator()
+        self.model_menu.addAction(action("Open checkpoint &file…", self._ask_checkpoint))
+
         h = self.menuBar().addMenu("&Help")
         h.addAction(action("&About model", self._show_about_model))
 
@@ -447,6 +461,8 @@ class MainWindow(QMainWindow):
                 self.session.model = model
                 self.explorer.model_changed()
             self.setWindowTitle(self._title())
+            self._mark_model()
+            self.settings.setValue("model/checkpoint", str(path.resolve()))
             if rec is not None:
                 self.session.set_current(rec)
             else:
@@ -454,9 +470,18 @@ class MainWindow(QMainWindow):
 
         self._start(f"Loading {path.name}…", work, done=done, title="Cannot load checkpoint")
 
+    def _mark_model(self) -> None:
+        """Tick the Model menu entry of the loaded checkpoint (none for another file)."""
+        path = self.session.model.path if self.session is not None else None
+        key = str(Path(path).resolve()) if path else ""
+        for k, a in self.model_actions.items():
+            a.setChecked(k == key)
+
     # ------------------------------------------------------------------ session -> views
     def _set_session(self, session: Session | None) -> None:
         self.session = session
+        if hasattr(self, "model_actions"):
+            self._mark_model()
         if session is not None:
             # The callback may be called from any thread; the signal brings it to the GUI thread.
             session.subscribe(lambda event, value: self._session_event.emit(event, value))

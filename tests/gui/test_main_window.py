@@ -191,11 +191,12 @@ def test_save_reconstruction_as_cif_and_xyz(qtbot, window, tmp_path):
 def test_about_model_menus_and_no_reconstruction_to_save(window, tmp_path):
     assert [a.text() for a in window.samples_menu.actions()] == ["NaCl", "Si", "SrTiO3", "Ti2MnIn"]
     menus = {a.text().replace("&", ""): a.menu() for a in window.menuBar().actions()}
-    assert set(menus) == {"File", "View", "Help"}
+    assert set(menus) == {"File", "View", "Model", "Help"}
     assert window.open_action.shortcut().toString() == "Ctrl+O"
     assert window.save_action.shortcut().toString() == "Ctrl+S"
     assert [a.shortcut().toString() for a in (window.density_action, window.atoms_action, window.reset_action)] \
         == ["D", "A", "R"]
+    assert window.export_action.shortcut().toString() == "Ctrl+E"
     text = window.about_model_text()
     assert "unit_cell" in text and "30³" in text and str(default_checkpoint()) in text
     assert window.save_reconstruction(tmp_path / "x.cif") is None
@@ -255,3 +256,48 @@ def test_main_survives_a_bad_checkpoint(qapp, tmp_path, monkeypatch):
     assert rc == 0
     assert len(seen) == 1 and seen[0].session is None
     assert any("missing.safetensors: no such checkpoint file" in t for t in shown), shown
+
+
+def test_model_menu_switches_and_remembers_the_model(qtbot, tmp_path, monkeypatch):
+    """Every bundled checkpoint is in the Model menu; choosing one loads it, ticks it and is
+    remembered for the next start; a remembered file that went bad falls back to the default."""
+    from crystalstudio.core.checkpoint import save_checkpoint
+    from crystalstudio.core.models import CrystalNet, ModelConfig
+    from crystalstudio.session import bundled_checkpoints
+
+    monkeypatch.delenv("CRYSTALSTUDIO_CHECKPOINT", raising=False)
+    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
+    window, error = create_window(settings=settings)
+    qtbot.addWidget(window)
+    assert error is None
+    bundled = bundled_checkpoints()
+    assert bundled and bundled[0][0] == default_checkpoint()
+    assert [a.data() for a in window.model_actions.values()] == [str(p) for p, _ in bundled]
+    assert window.model_actions[str(default_checkpoint().resolve())].isChecked()
+
+    # another checkpoint (a small in-memory model saved next to the test) through the same path
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, CrystalNet(ModelConfig(conditional=True)), window.grid,
+                    {"representation": "unit_cell", "training": {}})
+    window.open_checkpoint(other)
+    qtbot.waitUntil(lambda: window.session.model.path == other and not window.busy, timeout=WAIT_MS)
+    assert not any(a.isChecked() for a in window.model_actions.values())  # not a bundled one
+    assert settings.value("model/checkpoint") == str(other.resolve())
+    assert window.explorer.cond_group.isEnabled()  # the conditional control follows the model
+    window.close()
+
+    again, error = create_window(settings=settings)
+    qtbot.addWidget(again)
+    assert error is None and again.session.model.path == other
+    again.close()
+
+    other.write_bytes(b"not a checkpoint")
+    third, error = create_window(settings=settings)
+    qtbot.addWidget(third)
+    assert error is None and third.session.model.path == default_checkpoint()
+    # pick the bundled default from the menu: ticked and remembered
+    third.model_actions[str(default_checkpoint().resolve())].trigger()
+    qtbot.waitUntil(lambda: not third.busy, timeout=WAIT_MS)
+    assert settings.value("model/checkpoint") == str(default_checkpoint().resolve())
+    assert third.model_actions[str(default_checkpoint().resolve())].isChecked()
+    third.close()
