@@ -32,7 +32,7 @@ from ..core.checkpoint import load_checkpoint
 from ..core.density import Grid
 from ..io.structures import element_colors, element_radius, read_structure, write_cif, write_xyz
 from ..render.export import ExportCancelled, save_density_npy, save_density_vti
-from ..render.scene import DEFAULT_CLIM_MAX, CrystalScene
+from ..render.scene import CrystalScene
 from ..session import Frame, Reconstruction, Session, bundled_checkpoints, sample_files
 from .explorer import LatentExplorer
 from .export_dialog import ExportDialog, ExportSpec, run_export
@@ -58,6 +58,11 @@ def _one_line(exc: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(exc).__name__
+
+
+def n_atoms(n: int) -> str:
+    """``"1 atom"``, ``"8 atoms"``."""
+    return f"{n} atom" if n == 1 else f"{n} atoms"
 
 
 def status_text(rec: Reconstruction) -> str:
@@ -112,16 +117,7 @@ class _Panel:
     def set_colour_range(self, hi: float | None) -> None:
         """Pin the density colour range to ``(0, hi)`` (units of Z); None: back to the default
         ``(0, 30)`` that grows with the fields shown."""
-        sc = self.scene
-        # CrystalScene has no public setter yet; its clim is pinned at construction.
-        if hi is None:
-            sc._fixed_clim = False
-            sc._set_clim((0.0, DEFAULT_CLIM_MAX))
-        else:
-            sc._fixed_clim = True
-            sc._set_clim((0.0, max(float(hi), 1e-3)))
-        if sc._bar is not None:  # colour bar labels: decimals for a weak field
-            sc._bar.SetLabelFormat("%.0f" if hi is None or hi >= 10 else "%.1f" if hi >= 1 else "%.2f")
+        self.scene.set_clim(None if hi is None else (0.0, max(float(hi), 1e-3)))
 
     def close(self) -> None:
         self.view.close()
@@ -498,10 +494,10 @@ class MainWindow(QMainWindow):
     def _show(self, rec: Reconstruction) -> None:
         grid = self.grid
         n_in, n_out = len(rec.Z), len(rec.atoms)
-        self.input.set_crystal(rec.M, grid, rec.positions, rec.Z, f"{rec.crystal.name}, {n_in} atoms")
+        self.input.set_crystal(rec.M, grid, rec.positions, rec.Z, f"{rec.crystal.name}, {n_atoms(n_in)}")
         self.output.title = "Reconstruction"
         self._fit_output_range(rec.M_hat)
-        self.output.set_crystal(rec.M_hat, grid, rec.atoms.positions, rec.atoms.Z, f"{n_out} atoms segmented")
+        self.output.set_crystal(rec.M_hat, grid, rec.atoms.positions, rec.atoms.Z, f"{n_atoms(n_out)} segmented")
         self.explorer.on_reconstruction(rec)
         if not self._camera_fitted:
             self.reset_camera(render=False)
@@ -526,7 +522,7 @@ class MainWindow(QMainWindow):
         self._fit_output_range(frame.M_hat)
         if segmented:
             out.set_crystal(frame.M_hat, grid, frame.atoms.positions, frame.atoms.Z,
-                            f"{caption} · {len(frame.atoms)} atoms")
+                            f"{caption} · {n_atoms(len(frame.atoms))}")
         else:
             out.scene.set_density(frame.M_hat, grid)
             out.label.setText(f"Decoded · {caption}")
@@ -623,7 +619,7 @@ class MainWindow(QMainWindow):
             self._error("Cannot save", f"{path.name}: {getattr(exc, 'strerror', None) or _one_line(exc)}")
             return None
         self.settings.setValue("files/last_dir", str(path.resolve().parent))
-        self.statusBar().showMessage(f"Saved {len(rec.atoms)} atoms to {path}", 5000)
+        self.statusBar().showMessage(f"Saved {n_atoms(len(rec.atoms))} to {path}", 5000)
         return out
 
     def grab_views(self):

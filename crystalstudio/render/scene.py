@@ -190,6 +190,27 @@ class CrystalScene:
         """The colour range of the density in units of Z."""
         return self._clim
 
+    def set_clim(self, clim: tuple[float, float] | None) -> None:
+        """Pin the density colour range to ``clim`` = (low, high) in units of Z, or None:
+        back to the default (0, 30) that grows with the fields shown. The colour bar's
+        labels get decimals for a weak range (high < 10).
+
+        Raises:
+            ValueError: high is not above low.
+        """
+        if clim is None:
+            self._fixed_clim = False
+            self._set_clim((0.0, DEFAULT_CLIM_MAX))
+        else:
+            lo, hi = float(clim[0]), float(clim[1])
+            if not hi > lo:
+                raise ValueError(f"clim must be (low, high) with high > low, got {clim}")
+            self._fixed_clim = True
+            self._set_clim((lo, hi))
+        hi = self._clim[1]
+        if self._bar is not None:
+            self._bar.SetLabelFormat("%.0f" if clim is None or hi >= 10 else "%.1f" if hi >= 1 else "%.2f")
+
     @property
     def n_atoms(self) -> int:
         return self._n_atoms

@@ -184,6 +184,26 @@ def test_clim_pinned_grows_only_for_heavier_peaks_and_explicit_clim(plotter):
     other.plotter.close()
 
 
+def test_set_clim_pins_and_releases_the_colour_range(plotter):
+    scene = CrystalScene(plotter)
+    scene.set_density(blob(GRID, (5, 5, 5), Z=4.0), GRID)
+    scene.reset_camera()
+    dim = render_frame(plotter)
+    scene.set_clim((0.0, 4.0))  # a weak field spread over the whole colour map
+    assert scene.clim == (0.0, 4.0)
+    assert tuple(scene._vol_actor.mapper.lookup_table.scalar_range) == pytest.approx((0.0, 4.0))
+    bright = render_frame(plotter)
+    assert changed(dim, bright).sum() > 100  # the image follows the range
+    scene.set_density(blob(GRID, (5, 5, 5), Z=60.0), GRID)
+    assert scene.clim == (0.0, 4.0)  # pinned: a heavier peak does not widen it
+    scene.set_clim(None)
+    assert scene.clim == (0.0, 30.0)
+    scene.set_density(blob(GRID, (5, 5, 5), Z=60.0), GRID)
+    assert scene.clim[1] >= 60.0 - 1e-3  # released: grows again
+    with pytest.raises(ValueError, match="high > low"):
+        scene.set_clim((2.0, 2.0))
+
+
 def test_grid_change_and_none_density(plotter):
     scene = CrystalScene(plotter)
     small = Grid(n=16, length=8.0)
