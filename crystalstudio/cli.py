@@ -147,12 +147,25 @@ def _progress_bar(total: int, quiet: bool, desc: str):
     return cb, bar.close
 
 
-def _render_video(a: argparse.Namespace, session, zs, out: Path, size, titles) -> int:
+def _cond(a: argparse.Namespace, session):
+    """``--max-density`` checked against the model: a value for a conditional model, else None."""
+    value = getattr(a, "max_density", None)
+    if value is None:
+        return None
+    if not session.model.config.conditional:
+        name = session.model.path.name if session.model.path else "the model"
+        raise _BadInput(f"--max-density: {name} is not a conditional checkpoint (Sec. 4.5)")
+    if not value > 0:
+        raise _BadInput(f"--max-density must be positive, got {value:g}")
+    return float(value)
+
+
+def _render_video(a: argparse.Namespace, session, zs, out: Path, size, titles, cond=None) -> int:
     from .render.export import export_path
 
     cb, close = _progress_bar(len(zs), a.quiet, "rendering")
     try:
-        export_path(session, zs, out, fps=a.fps, size=size, orbit_degrees=a.orbit,
+        export_path(session, zs, out, fps=a.fps, size=size, orbit_degrees=a.orbit, cond=cond,
                     show_density=not a.no_density, show_atoms=not a.no_atoms, progress=cb, titles=titles)
     finally:
         close()
@@ -167,11 +180,16 @@ def _interpolate(a: argparse.Namespace) -> int:
 
     out, size = _video_out(a)
     session = _session(a)
+    cond = _cond(a, session)
     ra, rb = session.open(a.a), session.open(a.b)
+    session.set_endpoint("A", ra.crystal.name, ra.mu, ra)
+    session.set_endpoint("B", rb.crystal.name, rb.mu, rb)
     zs = interpolate(ra.mu, rb.mu, a.frames, a.mode)
     label = f"{ra.crystal.name} -> {rb.crystal.name}"
     titles = [f"{label}   t = {t:.2f}" for t in np.linspace(0.0, 1.0, a.frames)]
-    return _render_video(a, session, zs, out, size, titles)
+    if cond is None:  # a conditional model: A's and B's own largest densities, interpolated
+        cond = session.endpoint_conds(a.frames)
+    return _render_video(a, session, zs, out, size, titles, cond)
 
 
 def _sweep(a: argparse.Namespace) -> int:
@@ -183,10 +201,11 @@ def _sweep(a: argparse.Namespace) -> int:
     session = _session(a)
     if not 0 <= a.dim < session.model.latent:
         raise _BadInput(f"--dim {a.dim} out of range 0..{session.model.latent - 1}")
+    cond = _cond(a, session)
     rec = session.open(a.file)
     zs = sweep(rec.mu, a.dim, a.frames, a.lo, a.hi)
     titles = [f"{rec.crystal.name}   z[{a.dim}] = {v:+.2f}" for v in zs[:, a.dim]]
-    return _render_video(a, session, zs, out, size, titles)
+    return _render_video(a, session, zs, out, size, titles, session.natural_cond() if cond is None else cond)
 
 
 def _formula(composition: dict) -> str:
@@ -207,6 +226,7 @@ def _sample(a: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise _BadInput(f"{out}: exists and is not a folder")
     session = _session(a)
+    cond = _cond(a, session)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -217,7 +237,7 @@ def _sample(a: argparse.Namespace) -> int:
     try:
         with FrameRenderer(session.grid, size, show_density=not a.no_density, show_atoms=not a.no_atoms) as r:
             for i, z in enumerate(zs):
-                f = session.decode(z)
+                f = session.decode(z, cond)
                 stem = out / f"sample_{i:03d}"
                 save_density_npy(f.M_hat, stem.with_suffix(".npy"))
                 save_png(r.render(f, title=f"sample {i}  (seed {a.seed})"), stem.with_suffix(".png"))
@@ -283,7 +303,11 @@ def _add_render_args(sp: argparse.ArgumentParser, size: str = "1280x720") -> Non
     sp.add_argument("--no-atoms", action="store_true", help="do not draw the segmented atoms")
 
 
-def _add_common_args(sp: argparse.ArgumentParser) -> None:
+def _add_common_args(sp: argparse.ArgumentParser, cond: bool = False) -> None:
+    if cond:
+        sp.add_argument("--max-density", type=float, default=None, metavar="RHO",
+                        help="conditional checkpoints (Sec. 4.5): decode at this largest density "
+                             "(Eq. 1 units; default: the crystals' own)")
     sp.add_argument("--checkpoint", default=None, help="model checkpoint (default: the shipped one)")
     sp.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -296,7 +320,7 @@ def _add_video_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--orbit", type=float, default=0.0, metavar="DEG",
                     help="turn the camera by DEG degrees over the video (default 0)")
     _add_render_args(sp)
-    _add_common_args(sp)
+    _add_common_args(sp, cond=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--out", required=True, help="output folder (created if missing)")
     _add_render_args(s, "640x480")
-    _add_common_args(s)
+    _add_common_args(s, cond=True)
     e = sub.add_parser("export-density", help="write the decoded density of a crystal as .vti (ParaView) or .npy")
     e.add_argument("file", help="CIF (or POSCAR / pymatgen JSON) file")
     e.add_argument("--out", required=True, help="output field: .vti or .npy")

@@ -257,6 +257,18 @@ class Session:
             return None
         return float(self.current.M.max())
 
+    def endpoint_conds(self, n: int) -> np.ndarray | None:
+        """For a conditional model: the largest input densities of endpoints A and B
+        interpolated linearly over ``n`` frames, (n,) float32 (what an A -> B export
+        conditions on when the user sets no value); None for an unconditional model or when
+        an endpoint has no encoded crystal."""
+        a, b = self.endpoints["A"], self.endpoints["B"]
+        if not self.model.config.conditional or a is None or b is None \
+                or a.reconstruction is None or b.reconstruction is None:
+            return None
+        return np.linspace(float(a.reconstruction.M.max()), float(b.reconstruction.M.max()), int(n),
+                           dtype=np.float32)
+
     def add_keyframe(self, z: np.ndarray | None = None) -> int:
         """Append ``z`` (default: the explored z) to the keyframe path; returns the count.
 

@@ -81,6 +81,7 @@ def test_sweep_gif(capsys, tmp_path):
     (["interpolate", NACL, SRTIO3, "--size", "161x120"], "even"),
     (["interpolate", NACL, "{tmp}/missing.cif"], "missing.cif"),
     (["sweep", NACL, "--dim", "100000"], "--dim"),
+    (["interpolate", NACL, SRTIO3, "--max-density", "2"], "not a conditional checkpoint"),
 ])
 def test_video_bad_input(capsys, tmp_path, args, needle):
     out = tmp_path / "movie.mp4"

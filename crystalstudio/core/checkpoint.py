@@ -286,14 +286,21 @@ class CrystalModel:
     def decode(self, z: np.ndarray, cond: float | None = None) -> np.ndarray:
         """z (latent,) or (B, latent) -> M_hat (n, n, n) or (B, n, n, n) float32, Eq. 1 units.
 
-        ``cond``: target largest density of a conditional model (Sec. 4.5); None decodes at
-        its reference scale; ignored by an unconditional model.
+        ``cond``: target largest density of a conditional model (Sec. 4.5, Eq. 1 units), one
+        value or one per row of z; None decodes at its reference scale; ignored by an
+        unconditional model.
+
+        Raises:
+            ValueError: ``cond`` has another length than z.
         """
         z = np.asarray(z, np.float32)
         single = z.ndim == 1
         zt = self._t(z.reshape(-1, self.latent))
         if self.config.conditional and cond is not None:  # what DensityVAE.decode does first
-            zt = zt * (float(cond) / self.config.cond_scale)
+            c = np.asarray(cond, np.float32).reshape(-1)
+            if c.size not in (1, len(zt)):
+                raise ValueError(f"cond has {c.size} values for {len(zt)} latent vectors")
+            zt = zt * (self._t(c) / self.config.cond_scale)[:, None]
         with self._lock:
             decode, _ = self._modules()
             step = self._step()

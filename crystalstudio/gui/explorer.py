@@ -418,12 +418,19 @@ class LatentExplorer(QWidget):
             s.z = np.zeros(s.model.latent, np.float32)
         return s.z
 
+    def explicit_cond(self) -> float | None:
+        """The control's target largest density when conditioning is switched on, else None."""
+        if self.cond_group.isEnabled() and self.cond_group.isChecked():
+            return float(self.cond_spin.value())
+        return None
+
     def cond(self) -> float | None:
         """The target largest density passed to the decoder (Eq. 1 units): the control's value
         when conditioning is on, else the session's :meth:`~Session.natural_cond` (None for an
         unconditional model)."""
-        if self.cond_group.isEnabled() and self.cond_group.isChecked():
-            return float(self.cond_spin.value())
+        c = self.explicit_cond()
+        if c is not None:
+            return c
         return None if self.session is None else self.session.natural_cond()
 
     # ------------------------------------------------------------------ keyframes

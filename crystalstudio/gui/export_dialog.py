@@ -217,7 +217,9 @@ def run_export(parent: QWidget, session: Session, spec: ExportSpec, cond: float 
         parent: the window the progress dialog belongs to.
         session: supplies the model and the latent path (:func:`latent_path`).
         spec: what and how to export.
-        cond: conditioning value for a conditional decoder (None otherwise).
+        cond: target largest density set by the user for a conditional decoder; None: for
+            A -> B the endpoints' own maxima interpolated (:meth:`Session.endpoint_conds`),
+            else :meth:`Session.natural_cond` (None for an unconditional model).
         dialog: a progress dialog to use (tests), else one is made.
 
     Returns:
@@ -230,6 +232,9 @@ def run_export(parent: QWidget, session: Session, spec: ExportSpec, cond: float 
     if not spec.show_density and not spec.show_atoms:
         raise ValueError("nothing to draw: tick density, atoms or both")
     zs, titles = latent_path(session, spec)
+    if cond is None:  # a conditional model decodes at the crystals' own largest densities
+        cond = session.endpoint_conds(len(zs)) if spec.kind == "interpolation" else None
+        cond = session.natural_cond() if cond is None else cond
     name = Path(spec.path).name
     progress = dialog or QProgressDialog(f"Exporting {len(zs)} frames to {name}…", "Cancel", 0, len(zs), parent)
     progress.setWindowTitle("Export video")

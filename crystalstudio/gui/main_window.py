@@ -695,7 +695,7 @@ class MainWindow(QMainWindow):
         self.explorer.play(False)
         name = Path(spec.path).name or "(no file name)"
         try:
-            out = run_export(self, self.session, spec, cond=self.explorer.cond())
+            out = run_export(self, self.session, spec, cond=self.explorer.explicit_cond())
         except ExportCancelled:
             self.statusBar().showMessage(f"Export cancelled; no {name} written", 5000)
             return None

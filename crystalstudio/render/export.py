@@ -550,6 +550,15 @@ def decode_frames(session, zs: np.ndarray, cond: float | None = None, segment: b
             yield Frame(z.copy(), M, at, readouts(at, M, model.grid.peak_scale))
 
 
+def _cond_slice(cond, s: int, batch: int, total: int):
+    if cond is None or np.ndim(cond) == 0:
+        return cond
+    c = np.asarray(cond, np.float32).reshape(-1)
+    if len(c) != total:
+        raise ValueError(f"{len(c)} conditioning values for {total} frames")
+    return c[s:s + batch]
+
+
 def export_path(session, zs: np.ndarray, path: str | os.PathLike, fps: float = 30,
                 size: Sequence[int] | str = (1280, 720), orbit_degrees: float = 0.0,
                 show_density: bool = True, show_atoms: bool = True, cond: float | None = None,
@@ -568,7 +577,8 @@ def export_path(session, zs: np.ndarray, path: str | os.PathLike, fps: float = 3
             even sides).
         orbit_degrees: camera azimuth turned over the whole video.
         show_density, show_atoms: what to draw (atoms are only segmented when shown).
-        cond: conditioning value of a conditional decoder (None otherwise).
+        cond: target largest density of a conditional decoder (Sec. 4.5, Eq. 1 units): one
+            value, or one per frame (e.g. A's and B's own maxima interpolated); None otherwise.
         progress: ``progress(i, total)`` with ``i`` frames written so far (0 before the
             first, and while decoding); returning False cancels.
         titles: one string per frame, or ``titles(i) -> str``; None draws none.
@@ -609,7 +619,7 @@ def export_path(session, zs: np.ndarray, path: str | os.PathLike, fps: float = 3
     # frames comparable.
     fields = []
     for s in range(0, total, batch):
-        fields.append(np.asarray(model.decode(zs[s:s + batch], cond), np.float32))
+        fields.append(np.asarray(model.decode(zs[s:s + batch], _cond_slice(cond, s, batch, total)), np.float32))
         _report(progress, 0, total)
     M_all = np.concatenate(fields)
     if clim is None and show_density:

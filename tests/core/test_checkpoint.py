@@ -247,3 +247,37 @@ def test_no_pickle_anywhere():
         assert not IMPORT_PICKLE.search(text), p
         assert "allow_pickle=True" not in text, p
         assert "weights_only=False" not in text, p
+
+
+def test_conditional_decode_scales_the_bottleneck(tmp_path):
+    """Sec. 4.5: z is multiplied by cond / cond_scale before the decoder; one value or one per row;
+    encode defaults cond to the input's largest density. Checked against the eager modules."""
+    net = tiny_net(3, conditional=True, cond_scale=2.0)
+    with torch.no_grad():
+        net.vae.out.bias.fill_(0.5)  # a live (non-zero) output that depends on z
+    path = tmp_path / "cond.safetensors"
+    save_checkpoint(path, net, GRID, META)
+    for jit in (False, True):
+        model = load_checkpoint(path, jit=jit)
+        assert model.config.conditional and model.config.cond_scale == 2.0
+        z = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+        conds = np.array([0.5, 2.0, 3.0], np.float32)
+        with torch.no_grad():
+            ref = net.vae.decode(torch.as_tensor(z), torch.as_tensor(conds)).numpy()
+            ref_plain = net.vae.decode(torch.as_tensor(z) * torch.as_tensor(conds)[:, None] / 2.0).numpy()
+        np.testing.assert_allclose(ref, ref_plain, rtol=1e-6)
+        assert (ref > 0).mean() > 0.5 and np.ptp(ref[0] - ref[1]) > 1e-3
+        tol = dict(rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+        np.testing.assert_allclose(model.decode(z, conds), ref, **tol)
+        for i in range(3):
+            np.testing.assert_allclose(model.decode(z[i], float(conds[i])), ref[i], **tol)
+        np.testing.assert_allclose(model.decode(z, 2.0), model.decode(z), **tol)  # reference scale
+        assert not np.allclose(model.decode(z, 0.5), model.decode(z), atol=tol["atol"])
+        with pytest.raises(ValueError, match="2 values for 3"):
+            model.decode(z, conds[:2])
+    M = np.random.default_rng(1).random((12, 12, 12)).astype(np.float32)
+    mu_default, _ = model.encode(M)
+    mu_own, _ = model.encode(M, float(M.max()))
+    mu_other, _ = model.encode(M, 2.0 * float(M.max()))
+    np.testing.assert_array_equal(mu_default, mu_own)
+    assert not np.allclose(mu_default, mu_other)
