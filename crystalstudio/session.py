@@ -257,17 +257,25 @@ class Session:
             return None
         return float(self.current.M.max())
 
-    def endpoint_conds(self, n: int) -> np.ndarray | None:
+    def cond_between(self, t: float) -> float | None:
         """For a conditional model: the largest input densities of endpoints A and B
-        interpolated linearly over ``n`` frames, (n,) float32 (what an A -> B export
-        conditions on when the user sets no value); None for an unconditional model or when
-        an endpoint has no encoded crystal."""
+        interpolated linearly at ``t`` (Eq. 1 units); None for an unconditional model or
+        when an endpoint has no encoded crystal."""
+        c = self._endpoint_maxima()
+        return None if c is None else float((1.0 - t) * c[0] + t * c[1])
+
+    def endpoint_conds(self, n: int) -> np.ndarray | None:
+        """:meth:`cond_between` at ``n`` evenly spaced t from 0 to 1, (n,) float32 (what an
+        A -> B export conditions on when the user sets no value), or None."""
+        c = self._endpoint_maxima()
+        return None if c is None else np.linspace(c[0], c[1], int(n), dtype=np.float32)
+
+    def _endpoint_maxima(self) -> tuple[float, float] | None:
         a, b = self.endpoints["A"], self.endpoints["B"]
         if not self.model.config.conditional or a is None or b is None \
                 or a.reconstruction is None or b.reconstruction is None:
             return None
-        return np.linspace(float(a.reconstruction.M.max()), float(b.reconstruction.M.max()), int(n),
-                           dtype=np.float32)
+        return float(a.reconstruction.M.max()), float(b.reconstruction.M.max())
 
     def add_keyframe(self, z: np.ndarray | None = None) -> int:
         """Append ``z`` (default: the explored z) to the keyframe path; returns the count.

@@ -154,6 +154,7 @@ class LatentExplorer(QWidget):
         self._rank_of: dict[int, int] = {}
         self._first = 0  # rank shown in the first row
         self._t = 0.0
+        self._path_cond: float | None = None  # conditioning of an A -> B frame
         self._playing = False
         self._closed = False
 
@@ -426,12 +427,14 @@ class LatentExplorer(QWidget):
 
     def cond(self) -> float | None:
         """The target largest density passed to the decoder (Eq. 1 units): the control's value
-        when conditioning is on, else the session's :meth:`~Session.natural_cond` (None for an
-        unconditional model)."""
+        when conditioning is on; else, between A and B, :meth:`~Session.cond_between`; else the
+        session's :meth:`~Session.natural_cond` (None for an unconditional model)."""
         c = self.explicit_cond()
-        if c is not None:
-            return c
-        return None if self.session is None else self.session.natural_cond()
+        if c is None:
+            c = self._path_cond  # between A and B: their largest densities interpolated
+        if c is None and self.session is not None:
+            c = self.session.natural_cond()
+        return c
 
     # ------------------------------------------------------------------ keyframes
     def add_keyframe(self) -> int:
@@ -511,9 +514,11 @@ class LatentExplorer(QWidget):
         self.request(segment=True)
 
     # ------------------------------------------------------------------ setting z
-    def _set_z(self, z: np.ndarray, source: str, dragging: bool = False, refresh: bool = True) -> None:
+    def _set_z(self, z: np.ndarray, source: str, dragging: bool = False, refresh: bool = True,
+               path_cond: float | None = None) -> None:
         self.session.set_latent(z)
         self._source = source
+        self._path_cond = path_cond
         if refresh:
             self._refresh_rows()
         if dragging:  # density only now, atoms when the slider rests
@@ -632,7 +637,8 @@ class LatentExplorer(QWidget):
         mode = self.mode_combo.currentData()
         z = s.latent_between(self._t, mode)
         a, b = s.endpoints["A"].name, s.endpoints["B"].name
-        self._set_z(z, f"{a} → {b}, t = {self._t:.3f} ({mode})", dragging=not segment)
+        self._set_z(z, f"{a} → {b}, t = {self._t:.3f} ({mode})", dragging=not segment,
+                    path_cond=s.cond_between(self._t))
 
     def set_t(self, t: float) -> None:
         """Move to ``t`` in [0, 1] between A and B (decoded and segmented)."""
