@@ -11,7 +11,8 @@ random z: largest density difference, and whether the segmented atoms are identi
 * ``inference_mode``: the same under ``torch.inference_mode`` (bitwise equal).
 * ``channels_last_3d``: weights and activations in NDHWC memory layout (oneDNN/cuDNN).
 * ``jit freeze``: ``torch.jit.trace`` + ``torch.jit.freeze`` (folds BatchNorm into the
-  convolutions; ``optimize_for_inference`` on CPU).
+  convolutions; ``optimize_for_inference`` on CPU). This is what the app and the CLI run on
+  the CPU (:class:`crystalstudio.core.checkpoint.CrystalModel`, ``jit=None``).
 * ``bf16 autocast`` (CPU with avx512_bf16/AMX, or CUDA) and ``fp16 autocast`` (CUDA).
 * ``torch.compile`` with ``--compile`` (slow to build; reported with its build time).
 
