@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["match_atoms", "aggregate"]
+__all__ = ["match_atoms", "aggregate", "worst_nearest"]
 
 
 def match_atoms(true_pos: np.ndarray, true_Z: np.ndarray, pred_pos: np.ndarray, pred_Z: np.ndarray,
@@ -74,3 +74,15 @@ def aggregate(per_crystal: list[dict], mse: list[float] | None = None) -> dict:
     if mse is not None:
         res["voxel_mse"] = float(np.mean(mse))
     return res
+
+
+def worst_nearest(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest distance (Å) from a point of ``a`` (N, 3) to its nearest point of ``b`` (K, 3):
+    0 when ``a`` is empty, inf when only ``b`` is (a one-sided Hausdorff distance)."""
+    a = np.asarray(a, np.float64).reshape(-1, 3)
+    b = np.asarray(b, np.float64).reshape(-1, 3)
+    if len(a) == 0:
+        return 0.0
+    if len(b) == 0:
+        return float("inf")
+    return float(cKDTree(b).query(a)[0].max())

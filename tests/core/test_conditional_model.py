@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import ndimage
-
 from crystalstudio.core.checkpoint import load_checkpoint
+from crystalstudio.core.metrics import worst_nearest
+from crystalstudio.core.segment import density_peaks
 from crystalstudio.io.structures import read_structure
 from crystalstudio.session import ASSETS, Session, sample_files
 
@@ -29,42 +29,19 @@ def session():
     return Session(model=model)
 
 
-def peaks(M: np.ndarray, h: float, rel: float) -> np.ndarray:
-    """Cartesian positions (Å) of local maxima of M above ``rel`` x max, refined to the
-    density-weighted centroid of their 3x3x3 neighbourhood."""
-    top = (M == ndimage.maximum_filter(M, size=3, mode="constant")) & (M > rel * M.max())
-    out = []
-    for i, j, k in np.argwhere(top):
-        sl = tuple(slice(max(a - 1, 0), a + 2) for a in (i, j, k))
-        w = M[sl]
-        idx = np.stack(np.meshgrid(*[np.arange(s.start, s.start + n) for s, n in zip(sl, w.shape)],
-                                   indexing="ij"), -1)
-        out.append(((idx * w[..., None]).sum((0, 1, 2)) / w.sum() + 0.5) * h)
-    return np.asarray(out).reshape(-1, 3)
-
-
-def worst_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Largest distance from a point of ``a`` to its nearest point of ``b``."""
-    if len(a) == 0:
-        return 0.0
-    if len(b) == 0:
-        return np.inf
-    return float(np.linalg.norm(a[:, None] - b[None], axis=-1).min(1).max())
-
-
 def crystals(session):
     return [read_structure(p, session.grid) for p in sample_files()]
 
 
 def test_scaling_changes_magnitude_not_geometry(session):
-    model, h = session.model, session.grid.length / session.grid.n
+    model, grid = session.model, session.grid
     checked_atoms = 0
     for crystal in crystals(session):
         rec = session.compute(crystal)
         c0 = float(rec.M.max())
         M0 = model.decode(rec.mu, c0)
         np.testing.assert_allclose(M0, rec.M_hat, rtol=1e-5, atol=1e-6)  # the reconstruction is at c0
-        base_peaks = peaks(M0, h, 0.3)
+        base_peaks = density_peaks(M0, grid, 0.3)
         assert len(base_peaks) > 0, crystal.name
         base_atoms = model.segment(M0)
         maxima = []
@@ -74,8 +51,8 @@ def test_scaling_changes_magnitude_not_geometry(session):
             # magnitude: follows the target
             assert np.sign(Mk.max() - M0.max()) == np.sign(k - 1.0), (crystal.name, k)
             # geometry: every strong peak of one field has a peak of the other within 0.33 Å
-            assert worst_distance(base_peaks, peaks(Mk, h, 0.15)) <= TOL_A, (crystal.name, k)
-            assert worst_distance(peaks(Mk, h, 0.3), peaks(M0, h, 0.15)) <= TOL_A, (crystal.name, k)
+            assert worst_nearest(base_peaks, density_peaks(Mk, grid, 0.15)) <= TOL_A, (crystal.name, k)
+            assert worst_nearest(density_peaks(Mk, grid, 0.3), density_peaks(M0, grid, 0.15)) <= TOL_A, (crystal.name, k)
             atoms = model.segment(Mk)
             if len(atoms) and len(base_atoms):  # atoms found at both scales sit in the same places
                 both = min(len(atoms), len(base_atoms))

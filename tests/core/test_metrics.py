@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from crystalstudio.core.metrics import aggregate, match_atoms
+from crystalstudio.core.metrics import aggregate, match_atoms, worst_nearest
 
 TRUE_POS = np.array([[0.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
 TRUE_Z = np.array([8, 26, 14])
@@ -72,3 +72,12 @@ def test_aggregate_empty_inputs():
     res = aggregate([b])
     assert res["atoms_within_tol"] == 0.0 and res["pred_within_tol"] == 0.0
     assert np.isnan(res["median_error_A"])
+
+
+def test_worst_nearest_is_the_one_sided_hausdorff_distance():
+    a = np.array([[0.0, 0, 0], [1.0, 0, 0]])
+    b = np.array([[0.0, 0, 0.2], [5.0, 0, 0]])
+    direct = max(min(np.linalg.norm(p - q) for q in b) for p in a)  # float64 double loop
+    assert worst_nearest(a, b) == pytest.approx(direct) == pytest.approx(np.hypot(1.0, 0.2))
+    assert worst_nearest(b, a) == pytest.approx(4.0)
+    assert worst_nearest(np.zeros((0, 3)), b) == 0.0 and worst_nearest(a, np.zeros((0, 3))) == np.inf

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from crystalstudio.core.density import Grid, density_field
-from crystalstudio.core.segment import Atoms, segment, species_map_to_atoms
+from crystalstudio.core.segment import Atoms, density_peaks, segment, species_map_to_atoms
 
 
 def test_two_separated_blobs():
@@ -115,3 +115,20 @@ def test_density_to_species_to_atoms_chain():
     plain = species_map_to_atoms(S, grid)
     for p in pos:
         assert np.linalg.norm(plain.positions - p, axis=1).min() < 0.2
+
+
+def test_density_peaks_find_gaussian_centres_off_the_voxel_grid():
+    """Eq. 1 fields of atoms at arbitrary (off-voxel) positions: one peak per atom, at the atom
+    to a few hundredths of an Å (the log-parabola is exact for an isolated Gaussian)."""
+    grid = Grid(n=30, length=10.0)
+    pos = np.array([[2.13, 2.71, 3.05], [7.38, 6.02, 2.49], [4.91, 7.77, 7.26]])
+    Z = np.array([8, 26, 56])
+    M, _ = density_field(pos, Z, grid, species=False)
+    P = density_peaks(M, grid, rel=0.05)
+    assert len(P) == 3
+    d = np.linalg.norm(P[:, None] - pos[None], axis=-1)
+    assert d.min(1).max() < 0.03 and sorted(d.argmin(1).tolist()) == [0, 1, 2]
+    assert len(density_peaks(M, grid, rel=0.4)) == 2  # O (Z 8) is below 0.4 of Ba's peak, Fe (26) above
+    assert density_peaks(np.zeros((30, 30, 30)), grid).shape == (0, 3)
+    with pytest.raises(ValueError, match="not \\(30, 30, 30\\)"):
+        density_peaks(np.zeros((8, 8, 8)), grid)

@@ -17,11 +17,15 @@ from PySide6.QtCore import QTimer
 
 from crystalstudio.core.checkpoint import CrystalModel
 from crystalstudio.core.latent import lerp, random_latents
+from crystalstudio.core.metrics import worst_nearest
+from crystalstudio.core.segment import density_peaks
 from crystalstudio.core.models import CrystalNet, ModelConfig
 from crystalstudio.gui.explorer import DEBOUNCE_MS, NOT_CONDITIONAL, ROWS, composition_text, readouts_html
 from crystalstudio.io.structures import read_structure
 from crystalstudio.render.scene import render_frame
 from crystalstudio.session import ASSETS, Session
+
+CONDITIONAL = ASSETS / "unit_cell_conditional.safetensors"
 
 pytestmark = pytest.mark.gui
 
@@ -259,3 +263,35 @@ def test_readout_text():
     assert "O2" in text and "0.30 Å" in text and "#e03030" in text and "Z 7.9" in text
     ok = readouts_html({**r, "min_distance_A": 1.2, "too_close": False})
     assert "#e03030" not in ok and "1.20 Å" in ok
+
+
+def test_conditioning_control_scales_density_keeps_geometry(qtbot, window):
+    """The shipped conditional checkpoint in the real window: switching conditioning on starts
+    at the crystal's own largest density; raising the target raises the decoded field's
+    largest density (readout and rendered view follow) and leaves the density peaks in place."""
+    from crystalstudio.core.checkpoint import load_checkpoint
+
+    window.session.model = load_checkpoint(CONDITIONAL)
+    window.explorer.model_changed()
+    ex = window.explorer
+    ex.tabs.setCurrentIndex(2)
+    assert ex.cond_group.isEnabled()
+    rec = open_and_wait(qtbot, window, SRTIO3)
+    c0 = float(rec.M.max())
+    np.testing.assert_allclose(rec.M_hat, window.session.model.decode(rec.mu, c0), rtol=1e-5, atol=1e-6)
+    window.fit_range_action.setChecked(False)
+    base = frame_of(qtbot, ex, lambda: ex.cond_group.setChecked(True), z=rec.mu)
+    assert ex.cond_spin.value() == pytest.approx(c0, abs=1e-3)  # starts at the crystal's own maximum
+    np.testing.assert_allclose(base.M_hat, rec.M_hat, rtol=1e-3, atol=1e-4)
+    before = render_frame(window.output.view)
+    up = frame_of(qtbot, ex, lambda: ex.cond_spin.setValue(1.25 * c0), z=rec.mu)
+    assert up.M_hat.max() > 1.05 * base.M_hat.max()
+    assert up.readouts["max_density"] == pytest.approx(float(up.M_hat.max()))
+    assert f"{up.readouts['max_density_Z']:.1f}" in ex.readout_label.text()
+    assert changed(before, render_frame(window.output.view), tol=2) > 0.0005
+    g = window.grid
+    assert worst_nearest(density_peaks(base.M_hat, g, 0.3), density_peaks(up.M_hat, g, 0.15)) <= 0.33
+    assert worst_nearest(density_peaks(up.M_hat, g, 0.3), density_peaks(base.M_hat, g, 0.15)) <= 0.33
+    ex.cond_group.setChecked(False)  # off: back to the crystal's own maximum
+    idle(qtbot, ex)
+    assert ex.cond() == pytest.approx(c0)
