@@ -233,7 +233,8 @@ def density_fields(positions: torch.Tensor, Z: torch.Tensor, grid: Grid, species
     dev = positions.device
     pos = positions.to(torch.float32)
     Zf = Z.to(torch.float32)
-    c = torch.as_tensor(grid.centres(), dtype=torch.float32, device=dev)  # (n,)
+    # voxel centres (i + 0.5) h, made on the device (no host-to-device copy per batch)
+    c = (torch.arange(grid.n, dtype=torch.float64, device=dev) + 0.5).mul_(grid.spacing).to(torch.float32)
     B, N, _ = pos.shape
     n = grid.n
     M = torch.zeros((B, n, n, n), dtype=torch.float32, device=dev)
