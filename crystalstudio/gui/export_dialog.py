@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PySide6.QtCore import QSettings, Qt
 from PySide6.QtWidgets import (QApplication, QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox,
-                               QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QProgressDialog, QPushButton,
-                               QSpinBox, QWidget)
+                               QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QMessageBox, QProgressDialog,
+                               QPushButton, QSpinBox, QWidget)
 
 from ..core.latent import SLIDER_RANGE, interpolate, keyframe_path, sweep
 from ..render.export import ExportCancelled, export_path
@@ -165,6 +165,7 @@ class ExportDialog(QDialog):
         self.buttons.rejected.connect(self.reject)
         form.addRow(self.buttons)
         self.kind_combo.currentIndexChanged.connect(self._update)
+        self._confirmed = ""
         self._update()
 
     def _spin(self, lo: int, hi: int, value: int, step: int = 1) -> QSpinBox:
@@ -185,6 +186,20 @@ class ExportDialog(QDialog):
             if not Path(path).suffix:
                 path += ".gif" if chosen.startswith("Animated") else ".mp4"
             self.path_edit.setText(path)
+            self._confirmed = path  # the file dialog already asked before replacing it
+
+    def accept(self) -> None:
+        """Close with Export, after asking before replacing an existing file typed (not browsed) in."""
+        path = Path(self.path_edit.text().strip())
+        if not path.name:
+            QMessageBox.warning(self, "Export video", "Choose a file name (.mp4 or .gif).")
+            return
+        if path.exists() and str(path) != self._confirmed and QMessageBox.question(
+                self, "Export video", f"{path.name} exists. Replace it?",
+                QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                QMessageBox.StandardButton.No) != QMessageBox.StandardButton.Yes:
+            return
+        super().accept()
 
     def spec(self) -> ExportSpec:
         """The answers as an :class:`ExportSpec`."""

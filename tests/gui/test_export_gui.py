@@ -145,3 +145,26 @@ def test_density_export_from_the_window(qtbot, window, tmp_path):
     np.testing.assert_allclose(vals, window.shown_field(), rtol=1e-6)
     assert window.export_density(tmp_path / "missing" / "x.npy") is None
     assert window.errors and window.errors[-1][1].startswith("x.npy:")
+
+
+def test_export_dialog_asks_before_replacing_a_file(qtbot, window, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QMessageBox
+
+    existing = tmp_path / "old.mp4"
+    existing.write_bytes(b"keep me")
+    dlg = ExportDialog(window.session, window.settings, window)
+    qtbot.addWidget(dlg)
+    asked = []
+    answer = {"value": QMessageBox.StandardButton.No}
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: asked.append(a[2]) or answer["value"])
+    dlg.path_edit.setText(str(existing))
+    dlg.accept()
+    assert asked == ["old.mp4 exists. Replace it?"] and dlg.result() != ExportDialog.DialogCode.Accepted
+    answer["value"] = QMessageBox.StandardButton.Yes
+    dlg.accept()
+    assert dlg.result() == ExportDialog.DialogCode.Accepted and existing.read_bytes() == b"keep me"
+    fresh = ExportDialog(window.session, window.settings, window)
+    qtbot.addWidget(fresh)
+    fresh.path_edit.setText(str(tmp_path / "new.gif"))
+    fresh.accept()
+    assert len(asked) == 2 and fresh.result() == ExportDialog.DialogCode.Accepted
