@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from crystalstudio.core.checkpoint import CrystalModel, load_checkpoint  # noqa: E402
+from crystalstudio.core.checkpoint import CrystalModel, FrozenNet, load_checkpoint  # noqa: E402
 from crystalstudio.core.segment import Atoms, species_map_to_atoms  # noqa: E402
 from crystalstudio.session import Session, default_checkpoint, sample_files  # noqa: E402
 
@@ -95,26 +95,9 @@ def build_paths(model: CrystalModel, device: torch.device, use_compile: bool) ->
                        torch.inference_mode))
 
     t0 = time.perf_counter()
-    try:
-        z0 = torch.zeros(1, model.latent, device=device)
-        with torch.no_grad():
-            M0 = vae.decode(z0)
-
-            class _Dec(torch.nn.Module):
-                def __init__(self, v):
-                    super().__init__()
-                    self.v = v
-
-                def forward(self, z):
-                    return self.v.decode(z)
-
-            dec_j = torch.jit.freeze(torch.jit.trace(_Dec(vae).eval(), z0))
-            unet_j = torch.jit.freeze(torch.jit.trace(unet.eval(), M0))
-            if device.type == "cpu":
-                dec_j = torch.jit.optimize_for_inference(dec_j)
-                unet_j = torch.jit.optimize_for_inference(unet_j)
-            for _ in range(2):  # profiling runs of the JIT executor
-                unet_j(dec_j(z0))
+    try:  # the app's own traced path (CrystalModel on the CPU)
+        frozen = FrozenNet(net, device)
+        dec_j, unet_j = frozen.decode, frozen.unet
         paths.append(Path_("jit trace+freeze", dec_j, lambda M: unet_j(M).argmax(1), torch.no_grad,
                            time.perf_counter() - t0))
     except Exception as exc:  # noqa: BLE001 - report and go on
