@@ -1,4 +1,4 @@
-"""``python -m training {prepare,train,evaluate} ...``: see ``--help`` of each."""
+"""``python -m training {prepare,train,evaluate,knobs} ...``: see ``--help`` of each."""
 
 from __future__ import annotations
 
@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     pe = sub.add_parser("evaluate", help="held-out measures of a checkpoint (same as python -m training.evaluate)")
     evaluate_arguments(pe)
 
+    from .knobs import add_arguments as knob_arguments
+
+    pk = sub.add_parser("knobs", help="one-knob-at-a-time fine-tunes measured on the validation split")
+    knob_arguments(pk)
+
     a = p.parse_args(argv)
     if a.cmd == "prepare":
         from crystalstudio.core.density import Grid
@@ -54,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
         kw = {k: v for k, v in vars(a).items() if k != "cmd"}
         train(TrainConfig(**kw))
+    elif a.cmd == "knobs":
+        from .knobs import run as run_knobs
+
+        run_knobs(a)
     else:
         from .evaluate import run as run_evaluation
 

@@ -64,6 +64,7 @@ class TrainConfig:
     batch: int = 16                      # per process (global batch = batch * world size under torchrun)
     lr: float = 1e-3
     warmup: int = 100
+    schedule: str = "cosine"             # "cosine" (decay to 5% of lr) or "constant" (after warm-up)
     beta: float = 0.01                   # KL weight in Eq. 2
     gamma: float = 0.1                   # segmentation weight in Eq. 2 (paper 0.1)
     background_weight: float = 1.0       # cross-entropy weight of the no-atom class
@@ -75,7 +76,8 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 250
     eval_n: int = 48                     # validation crystals per periodic check
-    test_n: int = 0                      # test crystals for the final table (0 = all)
+    test_n: int = 0                      # crystals for the final table (0 = all of final_split)
+    final_split: str = "test"            # split of the final table: "test" (shipping) or "val" (tuning)
     save_every_min: float = 5.0
     model: dict = field(default_factory=dict)  # ModelConfig overrides
     init: str = ""                       # start from this checkpoint's weights (resume / fine-tune)
@@ -95,6 +97,10 @@ def _lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
     if cfg.minutes > 0:
         frac = max(frac, elapsed / (60 * cfg.minutes))
     warm = min(1.0, (step + 1) / max(cfg.warmup, 1))
+    if cfg.schedule == "constant":
+        return cfg.lr * warm
+    if cfg.schedule != "cosine":
+        raise ValueError(f"schedule must be 'cosine' or 'constant', not {cfg.schedule!r}")
     return cfg.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
@@ -443,10 +449,13 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
         log.close()
     if not master:
         return {}
-    idx = test_idx[: cfg.test_n] if cfg.test_n else test_idx
+    if cfg.final_split not in ("test", "val"):
+        raise ValueError(f"final_split must be 'test' or 'val', not {cfg.final_split!r}")
+    final_idx = test_idx if cfg.final_split == "test" else val_idx
+    idx = final_idx[: cfg.test_n] if cfg.test_n else final_idx
     res = evaluate(net, data, idx, grid, seed=0, device=device, representation=cfg.representation)
     metrics = {k: v for k, v in res.items() if k not in ("latent_kl", "latent_rank")}
-    metrics["split"] = "test"
+    metrics["split"] = cfg.final_split
     meta = {**meta_base, "metrics": metrics, "latent_rank": res["latent_rank"], "latent_kl": res["latent_kl"]}
     meta["training"].update(init=cfg.init or None, resumed_at=start_step if cfg.resume else None,
                             seconds=round(time.time() - t0), device=str(device), world_size=world,
