@@ -73,14 +73,14 @@ def test_study_trains_one_knob_per_variant_and_measures_on_val(start, tmp_path):
 
 def test_study_resumes_from_measured_variants(start, tmp_path, monkeypatch):
     d, data, init, arr = start
-    for name, v in (("baseline", 0.5), ("gamma_1", 0.6)):
+    for name, v in (("baseline", 0.5), ("gamma_0.33", 0.6)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"atoms_within_tol": v, "split": "val"}))
 
     def boom(cfg):
         raise AssertionError(f"{cfg.out} was trained again")
 
     monkeypatch.setattr(knobs, "train", boom)
-    rows = knobs.run_study(TrainConfig(data=str(data), init=str(init)), tmp_path, only=["gamma_1"])
+    rows = knobs.run_study(TrainConfig(data=str(data), init=str(init)), tmp_path, only=["gamma_0.33"])
     assert [r["metrics"]["atoms_within_tol"] for r in rows] == [0.5, 0.6]
     with pytest.raises(ValueError, match="unknown knob variant.*beta_x100"):
         knobs.run_study(TrainConfig(), tmp_path, only=["beta_x100"])
@@ -90,12 +90,12 @@ def test_table_gives_baseline_values_and_changes_in_points():
     m0 = {"atoms_within_tol": 0.4, "exact_count": 0.1, "species_accuracy": 0.2, "species_within2": 0.3,
           "median_error_A": 0.9, "voxel_mse": 0.0065, "n_crystals": 165}
     m1 = dict(m0, atoms_within_tol=0.4325, median_error_A=0.8, voxel_mse=0.006, species_within2=None)
-    rows = [{"name": "baseline", "change": "-", "metrics": m0}, {"name": "gamma_1", "change": "g", "metrics": m1}]
+    rows = [{"name": "baseline", "change": "-", "metrics": m0}, {"name": "gamma_0.33", "change": "g", "metrics": m1}]
     md = knobs.format_markdown(rows, TrainConfig(steps=250, batch=8, init="x.safetensors"))
     lines = md.splitlines()
     cells = lambda i: [c.strip() for c in lines[i].strip("|").split("|")]  # noqa: E731
     assert cells(2) == ["baseline", "-", "40.00", "10.00", "20.00", "30.00", "0.900", "6.50"]
-    assert cells(3) == ["gamma_1", "g", "+3.25", "+0.00", "+0.00", "n/a", "-0.100", "-0.50"]
+    assert cells(3) == ["gamma_0.33", "g", "+3.25", "+0.00", "+0.00", "n/a", "-0.100", "-0.50"]
     assert "250 steps of batch 8" in md and "165 validation crystals" in md
 
 
@@ -103,8 +103,8 @@ def test_cli_knobs_writes_the_table(start, tmp_path, capsys):
     d, data, init, arr = start
     out = tmp_path / "study"
     main(["knobs", "--data", str(data), "--init", str(init), "--steps", "1", "--batch", "2", "--device", "cpu",
-          "--out", str(out), "--only", "gamma_0.01"])
+          "--out", str(out), "--only", "gamma_0.33"])
     md = (out / "knobs.md").read_text()
     assert md in capsys.readouterr().out
-    assert [r["name"] for r in json.loads((out / "knobs.json").read_text())] == ["baseline", "gamma_0.01"]
-    assert "| gamma_0.01 |" in md
+    assert [r["name"] for r in json.loads((out / "knobs.json").read_text())] == ["baseline", "gamma_0.33"]
+    assert "| gamma_0.33 |" in md
