@@ -40,6 +40,11 @@ JSON (all fractions in [0, 1], distances in Å, deterministic for a seed):
   ``nn_hist`` (``edges``, ``draws``, ``real``, ``reconstructed``), ``atoms_per_draw``,
   ``frac_empty``, ``frac_draws_with_close_pair`` (two atoms closer than ``close_A``),
   ``frac_nn_below_close_draws`` / ``_real``, ``nn_percentiles_draws`` / ``_real``;
+* ``error_budget``: where atoms are lost, per stage (:data:`STAGES`): ``true_field_peaks``
+  (are the atoms separate local maxima of the true M at this sigma?), ``unet_on_true_M``
+  (the U-Net alone, on the true field) and ``full`` (the model); each with
+  ``atoms_within_tol``, ``pred_within_tol``, ``exact_count``, ``species_accuracy``,
+  ``median_error_A``, ``n_pred_atoms``;
 * ``per_crystal``: ``id``, ``formula``, ``n_true``, ``n_pred``, ``true_matched``, ``voxel_mse``.
 """
 
@@ -61,11 +66,11 @@ from crystalstudio.core.density import Grid, random_rotations
 from crystalstudio.core.latent import random_latents
 from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import CrystalNet, kl_divergence, max_density
-from crystalstudio.core.segment import species_map_to_atoms
+from crystalstudio.core.segment import density_peaks, species_map_to_atoms
 
 from .data import SPLITS, CrystalArrays, voxelise
 
-__all__ = ["evaluate", "evaluate_model", "format_table", "harness", "load_data", "run", "main", "add_arguments",
+__all__ = ["evaluate", "evaluate_model", "error_budget", "STAGES", "format_table", "harness", "load_data", "run", "main", "add_arguments",
            "HarnessError", "PERCENTILES"]
 
 PERCENTILES = (5, 25, 50, 75, 95, 99)
@@ -80,12 +85,13 @@ class HarnessError(ValueError):
 
 def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, seed: int, batch: int,
                      device, tol: float, kls: list, voxel: np.ndarray | None = None,
-                     representation: str = "unit_cell"):
+                     representation: str = "unit_cell", stages: dict | None = None):
     """Yield ``(match, mse, true_pos, true_Z, atoms)`` per crystal of ``idx``, in order.
 
     KL per dimension (B, latent) of each batch is appended to ``kls``; when ``voxel`` is
     given, ``[correct, voxels, correct atom voxels, atom voxels]`` of the U-Net's argmax
-    against S are added to it.
+    against S are added to it. When ``stages`` is given, the :data:`STAGES` matches of each
+    crystal are appended to ``stages[name]`` (see :func:`error_budget`).
     """
     rot = random_rotations(len(idx), seed)
     for s in range(0, len(idx), batch):
@@ -103,11 +109,64 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
         species = species_t.cpu().numpy()
         Mh_np = Mh.float().cpu().numpy()
         mse = ((Mh - M) ** 2).flatten(1).mean(1).cpu().tolist()
+        if stages is not None:
+            M_np = M.float().cpu().numpy().reshape(len(b), *(grid.n,) * 3)
+            species_true_M = net.unet(M.reshape(len(b), *(grid.n,) * 3)).argmax(1).cpu().numpy()
         for k in range(len(b)):
             atoms = species_map_to_atoms(species[k], grid, Mh_np[k])
             keep = Zp[k] > 0
             tp, tz = P[k][keep], Zp[k][keep]
+            if stages is not None:
+                on_true = species_map_to_atoms(species_true_M[k], grid, M_np[k])
+                stages.setdefault("unet_on_true_M", []).append(match_atoms(tp, tz, on_true.positions, on_true.Z, tol))
+                peaks = _field_peaks(M_np[k], grid)
+                stages.setdefault("true_field_peaks", []).append(
+                    match_atoms(tp, tz, peaks, np.zeros(len(peaks), np.int64), tol))
             yield match_atoms(tp, tz, atoms.positions, atoms.Z, tol), mse[k], tp, tz, atoms
+
+
+#: the error budget's stages, from the representation to the full model (see error_budget)
+STAGES = {
+    "true_field_peaks": "local maxima of the true M above Z 0.5 (the representation: are the atoms separate "
+                        "peaks at this sigma?)",
+    "unet_on_true_M": "the U-Net segmenting the true M (the segmentation stage alone)",
+    "full": "the U-Net segmenting the decoded M_hat (encode, decode, segment: the model)",
+}
+
+
+def _field_peaks(M: np.ndarray, grid: Grid, min_Z: float = 0.5) -> np.ndarray:
+    """Sub-voxel local maxima of ``M`` whose height in Z units (M x peak_scale) exceeds ``min_Z``."""
+    peaks = density_peaks(M, grid, rel=0.0)
+    if not len(peaks):
+        return peaks
+    v = np.clip(np.floor(peaks / grid.spacing).astype(int), 0, grid.n - 1)
+    return peaks[M[v[:, 0], v[:, 1], v[:, 2]] * grid.peak_scale > min_Z]
+
+
+def error_budget(stages: dict, full: list[dict]) -> dict:
+    """Where atoms are lost, stage by stage (same crystals, same rotations).
+
+    Args:
+        stages: ``{"true_field_peaks": [...], "unet_on_true_M": [...]}`` per-crystal
+            :func:`~crystalstudio.core.metrics.match_atoms` results (``_reconstructions``).
+        full: the per-crystal results of the whole model.
+
+    Returns:
+        ``{stage: {"what", "atoms_within_tol", "pred_within_tol", "exact_count",
+        "species_accuracy", "median_error_A", "n_pred_atoms"}}`` for the :data:`STAGES`; the peaks stage
+        carries no species (``None``).
+    """
+    out = {}
+    for name, what in STAGES.items():
+        per = full if name == "full" else stages.get(name, [])
+        agg = aggregate(per)
+        row = {"what": what, **{k: agg.get(k) for k in ("atoms_within_tol", "pred_within_tol", "exact_count",
+                                                          "species_accuracy", "median_error_A")}}
+        row["n_pred_atoms"] = int(sum(r["n_pred"] for r in per))
+        if name == "true_field_peaks":
+            row["species_accuracy"] = None
+        out[name] = row
+    return out
 
 
 def _table(per: list[dict], mse: list[float], kls: list, latent: int) -> dict:
@@ -223,10 +282,11 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
     net.eval()
     per, mse, kls, rows = [], [], [], []
     voxel = np.zeros(4, np.int64)
+    stages: dict = {}
     dt, dp, nn_real, nn_rec, zpairs = [], [], [], [], []
     try:
         recs = _reconstructions(net, data, idx, model.grid, seed, batch, model.device, tol, kls, voxel,
-                                model.representation)
+                                model.representation, stages)
         for i, (r, e, tp, tz, atoms) in zip(idx, recs):
             per.append(r)
             mse.append(e)
@@ -243,6 +303,7 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
         res = _table(per, mse, kls, model.latent)
         res.pop("latent_kl")
         res.pop("latent_rank")
+        res["error_budget"] = error_budget(stages, per)
 
         nt = np.array([r["n_true"] for r in rows], np.int64)
         npred = np.array([r["n_pred"] for r in rows], np.int64)
@@ -431,6 +492,13 @@ def format_table(res: dict) -> str:
     if res.get("voxel_mse") is not None:
         out.append(f"| voxel MSE (Eq. 1 units) | {res['voxel_mse']:.2e} | - |")
     out.append(f"| held-out crystals | {res.get('n_crystals', 0)} ({res.get('n_true_atoms', 0)} atoms) | - |")
+    budget = res.get("error_budget")
+    if budget:
+        out += ["", "| stage (error budget) | atoms within 0.5 Å | exact count | species exact |", "|---|---|---|---|"]
+        for name, row in budget.items():
+            cells = [("-" if row.get(k) is None else f"{100 * row[k]:.1f}%")
+                     for k in ("atoms_within_tol", "exact_count", "species_accuracy")]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 __all__ = ["make_figures", "FIGURES"]
 
-FIGURES = ("counts", "distances", "species", "voxel_mse", "random_draws")
+FIGURES = ("counts", "distances", "species", "voxel_mse", "random_draws", "error_budget")
 BLUE, ORANGE, RED, GREY = "#1f77b4", "#ff7f0e", "#d62728", "#7f7f7f"
 
 
@@ -184,12 +184,38 @@ def _random_draws(res: dict, path: Path) -> None:
     fig.savefig(path)
 
 
+def _error_budget(res: dict, path: Path) -> None:
+    fig, (ax,) = _new(width=6.0)
+    eb = res.get("error_budget") or {}
+    if eb:
+        names = list(eb)
+        x = np.arange(len(names))
+        for k, (key, label, col) in enumerate((("atoms_within_tol", "atoms within 0.5 Å", BLUE),
+                                                ("exact_count", "exact count", ORANGE),
+                                                ("species_accuracy", "species exact", RED))):
+            v = [eb[n].get(key) for n in names]
+            ax.bar(x + (k - 1) * 0.27, [100 * (u or 0) for u in v], 0.27, color=col, label=label)
+            for xi, u in zip(x, v):
+                ax.text(xi + (k - 1) * 0.27, 100 * (u or 0) + 1, "-" if u is None else f"{100 * u:.0f}",
+                        ha="center", fontsize=6)
+        ax.set_xticks(x, [n.replace("_", " ") for n in names], fontsize=7)
+        ax.set_ylim(0, 110)
+        ax.legend(fontsize=7, loc="upper right")
+    else:
+        _no_data(ax)
+    ax.set_ylabel("%")
+    ax.set_title("peaks of the true M | U-Net on the true M | the model (U-Net on M_hat)", fontsize=8)
+    _suptitle(fig, res, "Error budget")
+    fig.savefig(path)
+
+
 def make_figures(res: dict, out_dir: str | Path) -> list[Path]:
     """Write the PNG figures of an evaluation result into ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = []
-    for name, f in zip(FIGURES, (_counts, _distances, _species, _voxel_mse, _random_draws)):
+    for name, f in zip(FIGURES, (_counts, _distances, _species, _voxel_mse, _random_draws,
+                                  _error_budget)):
         path = out / f"{name}.png"
         f(res, path)
         files.append(path)
