@@ -70,7 +70,7 @@ from crystalstudio.core.segment import density_peaks, species_map_to_atoms
 
 from .data import SPLITS, CrystalArrays, voxelise
 
-__all__ = ["evaluate", "evaluate_model", "error_budget", "STAGES", "format_table", "harness", "load_data", "run", "main", "add_arguments",
+__all__ = ["evaluate", "evaluate_model", "error_budget", "peak_separability", "STAGES", "format_table", "harness", "load_data", "run", "main", "add_arguments",
            "HarnessError", "PERCENTILES"]
 
 PERCENTILES = (5, 25, 50, 75, 95, 99)
@@ -141,6 +141,43 @@ def _field_peaks(M: np.ndarray, grid: Grid, min_Z: float = 0.5) -> np.ndarray:
         return peaks
     v = np.clip(np.floor(peaks / grid.spacing).astype(int), 0, grid.n - 1)
     return peaks[M[v[:, 0], v[:, 1], v[:, 2]] * grid.peak_scale > min_Z]
+
+
+def peak_separability(data: CrystalArrays, idx: np.ndarray, sigmas: list[float], grid: Grid = Grid(),
+                      seed: int = 0, batch: int = 16, tol: float = 0.5) -> list[dict]:
+    """The representation's own limit, per Gaussian width: how many atoms are separate local
+    maxima of the true density field M (Eq. 1) at each sigma (no model involved).
+
+    Each crystal is voxelised as representation 1 with the harness's rotations for ``seed``
+    on ``grid`` with its sigma replaced; the peaks (:func:`_field_peaks`) are matched to the
+    true atoms (:func:`~crystalstudio.core.metrics.match_atoms`, ``tol`` Å). Overlapping
+    Gaussians merge (a light atom ~2 Å from a heavy one is a shoulder at sigma 1 Å) or pull
+    each other's maxima off the atoms, which no segmentation by maxima can undo.
+
+    Returns:
+        one dict per sigma: ``sigma`` (Å), ``atoms_within_tol``, ``pred_within_tol``,
+        ``exact_count``, ``median_error_A``, ``n_crystals``, ``n_true_atoms``.
+    Raises:
+        ValueError: a sigma that is not > 0.
+    """
+    rot = random_rotations(len(idx), seed)
+    out = []
+    for sigma in sigmas:
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0 Å, not {sigma}")
+        g = Grid(grid.n, grid.length, float(sigma), grid.species_radius)
+        per = []
+        for s in range(0, len(idx), batch):
+            M, _, P, Zp = voxelise(data, idx[s:s + batch], g, rot[s:s + batch], "cpu", "unit_cell")
+            M = M.numpy().reshape(-1, *(g.n,) * 3)
+            for k in range(len(M)):
+                keep = Zp[k] > 0
+                peaks = _field_peaks(M[k], g)
+                per.append(match_atoms(P[k][keep], Zp[k][keep], peaks, np.zeros(len(peaks), np.int64), tol))
+        agg = aggregate(per)
+        out.append({"sigma": float(sigma), **{k: agg.get(k) for k in (
+            "atoms_within_tol", "pred_within_tol", "exact_count", "median_error_A", "n_crystals", "n_true_atoms")}})
+    return out
 
 
 def error_budget(stages: dict, full: list[dict]) -> dict:
