@@ -26,6 +26,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from .train import TrainConfig, train
 
 #: (name, what changes, TrainConfig overrides); the first row is the baseline.
@@ -57,7 +59,8 @@ def run_study(base: TrainConfig, out: Path, only: list[str] | None = None) -> li
     """Train and measure each variant (skipping those already measured in ``out``).
 
     Returns:
-        list of ``{"name", "change", "overrides", "metrics"}`` in :data:`VARIANTS` order.
+        list of ``{"name", "change", "overrides", "metrics"}``: ``start`` (the ``base.init``
+        checkpoint itself, when there is one), then the variants in :data:`VARIANTS` order.
     Raises:
         ValueError: an unknown variant name in ``only``.
     """
@@ -67,6 +70,15 @@ def run_study(base: TrainConfig, out: Path, only: list[str] | None = None) -> li
         raise ValueError(f"unknown knob variant(s) {', '.join(bad)}; known: {', '.join(names)}")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    if base.init:  # the starting checkpoint itself, measured the same way: what fine-tuning changed at all
+        start_path = out / "start.json"
+        if start_path.exists():
+            start = json.loads(start_path.read_text())
+        else:
+            start = measure_checkpoint(base.init, base.data, base.device)
+            start_path.write_text(json.dumps(start, indent=1))
+        rows.append({"name": "start", "change": "no fine-tuning: the starting checkpoint", "overrides": {},
+                     "metrics": start})
     for name, change, over in VARIANTS:
         if only and name not in only and name != "baseline":
             continue
@@ -81,6 +93,24 @@ def run_study(base: TrainConfig, out: Path, only: list[str] | None = None) -> li
     return rows
 
 
+def measure_checkpoint(path: str, data_path: str, device: str = "auto") -> dict:
+    """The validation table of a checkpoint exactly as :func:`training.train.train` measures
+    a finished run with ``final_split="val"`` (same crystals, rotations and seed)."""
+    from crystalstudio.core.checkpoint import load_checkpoint
+
+    from .data import CrystalArrays
+    from .evaluate import evaluate
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    model = load_checkpoint(path, dev, jit=False)
+    data = CrystalArrays.load(data_path)
+    res = evaluate(model.net, data, data.indices("val"), model.grid, seed=0, device=dev,
+                   representation=model.representation)
+    metrics = {k: v for k, v in res.items() if k not in ("latent_kl", "latent_rank")}
+    metrics["split"] = "val"
+    return metrics
+
+
 def _value(m: dict, key: str):
     return m.get(key)
 
@@ -89,14 +119,15 @@ def format_markdown(rows: list[dict], base: TrainConfig) -> str:
     """The table: baseline values, then each variant's change against it (points, Å, 1e-3)."""
     head = "| variant | change | " + " | ".join(t for _, t, _ in MEASURES) + " |"
     lines = [head, "|" + "---|" * (len(MEASURES) + 2)]
-    b = rows[0]["metrics"]
+    ref = next(r for r in rows if r["name"] == "baseline")
+    b = ref["metrics"]
     for r in rows:
         cells = []
         for key, _, scale in MEASURES:
             v, v0 = _value(r["metrics"], key), _value(b, key)
             if v is None:
                 cells.append("n/a")
-            elif r is rows[0] or v0 is None:
+            elif r is ref or v0 is None:
                 cells.append(f"{v * scale:.2f}" if key != "median_error_A" else f"{v:.3f}")
             else:
                 d = (v - v0) * scale
@@ -104,9 +135,9 @@ def format_markdown(rows: list[dict], base: TrainConfig) -> str:
         lines.append(f"| {r['name']} | {r['change']} | " + " | ".join(cells) + " |")
     n = b.get("n_crystals", "?")
     lines.append("")
-    lines.append(f"Each row: {base.steps} steps of batch {base.batch} fine-tuned from `{base.init}`, seed "
+    lines.append(f"Each variant: {base.steps} steps of batch {base.batch} fine-tuned from `{base.init}`, seed "
                  f"{base.seed}, measured on the {n} validation crystals. The baseline row gives values, the "
-                 "others the change against it (percentage points; Å; 1e-3 for the MSE). Lower is better "
+                 "others (the starting checkpoint too) the change against it (percentage points; Å; 1e-3 for the MSE). Lower is better "
                  "for the median error and the MSE.")
     return "\n".join(lines) + "\n"
 
@@ -137,4 +168,4 @@ def run(a: argparse.Namespace) -> list[dict]:
     return rows
 
 
-__all__ = ["VARIANTS", "MEASURES", "run_study", "format_markdown", "add_arguments", "run"]
+__all__ = ["VARIANTS", "MEASURES", "run_study", "measure_checkpoint", "format_markdown", "add_arguments", "run"]

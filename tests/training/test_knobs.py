@@ -38,7 +38,7 @@ def start(tmp_path_factory):
     assert len(arr.indices("train")) and len(arr.indices("val"))
     init = d / "init.safetensors"
     train(TrainConfig(data=str(data), out=str(init), steps=1, batch=2, warmup=1, device="cpu", eval_every=10 ** 6,
-                      save_every_min=1e6, test_n=1, final_split="val", model=TINY))
+                      save_every_min=1e6, final_split="val", model=TINY))
     return d, data, init, arr
 
 
@@ -59,9 +59,15 @@ def test_study_trains_one_knob_per_variant_and_measures_on_val(start, tmp_path):
     base = TrainConfig(data=str(data), init=str(init), steps=2, batch=2, warmup=1, device="cpu",
                        eval_every=10 ** 6, save_every_min=1e6)
     rows = knobs.run_study(base, tmp_path, only=["beta_x10", "lr_constant"])
-    assert [r["name"] for r in rows] == ["baseline", "beta_x10", "lr_constant"]
+    assert [r["name"] for r in rows] == ["start", "baseline", "beta_x10", "lr_constant"]
     n_val = len(arr.indices("val"))
-    for r in rows:
+    # the starting checkpoint is measured exactly as training measured it when it was saved
+    start = rows[0]["metrics"]
+    saved = read_metadata(init)["metrics"]
+    assert start["split"] == saved["split"] == "val" and start["n_crystals"] == n_val
+    for k in ("atoms_within_tol", "exact_count", "species_accuracy", "voxel_mse"):
+        assert start[k] == pytest.approx(saved[k], rel=1e-5, abs=1e-9), k
+    for r in rows[1:]:
         assert r["metrics"]["split"] == "val" and r["metrics"]["n_crystals"] == n_val
         meta = read_metadata(tmp_path / f"{r['name']}.safetensors")
         cfg = meta["training"]["config"]
@@ -73,7 +79,7 @@ def test_study_trains_one_knob_per_variant_and_measures_on_val(start, tmp_path):
 
 def test_study_resumes_from_measured_variants(start, tmp_path, monkeypatch):
     d, data, init, arr = start
-    for name, v in (("baseline", 0.5), ("gamma_0.33", 0.6)):
+    for name, v in (("start", 0.4), ("baseline", 0.5), ("gamma_0.33", 0.6)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"atoms_within_tol": v, "split": "val"}))
 
     def boom(cfg):
@@ -81,7 +87,7 @@ def test_study_resumes_from_measured_variants(start, tmp_path, monkeypatch):
 
     monkeypatch.setattr(knobs, "train", boom)
     rows = knobs.run_study(TrainConfig(data=str(data), init=str(init)), tmp_path, only=["gamma_0.33"])
-    assert [r["metrics"]["atoms_within_tol"] for r in rows] == [0.5, 0.6]
+    assert [r["metrics"]["atoms_within_tol"] for r in rows] == [0.4, 0.5, 0.6]
     with pytest.raises(ValueError, match="unknown knob variant.*beta_x100"):
         knobs.run_study(TrainConfig(), tmp_path, only=["beta_x100"])
 
@@ -90,12 +96,15 @@ def test_table_gives_baseline_values_and_changes_in_points():
     m0 = {"atoms_within_tol": 0.4, "exact_count": 0.1, "species_accuracy": 0.2, "species_within2": 0.3,
           "median_error_A": 0.9, "voxel_mse": 0.0065, "n_crystals": 165}
     m1 = dict(m0, atoms_within_tol=0.4325, median_error_A=0.8, voxel_mse=0.006, species_within2=None)
-    rows = [{"name": "baseline", "change": "-", "metrics": m0}, {"name": "gamma_0.33", "change": "g", "metrics": m1}]
+    m_start = dict(m0, atoms_within_tol=0.45)
+    rows = [{"name": "start", "change": "s", "metrics": m_start},
+            {"name": "baseline", "change": "-", "metrics": m0}, {"name": "gamma_0.33", "change": "g", "metrics": m1}]
     md = knobs.format_markdown(rows, TrainConfig(steps=250, batch=8, init="x.safetensors"))
     lines = md.splitlines()
     cells = lambda i: [c.strip() for c in lines[i].strip("|").split("|")]  # noqa: E731
-    assert cells(2) == ["baseline", "-", "40.00", "10.00", "20.00", "30.00", "0.900", "6.50"]
-    assert cells(3) == ["gamma_0.33", "g", "+3.25", "+0.00", "+0.00", "n/a", "-0.100", "-0.50"]
+    assert cells(2) == ["start", "s", "+5.00", "+0.00", "+0.00", "+0.00", "+0.000", "+0.00"]
+    assert cells(3) == ["baseline", "-", "40.00", "10.00", "20.00", "30.00", "0.900", "6.50"]
+    assert cells(4) == ["gamma_0.33", "g", "+3.25", "+0.00", "+0.00", "n/a", "-0.100", "-0.50"]
     assert "250 steps of batch 8" in md and "165 validation crystals" in md
 
 
@@ -106,5 +115,5 @@ def test_cli_knobs_writes_the_table(start, tmp_path, capsys):
           "--out", str(out), "--only", "gamma_0.33"])
     md = (out / "knobs.md").read_text()
     assert md in capsys.readouterr().out
-    assert [r["name"] for r in json.loads((out / "knobs.json").read_text())] == ["baseline", "gamma_0.33"]
+    assert [r["name"] for r in json.loads((out / "knobs.json").read_text())] == ["start", "baseline", "gamma_0.33"]
     assert "| gamma_0.33 |" in md
