@@ -301,3 +301,22 @@ def test_model_menu_switches_and_remembers_the_model(qtbot, tmp_path, monkeypatc
     assert settings.value("model/checkpoint") == str(default_checkpoint().resolve())
     assert third.model_actions[str(default_checkpoint().resolve())].isChecked()
     third.close()
+
+
+def test_lattice_model_shows_the_filled_cube(qtbot, window):
+    """Switching to the shipped repeating-lattice model re-reads the open crystal as the cube
+    filled with its lattice (Sec. 3.1, representation 2): many more atoms in the input view."""
+    lattice = ASSETS / "repeating_lattice.safetensors"
+    rec = drop_and_wait(qtbot, window, NACL)
+    assert len(rec.positions) == 8
+    cell, _ = frames(window)
+    window.open_checkpoint(lattice)
+    qtbot.waitUntil(lambda: window.session.model.path == lattice and not window.busy
+                    and window.session.current is not rec, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: window.input.scene.n_atoms > 8, timeout=WAIT_MS)
+    now = window.session.current
+    assert window.model_actions[str(lattice.resolve())].isChecked()
+    assert len(now.positions) > 8 and window.input.scene.n_atoms == len(now.positions)
+    filled, _ = frames(window)
+    assert changed(cell, filled) > 0.02
+    assert near(filled, CL_GREEN) > 1.5 * near(cell, CL_GREEN)

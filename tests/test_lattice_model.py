@@ -1,0 +1,78 @@
+"""The shipped repeating-lattice checkpoint (Sec. 3.1, representation 2) through the session.
+
+The reference field is an independent float64 sum of Eq. 1 over every periodic image of the
+conventional NaCl cell (a = 5.64 Å) within 5 sigma of the cube, built here with numpy.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crystalstudio.core.checkpoint import load_checkpoint
+from crystalstudio.io.structures import StructureError
+from crystalstudio.session import Session, bundled_checkpoints, default_checkpoint
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+LATTICE = ASSETS / "repeating_lattice.safetensors"
+NACL = ASSETS / "samples" / "NaCl.cif"
+A = 5.64  # Å, the sample's lattice constant (Fm-3m, Na at 0 0 0, Cl at 1/2 1/2 1/2)
+NA_SITES = np.array([[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]])
+
+
+def nacl_images(reach: float, length: float = 10.0):
+    """Cartesian Å positions and Z of every NaCl atom within ``reach`` of the [0, length]^3 cube."""
+    pos, Z = [], []
+    for n in itertools.product(range(-3, 5), repeat=3):
+        for site in NA_SITES:
+            for off, z in ((0.0, 11), (0.5, 17)):
+                p = (np.array(n) + site + np.array([off, 0, 0])) * A
+                if np.all((p >= -reach) & (p <= length + reach)):
+                    pos.append(p)
+                    Z.append(z)
+    return np.array(pos), np.array(Z)
+
+
+@pytest.fixture(scope="module")
+def session():
+    return Session(model=load_checkpoint(LATTICE))
+
+
+def test_lattice_checkpoint_ships_and_is_listed():
+    model = load_checkpoint(LATTICE)
+    assert model.representation == "repeating_lattice"
+    assert model.info["metrics"]["split"] == "test"
+    listed = {p.resolve(): what for p, what in bundled_checkpoints()}
+    assert listed[LATTICE.resolve()].startswith("repeating lattice (held-out atoms within 0.5 Å:")
+
+
+def test_open_fills_the_cube_with_the_lattice(session):
+    rec = session.open(NACL)
+    grid = session.grid
+    # independent reference: direct float64 sum of Eq. 1 over the images within 5 sigma
+    pos, Z = nacl_images(5 * grid.sigma, grid.length)
+    c = (np.arange(grid.n) + 0.5) * grid.spacing
+    X = np.stack(np.meshgrid(c, c, c, indexing="ij"), -1)
+    ref = np.zeros((grid.n,) * 3)
+    for p, z in zip(pos, Z):
+        ref += z * np.exp(-((X - p) ** 2).sum(-1) / (2 * grid.sigma**2))
+    ref /= grid.peak_scale
+    assert np.allclose(rec.M, ref, atol=1e-3 * ref.max())
+    # the true atoms are those inside the cube (the crystal has 8 per cell)
+    inside, Zin = nacl_images(0.0, grid.length)
+    assert len(rec.positions) == len(inside) > 8
+    assert sorted(rec.Z.tolist()) == sorted(Zin.tolist())
+
+
+def test_a_cell_larger_than_the_cube_is_accepted_only_by_the_lattice_model(session, tmp_path):
+    from pymatgen.core import Lattice, Structure
+
+    big = tmp_path / "big.cif"
+    Structure(Lattice.cubic(11.0), ["Fe", "Fe"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(filename=str(big))
+    rec = session.open(big)
+    assert len(rec.positions) == 2  # the corner atom and the body centre (at 5.5 Å) lie in the cube
+    with pytest.raises(StructureError, match="big.cif"):
+        Session(model=load_checkpoint(default_checkpoint())).open(big)
