@@ -143,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = a.warmup if a.warmup >= 0 else (5 if cuda else 1)
     if a.data:
         data = CrystalArrays.load(a.data)
-        raw = np.load(a.data, allow_pickle=False)["grid"]
-        grid = Grid(int(raw[0]), float(raw[1]), float(raw[2]), float(raw[3]))
+        grid = CrystalArrays.load_grid(a.data)
     else:
         data, grid = synthetic(), Grid()
     mcfg = ModelConfig(grid_n=grid.n, n_classes=max(95, int(data.Z.max()) + 1))

@@ -82,16 +82,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _separability(a: argparse.Namespace) -> list[dict]:
-    import numpy as np
-
-    from crystalstudio.core.density import Grid
-
     from .data import CrystalArrays
     from .evaluate import peak_separability
 
     data = CrystalArrays.load(a.data)
-    raw = np.load(a.data, allow_pickle=False)["grid"]
-    grid = Grid(int(raw[0]), float(raw[1]), float(raw[2]), float(raw[3]))
+    grid = CrystalArrays.load_grid(a.data)
     idx = data.indices(a.split)
     idx = idx[: a.limit] if a.limit else idx
     rows = peak_separability(data, idx, [float(s) for s in a.sigmas.split(",") if s], grid, a.seed)

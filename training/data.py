@@ -125,6 +125,12 @@ class CrystalArrays:
     def __len__(self) -> int:
         return len(self.lattice)
 
+    @staticmethod
+    def load_grid(path: str) -> Grid:
+        """The :class:`Grid` (n, length Å, sigma Å, species radius Å) a prepared ``.npz`` was made on."""
+        raw = np.load(path, allow_pickle=False)["grid"]
+        return Grid(int(raw[0]), float(raw[1]), float(raw[2]), float(raw[3]))
+
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split == SPLITS[split])
 

@@ -338,8 +338,7 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
     rng, torch_seed = _seed(cfg, dinfo.rank, start_step)
     torch.manual_seed(torch_seed)
     data = CrystalArrays.load(cfg.data)
-    raw = np.load(cfg.data, allow_pickle=False)["grid"]
-    grid = Grid(int(raw[0]), float(raw[1]), float(raw[2]), float(raw[3]))
+    grid = CrystalArrays.load_grid(cfg.data)
     train_idx, val_idx, test_idx = data.indices("train"), data.indices("val"), data.indices("test")
     zmax = int(data.Z.max())
     mcfg = ModelConfig(**{"grid_n": grid.n, "n_classes": max(95, zmax + 1), **cfg.model})
