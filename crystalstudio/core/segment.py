@@ -24,12 +24,17 @@ class Atoms:
     Attributes:
         positions: (K, 3) float64 Cartesian Å in the cube frame ``[0, length]^3``.
         Z: (K,) int64 atomic numbers (>= 1).
-        voxels: (K,) int64 number of voxels in each atom's component.
+        voxels: (K,) int64 number of voxels in each atom's component (U-Net path), or None.
+        amplitude: (K,) float64 fitted Gaussian amplitude in Z units (the Z estimate of the
+            atom fit, :mod:`crystalstudio.core.fit`), or None for the U-Net path.
+        amplitude_sigma: (K,) float64 standard error of ``amplitude``, or None.
     """
 
     positions: np.ndarray
     Z: np.ndarray
     voxels: np.ndarray | None = None
+    amplitude: np.ndarray | None = None
+    amplitude_sigma: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(len(self.Z))
