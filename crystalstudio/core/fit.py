@@ -157,24 +157,25 @@ def _clip(P: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def _refine(F: np.ndarray, P: np.ndarray, A: np.ndarray, c: np.ndarray, sigma: float, lo: float, hi: float,
-            max_iter: int):
+            max_iter: int, tol: float = 1e-6):
     """Levenberg-Marquardt on all positions and amplitudes; returns (P, A, residual, H)."""
     N = len(A)
     g, dg = _basis(P, c, sigma)
     r = F - _model(A, g)
     rss = float(np.vdot(r, r))
+    floor = 1e-13 * float(np.vdot(F, F))  # float32 rounding of a field: nothing below this is signal
     lam = 1e-3
     H = None
     for _ in range(max_iter):
         H, b = _normal_equations(r, A, g, dg)
         diag = np.diag(H).copy()
-        diag[diag <= 0] = 1e-12
+        diag = np.maximum(diag, 1e-9 * max(float(diag.max()), 1e-300))
         improved = False
-        for _try in range(8):
+        for _try in range(6):
             Hd = H + lam * np.diag(diag)
             try:
-                delta = linalg.solve(Hd, b, assume_a="pos", check_finite=False)
-            except (linalg.LinAlgError, ValueError):
+                delta = np.linalg.solve(Hd, b)
+            except np.linalg.LinAlgError:
                 delta = linalg.lstsq(Hd, b, check_finite=False)[0]
             A1 = A + delta[:N]
             P1 = _clip(P + delta[N:].reshape(3, N).T, lo, hi)
@@ -187,10 +188,10 @@ def _refine(F: np.ndarray, P: np.ndarray, A: np.ndarray, c: np.ndarray, sigma: f
                 drel = (rss - rss1) / max(rss, 1e-300)
                 P, A, g, dg, r = P1, A1, g1, dg1, r1
                 rss = rss1
-                lam = max(lam * 0.2, 1e-9)
+                lam = max(lam * 0.1, 1e-7)
                 break
             lam *= 10.0
-        if not improved or (step < 1e-5 and drel < 1e-9) or rss < 1e-20:
+        if not improved or rss <= floor or drel < tol or (step < 1e-3 and drel < 1e-4):
             break
     return P, A, r, H
 
@@ -253,8 +254,8 @@ def _amplitudes(F: np.ndarray, P: np.ndarray, c: np.ndarray, sigma: float) -> np
     b = (np.einsum("ijm,mj->mi", T, g[1]) * g[0]).sum(1)
     G[np.diag_indices(N)] += 1e-9 * max(float(G.diagonal().max()), 1e-300)
     try:
-        return linalg.solve(G, b, assume_a="pos", check_finite=False)
-    except (linalg.LinAlgError, ValueError):
+        return np.linalg.solve(G, b)
+    except np.linalg.LinAlgError:
         return linalg.lstsq(G, b, check_finite=False)[0]
 
 
@@ -372,7 +373,7 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
     for _round in range(settings.max_rounds):
         cand, strength = _candidates(r, grid, thresh if _round == 0 else settings.detect * settings.min_amplitude)
         if len(cand):
-            keep = strength >= settings.relative * strength[0]  # the strongest residual features first
+            keep = strength >= (settings.relative if _round else 0.0) * strength[0]  # strongest first
             cand = _dedupe(cand[keep], P, settings.merge_A)
         cand = cand[:max(min(limit, settings.max_atoms - len(P)), 0)]
         if not len(cand):

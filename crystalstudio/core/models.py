@@ -246,15 +246,22 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 def vae_loss(M: torch.Tensor, M_hat: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-             seg_loss: torch.Tensor | None, beta: float, gamma: float) -> dict:
+             seg_loss: torch.Tensor | None, beta: float, gamma: float,
+             weight: torch.Tensor | None = None) -> dict:
     """Eq. 2: L_VAE = L_RE(M, M_hat) + beta KL(q(z|M) || p(z)) + gamma L_seg(S, S_hat).
 
     L_RE is the squared error summed over voxels (mean over the batch), KL summed over
     the latent dimensions; ``seg_loss`` is the U-Net's cross entropy on the decoded field.
 
+    ``weight`` (same shape as M, optional): per-voxel weights of the squared error (the
+    peak-weighted MSE of the CPU recipe: voxels near atoms count more).
+
     Returns a dict of scalar tensors: ``loss``, ``recon``, ``kl``.
     """
-    recon = (M_hat - M).pow(2).flatten(1).sum(1).mean()
+    se = (M_hat - M).pow(2)
+    if weight is not None:
+        se = se * weight
+    recon = se.flatten(1).sum(1).mean()
     kl = kl_divergence(mu, logvar).sum(1).mean()
     loss = recon + beta * kl
     if seg_loss is not None:

@@ -1,0 +1,124 @@
+"""crystalstudio.core.fit: atoms recovered from fields built in the test (Eq. 1 as a direct
+float64 sum over atoms and voxels, independent of the separable code under test)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from crystalstudio.core.density import Crystal, Grid, lattice_positions
+from crystalstudio.core.fit import DECODED_FIT, FieldError, field_model, fit_atoms
+from crystalstudio.core.metrics import match_atoms
+
+GRID = Grid()  # 30^3 voxels over 10 Å, sigma 1 Å
+
+
+def direct_field(P: np.ndarray, Z: np.ndarray, grid: Grid, occupancy: np.ndarray | None = None) -> np.ndarray:
+    """Eq. 1 by brute force: for every voxel centre, the sum over atoms, in float64."""
+    c = grid.centres()
+    X = np.stack(np.meshgrid(c, c, c, indexing="ij"), -1).reshape(-1, 1, 3)
+    d2 = ((X - P[None]) ** 2).sum(-1)
+    w = Z * (1.0 if occupancy is None else occupancy)
+    M = (w[None] * np.exp(-d2 / (2 * grid.sigma**2))).sum(1) / grid.peak_scale
+    return M.reshape((grid.n,) * 3)
+
+
+def random_atoms(rng, N, dmin=1.2, lo=1.5, hi=8.5):
+    P: list[np.ndarray] = []
+    while len(P) < N:
+        p = rng.uniform(lo, hi, 3)
+        if all(np.linalg.norm(p - q) >= dmin for q in P):
+            P.append(p)
+    return np.array(P), rng.integers(1, 95, N)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_crystals_come_back_exactly(seed):
+    rng = np.random.default_rng(seed)
+    P, Z = random_atoms(rng, 14)
+    # force one close pair (1.2 Å) of a light atom beside a heavy one
+    P[1] = P[0] + np.array([1.2, 0.0, 0.0])
+    Z[0], Z[1] = 90, 1
+    from scipy.spatial import cKDTree
+    d, _ = cKDTree(P).query(P, k=2)
+    assert d[:, 1].min() >= 1.2 - 1e-9
+    M = direct_field(P, Z, GRID).astype(np.float32)
+    atoms = fit_atoms(M, GRID)
+    m = match_atoms(P, Z, atoms.positions, atoms.Z, tol=0.1)
+    assert len(atoms) == len(Z)
+    assert m["true_matched"] == len(Z)
+    assert m["species_correct"] == len(Z)
+    np.testing.assert_allclose(np.sort(atoms.amplitude), np.sort(Z.astype(float)), atol=0.05)
+    assert np.all(atoms.amplitude_sigma >= 0) and np.all(np.isfinite(atoms.amplitude_sigma))
+
+
+def test_every_Z_from_1_to_94_is_read_from_its_amplitude():
+    rng = np.random.default_rng(7)
+    # a 5 x 5 x 4 lattice of 2 Å spacing holds Z = 1..94 (plus some repeats), shuffled
+    g = np.arange(5) * 2.0 + 1.0
+    P = np.stack(np.meshgrid(g, g, g[:4], indexing="ij"), -1).reshape(-1, 3)
+    P = P + rng.normal(0, 0.1, P.shape)
+    Z = np.concatenate([np.arange(1, 95), rng.integers(1, 95, len(P) - 94)])
+    rng.shuffle(Z)
+    atoms = fit_atoms(direct_field(P, Z, GRID), GRID)
+    m = match_atoms(P, Z, atoms.positions, atoms.Z, tol=0.1)
+    assert (len(atoms), m["true_matched"], m["species_correct"]) == (len(Z), len(Z), len(Z))
+
+
+def test_noise_of_a_stated_level_keeps_the_count():
+    rng = np.random.default_rng(3)
+    P, Z = random_atoms(rng, 12, dmin=1.8)
+    Z = np.maximum(Z, 6)  # atoms of at least carbon
+    F = direct_field(P, Z, GRID)
+    noise = 0.05 * GRID.peak_scale ** -1  # 0.05 in Z units per voxel, white
+    M = F + rng.normal(0, noise, F.shape)
+    atoms = fit_atoms(M, GRID, settings=DECODED_FIT)
+    m = match_atoms(P, Z, atoms.positions, atoms.Z, tol=0.2)
+    assert len(atoms) == len(Z)
+    assert m["true_matched"] == len(Z)
+    assert np.all(np.abs(np.sort(atoms.amplitude) - np.sort(Z)) < 1.0)
+    # the reported standard errors know about the noise
+    assert 0.005 < np.median(atoms.amplitude_sigma) < 0.5
+
+
+def test_empty_field_gives_no_atoms():
+    atoms = fit_atoms(np.zeros((30, 30, 30), np.float32), GRID)
+    assert len(atoms) == 0 and atoms.positions.shape == (0, 3)
+
+
+@pytest.mark.parametrize("bad, what", [
+    (np.full((30, 30, 30), np.nan, np.float32), "NaN"),
+    (-np.ones((30, 30, 30), np.float32), "negative everywhere"),
+    (np.zeros((20, 20, 20), np.float32), "shape"),
+])
+def test_bad_fields_are_refused_with_one_line(bad, what):
+    with pytest.raises(FieldError) as e:
+        fit_atoms(bad, GRID)
+    msg = str(e.value)
+    assert what in msg and "\n" not in msg
+
+
+def test_field_model_equals_the_direct_sum():
+    rng = np.random.default_rng(0)
+    P, Z = random_atoms(rng, 9, lo=-1.0, hi=11.0)
+    np.testing.assert_allclose(field_model(P, Z.astype(float), GRID) / GRID.peak_scale,
+                               direct_field(P, Z, GRID), rtol=1e-12, atol=1e-15)
+
+
+def test_repeating_lattice_atoms_in_the_cube_and_images_outside():
+    # rock salt (a = 5.64 Å) rotated: the cube is filled, images outside reach it
+    a = 5.64
+    frac = np.array([[0, 0, 0], [.5, .5, 0], [.5, 0, .5], [0, .5, .5],
+                     [.5, 0, 0], [0, .5, 0], [0, 0, .5], [.5, .5, .5]])
+    nacl = Crystal(np.eye(3) * a, frac, [11] * 4 + [17] * 4, "NaCl")
+    from scipy.spatial.transform import Rotation
+    R = Rotation.from_euler("zyx", [20, 35, 10], degrees=True).as_matrix()
+    P, Z = lattice_positions(nacl, GRID, R)
+    M = direct_field(P, Z, GRID)
+    atoms = fit_atoms(M, GRID, "repeating_lattice")
+    inside = np.all((P >= 0) & (P <= GRID.length), axis=1)
+    m = match_atoms(P[inside], Z[inside], atoms.positions, atoms.Z, tol=0.1)
+    assert m["true_matched"] >= 0.99 * inside.sum()
+    assert m["species_correct"] >= 0.99 * inside.sum()
+    everything = fit_atoms(M, GRID, "repeating_lattice", keep_outside=True)
+    assert len(everything) > len(atoms)  # atoms outside the cube were fitted too
