@@ -59,6 +59,8 @@ class FitSettings:
         detect: after the first round, residual features down to ``detect * min_amplitude``
             are tried as atoms (a light atom beside a heavy one leaves a small residual).
         relative: per round only candidates at least this fraction of the strongest one.
+        noise_k: after the first round a residual feature must also exceed this many robust
+            standard deviations (1.4826 x median absolute deviation) of its detector.
         max_iter: Levenberg-Marquardt iterations per round.
         max_atoms: hard cap on fitted atoms (inside and outside the cube).
         outside_sigmas: how far outside the cube (in sigma) an atom may sit. For the unit
@@ -72,6 +74,7 @@ class FitSettings:
     merge_A: float = 0.5
     max_rounds: int = 25
     detect: float = 0.1
+    noise_k: float = 5.0
     relative: float = 0.25
     max_iter: int = 200
     max_atoms: int = 600
@@ -223,7 +226,21 @@ def _subvoxel(v: np.ndarray, idx: np.ndarray, log: bool) -> np.ndarray:
     return out
 
 
-def _candidates(r: np.ndarray, grid: Grid, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+_GAINS: dict = {}
+
+
+def _noise_gains(grid: Grid) -> tuple[float, float]:
+    """Standard deviations of the high-pass and of the Laplacian detector on unit white noise."""
+    key = (grid.n, grid.spacing, grid.sigma)
+    if key not in _GAINS:
+        w = np.random.default_rng(0).standard_normal((32, 32, 32))
+        hp = (w - ndimage.gaussian_filter(w, 1.0, mode="nearest"))[4:-4, 4:-4, 4:-4]
+        lap = -ndimage.laplace(w, mode="nearest")[4:-4, 4:-4, 4:-4] * grid.sigma**2 / (3 * grid.spacing**2)
+        _GAINS[key] = (1.4826 * float(np.median(np.abs(hp))), float(lap.std()))
+    return _GAINS[key]
+
+
+def _candidates(r: np.ndarray, grid: Grid, threshold: float, noise_k: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
     """Where the residual ``r`` (F units) may hold an atom: ((K, 3) Å, (K,) strength in Z
     units), strongest first.
 
@@ -233,13 +250,23 @@ def _candidates(r: np.ndarray, grid: Grid, threshold: float) -> tuple[np.ndarray
     catch the tails of atoms outside the cube at its faces).
     """
     h2 = grid.spacing ** 2
-    lap = -ndimage.laplace(r, mode="nearest") / h2
     s2 = grid.sigma ** 2
-    i1 = _local_maxima(lap, 3.0 * threshold / s2)
-    i2 = _local_maxima(r, threshold)
+    lap = -ndimage.laplace(r, mode="nearest") * (s2 / (3.0 * h2))  # Z units at an atom's centre
+    # the noise of the residual, seen where a field of Eq. 1 has no power (what a 1-voxel
+    # Gaussian smoothing removes), raises each detector's threshold by that detector's own
+    # gain on white noise, so the wiggles of a noisy field are not tried as atoms
+    if noise_k > 0:
+        sd = 1.4826 * float(np.median(np.abs(r - ndimage.gaussian_filter(r, 1.0, mode="nearest"))))
+        g_hp, g_lap = _noise_gains(grid)
+        t1 = max(threshold, noise_k * sd / g_hp * g_lap)
+        t2 = max(threshold, noise_k * sd / g_hp)
+    else:
+        t1 = t2 = threshold
+    i1 = _local_maxima(lap, t1)
+    i2 = _local_maxima(r, t2)
     p1 = _subvoxel(lap, i1, log=False)
     p2 = _subvoxel(r, i2, log=True)
-    strength = np.concatenate([lap[tuple(i1.T)] * s2 / 3.0, r[tuple(i2.T)]])
+    strength = np.concatenate([lap[tuple(i1.T)], r[tuple(i2.T)]])
     P = (np.concatenate([p1, p2]) + 0.5) * grid.spacing
     order = np.argsort(-strength, kind="stable")
     return P[order], strength[order]
@@ -371,7 +398,8 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
     best = (P, A, r, H, rss)
     limit = settings.max_atoms  # candidates per round; halved after a round that did not pay
     for _round in range(settings.max_rounds):
-        cand, strength = _candidates(r, grid, thresh if _round == 0 else settings.detect * settings.min_amplitude)
+        cand, strength = (_candidates(r, grid, thresh, 0.0) if _round == 0 else
+                          _candidates(r, grid, settings.detect * settings.min_amplitude, settings.noise_k))
         if len(cand):
             keep = strength >= (settings.relative if _round else 0.0) * strength[0]  # strongest first
             cand = _dedupe(cand[keep], P, settings.merge_A)
@@ -420,8 +448,9 @@ def _amplitude_sigma(H: np.ndarray | None, r: np.ndarray, N: int) -> np.ndarray:
     return np.sqrt(np.maximum(Hinv_diag, 0.0) * s2)
 
 
-def _result(P, A, sigA, L, keep_outside, z_max: int = 94) -> Atoms:
-    inside = np.all((P >= 0) & (P <= L), axis=1) if len(P) else np.zeros(0, bool)
+def _result(P, A, sigA, L, keep_outside, z_max: int = 94, edge: float = 0.02) -> Atoms:
+    # an atom on a face (the cell origin at the cube's corner) may be fitted 1e-5 Å outside
+    inside = np.all((P >= -edge) & (P <= L + edge), axis=1) if len(P) else np.zeros(0, bool)
     if not keep_outside:
         P, A, sigA = P[inside], A[inside], sigA[inside]
     Z = np.clip(np.rint(A), 1, z_max).astype(np.int64)

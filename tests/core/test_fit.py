@@ -113,12 +113,13 @@ def test_repeating_lattice_atoms_in_the_cube_and_images_outside():
     nacl = Crystal(np.eye(3) * a, frac, [11] * 4 + [17] * 4, "NaCl")
     from scipy.spatial.transform import Rotation
     R = Rotation.from_euler("zyx", [20, 35, 10], degrees=True).as_matrix()
-    P, Z = lattice_positions(nacl, GRID, R)
-    M = direct_field(P, Z, GRID)
-    atoms = fit_atoms(M, GRID, "repeating_lattice")
-    inside = np.all((P >= 0) & (P <= GRID.length), axis=1)
+    grid = Grid(n=18, length=6.0)  # h = 1/3 Å as in the default grid, a smaller window
+    P, Z = lattice_positions(nacl, grid, R)
+    M = direct_field(P, Z, grid)
+    atoms = fit_atoms(M, grid, "repeating_lattice")
+    inside = np.all((P >= 0) & (P <= grid.length), axis=1)
     m = match_atoms(P[inside], Z[inside], atoms.positions, atoms.Z, tol=0.1)
     assert m["true_matched"] >= 0.99 * inside.sum()
     assert m["species_correct"] >= 0.99 * inside.sum()
-    everything = fit_atoms(M, GRID, "repeating_lattice", keep_outside=True)
+    everything = fit_atoms(M, grid, "repeating_lattice", keep_outside=True)
     assert len(everything) > len(atoms)  # atoms outside the cube were fitted too
