@@ -40,11 +40,17 @@ def _reconstruct(a: argparse.Namespace) -> int:
 
     try:
         session = Session(a.checkpoint, device=a.device)
+        session.model.atoms_method = a.atoms
         rec = session.open(a.file)
     except (StructureError, CheckpointError) as exc:
         return _fail(str(exc))
-    m = dict(rec.metrics, file=a.file, formula=rec.crystal.name,
+    m = dict(rec.metrics, file=a.file, formula=rec.crystal.name, atoms_method=a.atoms,
              checkpoint=str(session.model.path) if session.model.path else None)
+    if rec.atoms.amplitude is not None:
+        m["atoms"] = [{"Z": int(z), "position_A": [round(float(x), 4) for x in p], "amplitude": round(float(amp), 3),
+                       "amplitude_sigma": round(float(sd), 3)}
+                      for z, p, amp, sd in zip(rec.atoms.Z, rec.atoms.positions, rec.atoms.amplitude,
+                                               rec.atoms.amplitude_sigma)]
     if a.out:
         try:
             writer = write_xyz if a.out.lower().endswith(".xyz") else write_cif
@@ -128,7 +134,9 @@ def _video_out(a: argparse.Namespace) -> tuple[Path, tuple[int, int]]:
 def _session(a: argparse.Namespace):
     from .session import Session
 
-    return Session(a.checkpoint, device=a.device)
+    s = Session(a.checkpoint, device=a.device)
+    s.model.atoms_method = getattr(a, "atoms", s.model.atoms_method)
+    return s
 
 
 def _progress_bar(total: int, quiet: bool, desc: str):
@@ -311,6 +319,16 @@ def _add_common_args(sp: argparse.ArgumentParser, cond: bool = False) -> None:
     sp.add_argument("--checkpoint", default=None, help="model checkpoint (default: the shipped one)")
     sp.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_atoms_arg(sp)
+
+
+def _add_atoms_arg(sp: argparse.ArgumentParser) -> None:
+    from .core.checkpoint import ATOM_METHODS, DEFAULT_ATOMS_METHOD
+
+    sp.add_argument("--atoms", choices=ATOM_METHODS, default=DEFAULT_ATOMS_METHOD,
+                    help="how atoms are read from a decoded field: fit (least squares of Eq. 1, species "
+                         "from the U-Net) or unet (the paper's argmax + connected components); "
+                         f"default {DEFAULT_ATOMS_METHOD}")
 
 
 def _add_video_args(sp: argparse.ArgumentParser) -> None:
@@ -339,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default=None, help="write the reconstructed atoms (.cif or .xyz)")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    _add_atoms_arg(r)
 
     i = sub.add_parser("interpolate", help="render the latent interpolation between two crystals to MP4/GIF")
     i.add_argument("a", metavar="A.cif", help="start crystal")

@@ -204,12 +204,37 @@ class Session:
             CheckpointError: nothing changes in the session when loading fails.
         """
         model = load_checkpoint(path, self.device)
+        model.atoms_method = self.model.atoms_method  # the user's choice survives a model switch
         self.model = model
         self.reset_latent_state()
         self._emit("model", model)
         if self.current is not None:
             self.reconstruct(self.current.crystal, self.current.rotation)
         return model
+
+    @property
+    def atoms_method(self) -> str:
+        """How atoms are read from decoded fields: ``"fit"`` (Eq. 1 least squares, the
+        default) or ``"unet"`` (the paper's argmax + connected components)."""
+        return self.model.atoms_method
+
+    def set_atoms_method(self, method: str) -> None:
+        """Choose ``"fit"`` or ``"unet"``; the current reconstruction is redone with it and
+        observers get ``("atoms_method", method)``.
+
+        Raises:
+            ValueError: an unknown method.
+        """
+        from .core.checkpoint import ATOM_METHODS
+
+        if method not in ATOM_METHODS:
+            raise ValueError(f"unknown atoms method {method!r} (one of {', '.join(ATOM_METHODS)})")
+        if method == self.model.atoms_method:
+            return
+        self.model.atoms_method = method
+        self._emit("atoms_method", method)
+        if self.current is not None:
+            self.reconstruct(self.current.crystal, self.current.rotation)
 
     # ------------------------------------------------------------------ work
     def compute(self, crystal: Crystal, rotation: np.ndarray | None = None) -> Reconstruction:

@@ -29,7 +29,7 @@ from .models import CrystalNet, ModelConfig
 from .segment import Atoms, species_map_to_atoms
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "CrystalModel", "FrozenNet", "FORMAT",
-           "MAX_BYTES"]
+           "MAX_BYTES", "ATOM_METHODS", "DEFAULT_ATOMS_METHOD"]
 
 FORMAT = "crystalstudio-checkpoint"
 VERSION = 1
@@ -213,6 +213,12 @@ class FrozenNet:
                 self.unet(self.decode(z0))
 
 
+#: ways of reading atoms from a decoded field (see CrystalModel.segment_batch)
+ATOM_METHODS = ("fit", "unet")
+#: the default: the Eq. 1 fit (README, "Atoms from a field", says why)
+DEFAULT_ATOMS_METHOD = "fit"
+
+
 def _jit_default(device: torch.device) -> bool:
     env = os.environ.get("CRYSTALSTUDIO_JIT", "").strip().lower()
     if env in ("0", "false", "no", "off"):
@@ -253,6 +259,8 @@ class CrystalModel:
         self.jit = _jit_default(self.device) if jit is None else bool(jit)
         self._frozen: FrozenNet | None = None
         self.jit_error: str | None = None  # why the traced path could not be built
+        #: how atoms are read from a decoded field: "fit" (Eq. 1 least squares) or "unet"
+        self.atoms_method: str = DEFAULT_ATOMS_METHOD
 
     def _modules(self):
         """(decode(z), unet(M)) to use; call with the lock held."""
@@ -318,13 +326,33 @@ class CrystalModel:
             _, unet = self._modules()
             return unet(self._t(M_hat)[None])[0].float().cpu().numpy()
 
-    def segment(self, M_hat: np.ndarray) -> Atoms:
-        """Atoms of a decoded field (argmax, components, majority vote, density-weighted COM)."""
-        return self.segment_batch(np.asarray(M_hat)[None])[0]
+    def segment(self, M_hat: np.ndarray, method: str | None = None) -> Atoms:
+        """Atoms of a decoded field by ``method`` (default :attr:`atoms_method`): see
+        :meth:`segment_batch`."""
+        return self.segment_batch(np.asarray(M_hat)[None], method)[0]
 
-    def segment_batch(self, fields: np.ndarray) -> list[Atoms]:
-        """Atoms of each decoded field: (B, n, n, n) float32 -> B :class:`Atoms`, one U-Net
-        call per field on the traced path, else per 8 fields (each the faster there)."""
+    def segment_batch(self, fields: np.ndarray, method: str | None = None) -> list[Atoms]:
+        """Atoms of each decoded field: (B, n, n, n) float32 -> B :class:`Atoms`.
+
+        ``method`` (default :attr:`atoms_method`):
+
+        * ``"fit"``: least-squares fit of Eq. 1 (:func:`~crystalstudio.core.fit.fit_atoms`
+          with :data:`~crystalstudio.core.fit.DECODED_FIT`), species and gating by the
+          U-Net's probabilities (:func:`~crystalstudio.core.fit.combine_with_unet`); atoms
+          carry their fitted amplitude and its standard error.
+        * ``"unet"``: the paper's path (Sec. 4.2.2): U-Net argmax, connected components,
+          majority vote, density-weighted centre of mass.
+
+        One U-Net call per field on the traced path, else per 8 fields (each the faster there).
+
+        Raises:
+            ValueError: an unknown method.
+        """
+        from .fit import DECODED_FIT, combine_with_unet, fit_atoms
+
+        method = method or self.atoms_method
+        if method not in ATOM_METHODS:
+            raise ValueError(f"unknown atoms method {method!r} (one of {', '.join(ATOM_METHODS)})")
         fields = np.asarray(fields, np.float32)
         out: list[Atoms] = []
         s, n = 0, len(fields)
@@ -332,8 +360,16 @@ class CrystalModel:
             with self._lock, torch.no_grad():
                 _, unet = self._modules()
                 batch = self._step()
-                species = unet(self._t(fields[s:s + batch])).argmax(1).cpu().numpy()
-            out += [species_map_to_atoms(sp, self.grid, M) for sp, M in zip(species, fields[s:s + batch])]
+                logits = unet(self._t(fields[s:s + batch])).float()
+                if method == "unet":
+                    species = logits.argmax(1).cpu().numpy()
+                else:
+                    probs = torch.softmax(logits, 1).cpu().numpy()
+            if method == "unet":
+                out += [species_map_to_atoms(sp, self.grid, M) for sp, M in zip(species, fields[s:s + batch])]
+            else:
+                out += [combine_with_unet(fit_atoms(M, self.grid, self.representation, DECODED_FIT), p, self.grid)
+                        for p, M in zip(probs, fields[s:s + batch])]
             s += batch
         return out
 

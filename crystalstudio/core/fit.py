@@ -40,7 +40,8 @@ from scipy import linalg, ndimage
 from .density import Grid
 from .segment import Atoms
 
-__all__ = ["FitSettings", "fit_atoms", "field_model", "FieldError", "DEFAULT_FIT", "DECODED_FIT"]
+__all__ = ["FitSettings", "fit_atoms", "field_model", "FieldError", "DEFAULT_FIT", "DECODED_FIT", "UNET_GATE",
+           "combine_with_unet"]
 
 
 class FieldError(ValueError):
@@ -67,6 +68,12 @@ class FitSettings:
             cell representation atoms are kept within ``edge_A`` of the cube.
         edge_A: unit-cell representation: allowed margin outside the cube, Å.
         z_max: largest Z read from an amplitude.
+        width_scale: fit Gaussians of ``width_scale * sigma`` (a decoded field is blurrier
+            than Eq. 1); Z is then the amplitude times ``width_scale^3`` (the integral).
+        laplacian: also seed from maxima of the residual's negative Laplacian (resolves
+            shoulders of a true field; on a decoded field it mostly finds wiggles).
+        backoff: after a round that did not pay, retry from the best state with half as
+            many candidates (robust on true fields, slower).
     """
 
     min_amplitude: float = 0.5
@@ -81,12 +88,51 @@ class FitSettings:
     outside_sigmas: float = 3.5
     edge_A: float = 0.5
     z_max: int = 94
+    width_scale: float = 1.0
+    laplacian: bool = True
+    backoff: bool = True
 
 
 #: for true (noise-free) fields and the tests: hydrogen (Z = 1) is found
 DEFAULT_FIT = FitSettings()
-#: for decoded fields M_hat of a VAE (chosen on the validation split, see training.evaluate)
-DECODED_FIT = FitSettings(min_amplitude=3.0)
+#: for decoded fields M_hat of a VAE (chosen on the validation split; docs/atom_fit.md):
+#: seeds from maxima of the field only, three rounds, no back-off, an amplitude floor of 6
+DECODED_FIT = FitSettings(min_amplitude=6.0, detect=0.5, max_rounds=3, laplacian=False, backoff=False,
+                          max_iter=20)
+#: species rule for decoded fields (chosen on the validation split): a fitted atom is kept
+#: when the U-Net gives it at least this probability of being an atom
+UNET_GATE = 0.2
+
+
+def combine_with_unet(atoms: Atoms, probs: np.ndarray, grid: Grid, gate: float = UNET_GATE) -> Atoms:
+    """Species of fitted atoms from the U-Net (Sec. 3.2) where the checkpoint has one.
+
+    The rule (chosen on the validation split of the shipped default, docs/atom_fit.md):
+    the U-Net's class probabilities are averaged over the 3x3x3 voxels around each fitted
+    atom; the atom is dropped when its probability of being an atom (1 - P(Z = 0)) is below
+    ``gate``, otherwise its Z is the U-Net's most probable Z >= 1. Positions, amplitudes
+    and their standard errors stay those of the fit.
+
+    Args:
+        atoms: :func:`fit_atoms` output. probs: (K, n, n, n) float class probabilities
+            (softmax of the U-Net logits on the same field). grid: its grid.
+    Returns:
+        :class:`Atoms` (a subset of ``atoms``, Z replaced).
+    """
+    if len(atoms) == 0:
+        return atoms
+    probs = np.asarray(probs)
+    n = grid.n
+    v = np.clip(np.floor(atoms.positions / grid.spacing).astype(int), 0, n - 1)
+    p = np.zeros((len(v), probs.shape[0]))
+    for k, (i, j, l) in enumerate(v):
+        blk = probs[:, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2, max(l - 1, 0):l + 2]
+        p[k] = blk.reshape(probs.shape[0], -1).mean(1)
+    keep = (1.0 - p[:, 0]) >= gate
+    Z = p[:, 1:].argmax(1) + 1
+    amp = None if atoms.amplitude is None else atoms.amplitude[keep]
+    sig = None if atoms.amplitude_sigma is None else atoms.amplitude_sigma[keep]
+    return Atoms(atoms.positions[keep], Z[keep].astype(np.int64), None, amp, sig)
 
 
 def _basis(P: np.ndarray, c: np.ndarray, sigma: float):
@@ -240,7 +286,8 @@ def _noise_gains(grid: Grid) -> tuple[float, float]:
     return _GAINS[key]
 
 
-def _candidates(r: np.ndarray, grid: Grid, threshold: float, noise_k: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+def _candidates(r: np.ndarray, grid: Grid, threshold: float, noise_k: float = 5.0,
+                laplacian: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Where the residual ``r`` (F units) may hold an atom: ((K, 3) Å, (K,) strength in Z
     units), strongest first.
 
@@ -262,7 +309,7 @@ def _candidates(r: np.ndarray, grid: Grid, threshold: float, noise_k: float = 5.
         t2 = max(threshold, noise_k * sd / g_hp)
     else:
         t1 = t2 = threshold
-    i1 = _local_maxima(lap, t1)
+    i1 = _local_maxima(lap, t1) if laplacian else np.zeros((0, 3), np.int64)
     i2 = _local_maxima(r, t2)
     p1 = _subvoxel(lap, i1, log=False)
     p2 = _subvoxel(r, i2, log=True)
@@ -376,8 +423,20 @@ def fit_atoms(M: np.ndarray, grid: Grid, representation: str = "unit_cell",
         FieldError: wrong shape, NaN/inf voxels, or a field negative everywhere.
     """
     F = _check_field(M, grid)
+    s = float(settings.width_scale)
+    if s == 1.0:
+        with _one_blas_thread():
+            return _fit(F, grid, representation, settings, keep_outside)
+    # a blurred field (a decoded M_hat): Gaussians of width s sigma; an atom's integral, and
+    # so its Z, is the fitted peak height times s^3
+    from dataclasses import replace
+
+    wide = replace(grid, sigma=grid.sigma * s)
     with _one_blas_thread():
-        return _fit(F, grid, representation, settings, keep_outside)
+        a = _fit(F, wide, representation, replace(settings, min_amplitude=settings.min_amplitude / s**3,
+                                                   outside_sigmas=settings.outside_sigmas / s), keep_outside)
+    amp, sig = a.amplitude * s**3, a.amplitude_sigma * s**3
+    return Atoms(a.positions, np.clip(np.rint(amp), 1, settings.z_max).astype(np.int64), None, amp, sig)
 
 
 def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, keep_outside: bool) -> Atoms:
@@ -398,8 +457,9 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
     best = (P, A, r, H, rss)
     limit = settings.max_atoms  # candidates per round; halved after a round that did not pay
     for _round in range(settings.max_rounds):
-        cand, strength = (_candidates(r, grid, thresh, 0.0) if _round == 0 else
-                          _candidates(r, grid, settings.detect * settings.min_amplitude, settings.noise_k))
+        cand, strength = (_candidates(r, grid, thresh, 0.0, settings.laplacian) if _round == 0 else
+                          _candidates(r, grid, settings.detect * settings.min_amplitude, settings.noise_k,
+                                      settings.laplacian))
         if len(cand):
             keep = strength >= (settings.relative if _round else 0.0) * strength[0]  # strongest first
             cand = _dedupe(cand[keep], P, settings.merge_A)
@@ -409,7 +469,7 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
         P = np.concatenate([P, cand])
         A = _amplitudes(F, P, c, sig)
         P, A, r, H = _refine(F, P, A, c, sig, lo, hi, settings.max_iter)
-        for _ in range(3):  # remove what fell below the floor, refit what is left
+        for _ in range(len(A) + 1):  # remove what fell below the floor, refit what is left
             P2, A2 = _prune(P.copy(), A.copy(), settings.min_amplitude, settings.merge_A)
             if len(A2) == len(A):
                 break
@@ -425,12 +485,19 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
         extra = 4 * max(len(A) - len(best[1]), 1)
         if rss < best[4] - extra * np.log(r.size) * s2 and rss < best[4] * (1 - 1e-6):
             best = (P, A, r, H, rss)
-        elif len(cand) > 1:  # back to the best state; try fewer, stronger candidates
+        elif len(cand) > 1 and settings.backoff:  # back to the best state; fewer, stronger candidates
             P, A, r, H, rss = best
             limit = max(1, len(cand) // 2)
         else:
             break
     P, A, r, H, rss = best
+    low = A < settings.min_amplitude  # (a state kept as best is pruned already; belt and braces)
+    if low.any():
+        P, A = P[~low], A[~low]
+        r = F - field_model(P, A, grid) if len(A) else F
+    if len(A):
+        gb, dgb = _basis(P, c, sig)
+        H, _ = _normal_equations(r, A, gb, dgb)
     sigA = _amplitude_sigma(H, r, len(A))
     return _result(P, A, sigA, L, keep_outside, settings.z_max)
 

@@ -213,9 +213,18 @@ class MainWindow(QMainWindow):
         self.slices_dock = QDockWidget("Slices", self)
         self.slices_dock.setObjectName("slices_dock")
         self.slices_dock.setWidget(self.explorer.slice_view)
+        from .atoms_table import AtomsTable
+
+        self.atoms_table = AtomsTable(self)
+        self.atoms_dock = QDockWidget("Atoms", self)
+        self.atoms_dock.setObjectName("atoms_dock")
+        self.atoms_dock.setWidget(self.atoms_table)
         self.setCorner(Qt.Corner.BottomRightCorner, Qt.DockWidgetArea.RightDockWidgetArea)
         self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.explorer_dock)
         self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.slices_dock)
+        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.atoms_dock)
+        self.tabifyDockWidget(self.slices_dock, self.atoms_dock)
+        self.slices_dock.raise_()
         self.resizeDocks([self.explorer_dock], [360], Qt.Orientation.Horizontal)
         self.resizeDocks([self.slices_dock], [170], Qt.Orientation.Vertical)
 
@@ -263,6 +272,7 @@ class MainWindow(QMainWindow):
         v.addSeparator()
         v.addAction(self.explorer_dock.toggleViewAction())
         v.addAction(self.slices_dock.toggleViewAction())
+        v.addAction(self.atoms_dock.toggleViewAction())
 
         self.model_menu = self.menuBar().addMenu("&Model")
         self.model_group = QActionGroup(self)
@@ -277,6 +287,20 @@ class MainWindow(QMainWindow):
             self.model_actions[str(path.resolve())] = a
         self.model_menu.addSeparator()
         self.model_menu.addAction(action("Open checkpoint &file…", self._ask_checkpoint))
+        self.model_menu.addSeparator()
+        am = self.model_menu.addMenu("&Atoms from the decoded field")
+        self.atoms_method_group = QActionGroup(self)
+        self.atoms_method_group.setExclusive(True)
+        self.atoms_method_actions: dict[str, QAction] = {}
+        for key, text, keys in (("fit", "&Fit Eq. 1 (least squares; species from the U-Net)", "Ctrl+Shift+F"),
+                                ("unet", "&U-Net (paper: argmax + connected components)", "Ctrl+Shift+U")):
+            a = am.addAction(text)
+            a.setCheckable(True)
+            a.setShortcut(QKeySequence(keys))
+            self.addAction(a)
+            self.atoms_method_group.addAction(a)
+            a.triggered.connect(lambda _=False, k=key: self.set_atoms_method(k))
+            self.atoms_method_actions[key] = a
 
         h = self.menuBar().addMenu("&Help")
         h.addAction(action("&About model", self._show_about_model))
@@ -438,14 +462,43 @@ class MainWindow(QMainWindow):
 
         self._start(f"Reconstructing {path.name}…", work, done=done, title="Cannot open structure")
 
+    def atoms_method(self) -> str:
+        """The remembered way of reading atoms from a decoded field ("fit" or "unet")."""
+        from ..core.checkpoint import ATOM_METHODS, DEFAULT_ATOMS_METHOD
+
+        m = str(self.settings.value("model/atoms_method", DEFAULT_ATOMS_METHOD))
+        return m if m in ATOM_METHODS else DEFAULT_ATOMS_METHOD
+
+    def set_atoms_method(self, method: str) -> None:
+        """Read atoms by ``method`` from now on (remembered); the current crystal is redone
+        in the background and the explorer's frame re-read."""
+        self.settings.setValue("model/atoms_method", method)
+        a = self.atoms_method_actions.get(method)
+        if a is not None and not a.isChecked():
+            a.setChecked(True)
+        if self.session is None or self.session.model.atoms_method == method:
+            return
+        self.session.model.atoms_method = method
+        current = self.session.current
+        session = self.session
+        if current is None or (session.z is not None and not np.array_equal(session.z, current.mu)):
+            # the explorer is elsewhere in latent space: re-read its frame, keep its z
+            self.explorer._last_request = None
+            self.explorer.request(segment=True)
+            return
+        self._start("Reading atoms…", lambda: session.compute(current.crystal, current.rotation),
+                    done=session.set_current, title="Cannot read atoms")
+
     def open_checkpoint(self, path: str | Path) -> None:
         """Load another model in the background; the current crystal is reconstructed with it."""
         path = Path(path)
         device = self.session.device if self.session is not None else "cpu"
         current = self.session.current if self.session is not None else None
+        method = self.atoms_method()
 
         def work():
             model = load_checkpoint(path, device)
+            model.atoms_method = method
             rec = Session(model=model, device=device).compute(current.crystal, current.rotation) if current else None
             return model, rec
 
@@ -476,6 +529,10 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------------ session -> views
     def _set_session(self, session: Session | None) -> None:
         self.session = session
+        if session is not None:
+            session.model.atoms_method = self.atoms_method()
+        if hasattr(self, "atoms_method_actions"):
+            self.atoms_method_actions[self.atoms_method()].setChecked(True)
         if hasattr(self, "model_actions"):
             self._mark_model()
         if session is not None:
@@ -498,6 +555,7 @@ class MainWindow(QMainWindow):
         self.output.title = "Reconstruction"
         self._fit_output_range(rec.M_hat)
         self.output.set_crystal(rec.M_hat, grid, rec.atoms.positions, rec.atoms.Z, f"{n_atoms(n_out)} segmented")
+        self.atoms_table.set_atoms(rec.atoms, self.session.model.atoms_method)
         self.explorer.on_reconstruction(rec)
         if not self._camera_fitted:
             self.reset_camera(render=False)
@@ -523,6 +581,7 @@ class MainWindow(QMainWindow):
         if segmented:
             out.set_crystal(frame.M_hat, grid, frame.atoms.positions, frame.atoms.Z,
                             f"{caption} · {n_atoms(len(frame.atoms))}")
+            self.atoms_table.set_atoms(frame.atoms, self.session.model.atoms_method)
         else:
             out.scene.set_density(frame.M_hat, grid)
             out.label.setText(f"Decoded · {caption}")
