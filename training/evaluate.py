@@ -66,6 +66,7 @@ from crystalstudio.core.density import Grid, random_rotations
 from crystalstudio.core.latent import random_latents
 from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import CrystalNet, kl_divergence, max_density
+from crystalstudio.core.fit import DECODED_FIT, DEFAULT_FIT, combine_with_unet, fit_atoms
 from crystalstudio.core.segment import density_peaks, species_map_to_atoms
 
 from .data import SPLITS, CrystalArrays, voxelise
@@ -83,10 +84,18 @@ class HarnessError(ValueError):
     """A one-line reason the harness cannot run (missing data, empty split, ...)."""
 
 
+def _fit_decoded(M_hat: np.ndarray, probs: np.ndarray, grid: Grid, representation: str):
+    """Atoms of a decoded field by the Eq. 1 fit, species and gating by the U-Net (the app's "fit")."""
+    return combine_with_unet(fit_atoms(M_hat, grid, representation, DECODED_FIT), probs, grid)
+
+
 def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, seed: int, batch: int,
                      device, tol: float, kls: list, voxel: np.ndarray | None = None,
-                     representation: str = "unit_cell", stages: dict | None = None):
+                     representation: str = "unit_cell", stages: dict | None = None, atoms: str = "fit"):
     """Yield ``(match, mse, true_pos, true_Z, atoms)`` per crystal of ``idx``, in order.
+
+    ``atoms``: how the model's atoms are read from M_hat, ``"fit"`` (Eq. 1 least squares,
+    species from the U-Net) or ``"unet"`` (the paper's argmax + connected components).
 
     KL per dimension (B, latent) of each batch is appended to ``kls``; when ``voxel`` is
     given, ``[correct, voxels, correct atom voxels, atom voxels]`` of the U-Net's argmax
@@ -102,7 +111,9 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
         mu, logvar = net.vae.encode(M, cond)
         kls.append(kl_divergence(mu, logvar).cpu())
         Mh = net.vae.decode(mu, cond)
-        species_t = net.unet(Mh).argmax(1)
+        logits = net.unet(Mh)
+        species_t = logits.argmax(1)
+        probs = torch.softmax(logits.float(), 1).cpu().numpy() if (atoms == "fit" or stages is not None) else None
         if voxel is not None:
             ok, atom = species_t == S, S > 0
             voxel += np.array([int(ok.sum()), ok.numel(), int((ok & atom).sum()), int(atom.sum())], np.int64)
@@ -113,16 +124,25 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
             M_np = M.float().cpu().numpy().reshape(len(b), *(grid.n,) * 3)
             species_true_M = net.unet(M.reshape(len(b), *(grid.n,) * 3)).argmax(1).cpu().numpy()
         for k in range(len(b)):
-            atoms = species_map_to_atoms(species[k], grid, Mh_np[k])
             keep = Zp[k] > 0
             tp, tz = P[k][keep], Zp[k][keep]
+            unet_atoms = species_map_to_atoms(species[k], grid, Mh_np[k])
+            fit_dec = _fit_decoded(Mh_np[k], probs[k], grid, representation) if probs is not None else None
+            found = fit_dec if atoms == "fit" else unet_atoms
             if stages is not None:
+                stages.setdefault("unet_on_decoded_M", []).append(
+                    match_atoms(tp, tz, unet_atoms.positions, unet_atoms.Z, tol))
+                stages.setdefault("fit_on_decoded_M", []).append(match_atoms(tp, tz, fit_dec.positions, fit_dec.Z, tol))
+                fit_true = fit_atoms(M_np[k], grid, representation, DEFAULT_FIT)
+                stages.setdefault("fit_on_true_M", []).append(match_atoms(tp, tz, fit_true.positions, fit_true.Z, tol))
+                stages.setdefault("fit_on_true_M_0.1A", []).append(
+                    match_atoms(tp, tz, fit_true.positions, fit_true.Z, 0.1))
                 on_true = species_map_to_atoms(species_true_M[k], grid, M_np[k])
                 stages.setdefault("unet_on_true_M", []).append(match_atoms(tp, tz, on_true.positions, on_true.Z, tol))
                 peaks = _field_peaks(M_np[k], grid)
                 stages.setdefault("true_field_peaks", []).append(
                     match_atoms(tp, tz, peaks, np.zeros(len(peaks), np.int64), tol))
-            yield match_atoms(tp, tz, atoms.positions, atoms.Z, tol), mse[k], tp, tz, atoms
+            yield match_atoms(tp, tz, found.positions, found.Z, tol), mse[k], tp, tz, found
 
 
 #: the error budget's stages, from the representation to the full model (see error_budget)
@@ -130,7 +150,11 @@ STAGES = {
     "true_field_peaks": "local maxima of the true M above Z 0.5 (the representation: are the atoms separate "
                         "peaks at this sigma?)",
     "unet_on_true_M": "the U-Net segmenting the true M (the segmentation stage alone)",
-    "full": "the U-Net segmenting the decoded M_hat (encode, decode, segment: the model)",
+    "fit_on_true_M": "the Eq. 1 least-squares fit of the true M, Z from the amplitude (the atom fit alone)",
+    "fit_on_true_M_0.1A": "the same, atoms matched within 0.1 Å instead of tol",
+    "unet_on_decoded_M": "the U-Net segmenting the decoded M_hat (the paper's path: encode, decode, segment)",
+    "fit_on_decoded_M": "the Eq. 1 fit of the decoded M_hat, species and gating by the U-Net (the app's default)",
+    "full": "the model as evaluated (the --atoms method on the decoded M_hat)",
 }
 
 
@@ -221,8 +245,9 @@ def _table(per: list[dict], mse: list[float], kls: list, latent: int) -> dict:
 @torch.no_grad()
 def evaluate(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, seed: int = 0,
              batch: int = 16, device: str | torch.device = "cpu", tol: float = 0.5,
-             representation: str = "unit_cell") -> dict:
-    """Sec. 4.1 table over crystals ``idx`` plus the per-dimension mean KL.
+             representation: str = "unit_cell", atoms: str = "fit") -> dict:
+    """Sec. 4.1 table over crystals ``idx`` plus the per-dimension mean KL (atoms read by
+    ``atoms``: "fit" or "unet", see :func:`_reconstructions`).
 
     Returns:
         dict: the :func:`aggregate` measures, ``latent_kl`` (latent,) list of mean KL per
@@ -234,7 +259,7 @@ def evaluate(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, 
     per, mse, kls = [], [], []
     try:
         for r, e, *_ in _reconstructions(net, data, idx, grid, seed, batch, device, tol, kls,
-                                             representation=representation):
+                                             representation=representation, atoms=atoms):
             per.append(r)
             mse.append(e)
     finally:
@@ -288,16 +313,22 @@ def _direction(d: np.ndarray, tol: float) -> dict:
 
 
 @torch.no_grad()
-def _random_draws(model: CrystalModel, n: int, seed: int, batch: int) -> dict:
-    """Decode and segment n draws z ~ N(0, I) (Sec. 4.4); per-draw atom counts and NN distances."""
+def _random_draws(model: CrystalModel, n: int, seed: int, batch: int, method: str = "fit") -> dict:
+    """Decode n draws z ~ N(0, I) (Sec. 4.4), atoms read by ``method``; per-draw atom counts
+    and NN distances."""
     z = random_latents(n, model.latent, seed)
     counts, nn, close = [], [], []
     for s in range(0, n, batch):
         Mh = model.net.vae.decode(torch.as_tensor(z[s:s + batch], device=model.device))
-        species = model.net.unet(Mh).argmax(1).cpu().numpy()
+        logits = model.net.unet(Mh).float()
         Mh_np = Mh.float().cpu().numpy()
-        for k in range(len(species)):
-            atoms = species_map_to_atoms(species[k], model.grid, Mh_np[k])
+        if method == "fit":
+            probs = torch.softmax(logits, 1).cpu().numpy()
+            found = [_fit_decoded(Mh_np[k], probs[k], model.grid, model.representation) for k in range(len(Mh_np))]
+        else:
+            species = logits.argmax(1).cpu().numpy()
+            found = [species_map_to_atoms(species[k], model.grid, Mh_np[k]) for k in range(len(Mh_np))]
+        for atoms in found:
             d = _nn_distances(atoms.positions)
             counts.append(len(atoms))
             nn.append(d)
@@ -308,7 +339,7 @@ def _random_draws(model: CrystalModel, n: int, seed: int, batch: int) -> dict:
 
 @torch.no_grad()
 def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int = 0, draws: int = 200,
-            tol: float = 0.5, batch: int = 16) -> dict:
+            tol: float = 0.5, batch: int = 16, atoms: str = "fit", budget: bool = True) -> dict:
     """All measures of the module docstring over crystals ``idx`` (no run metadata).
 
     Deterministic for a given seed: rotations are ``random_rotations(len(idx), seed)`` and
@@ -319,11 +350,11 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
     net.eval()
     per, mse, kls, rows = [], [], [], []
     voxel = np.zeros(4, np.int64)
-    stages: dict = {}
+    stages: dict | None = {} if budget else None
     dt, dp, nn_real, nn_rec, zpairs = [], [], [], [], []
     try:
         recs = _reconstructions(net, data, idx, model.grid, seed, batch, model.device, tol, kls, voxel,
-                                model.representation, stages)
+                                model.representation, stages, atoms)
         for i, (r, e, tp, tz, atoms) in zip(idx, recs):
             per.append(r)
             mse.append(e)
@@ -340,7 +371,8 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
         res = _table(per, mse, kls, model.latent)
         res.pop("latent_kl")
         res.pop("latent_rank")
-        res["error_budget"] = error_budget(stages, per)
+        if stages is not None:
+            res["error_budget"] = error_budget(stages, per)
 
         nt = np.array([r["n_true"] for r in rows], np.int64)
         npred = np.array([r["n_pred"] for r in rows], np.int64)
@@ -369,7 +401,7 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
         nn_rec = np.concatenate(nn_rec) if nn_rec else np.zeros(0)
         rd = {"n": int(draws), "seed": int(seed), "close_A": CLOSE_A,
               "frame": "cube (representation 1), no periodic images"}
-        dr = _random_draws(model, draws, seed, batch) if draws > 0 else None
+        dr = _random_draws(model, draws, seed, batch, atoms) if draws > 0 else None
         nn_draws = dr["nn"] if dr else np.zeros(0)
         rd["nn_hist"] = {"edges": NN_EDGES, "draws": _hist(nn_draws, NN_EDGES)["counts"],
                          "real": _hist(nn_real, NN_EDGES)["counts"],
@@ -453,6 +485,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=0.5, help="atom match distance in Å (paper 0.5)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--atoms", choices=("fit", "unet"), default="fit",
+                   help="how the model's atoms are read from M_hat (default fit; the error budget has both)")
+    p.add_argument("--no-budget", action="store_true", help="skip the error budget (faster)")
     p.add_argument("--val", type=float, default=0.05, help="validation fraction given to prepare (CSV input)")
     p.add_argument("--test", type=float, default=0.10, help="test fraction given to prepare (CSV input)")
     p.add_argument("--json", default="", help="write the measures to this JSON file")
@@ -489,10 +524,11 @@ def run(a: argparse.Namespace) -> dict:
         "limit": a.limit or None,
         "tol_A": a.tol,
         "draws": a.draws,
+        "atoms_method": a.atoms,
         "n_split": int(len(full)),
         "split_ids_sha1": ids_sha1,
         "split_matches_checkpoint_test_ids": (ids_sha1 == ck_sha1) if (a.split == "test" and ck_sha1) else None,
-        **harness(model, data, idx, a.seed, a.draws, a.tol, a.batch),
+        **harness(model, data, idx, a.seed, a.draws, a.tol, a.batch, a.atoms, not a.no_budget),
     }
     res = _clean(res)
     print(format_table(res), flush=True)
