@@ -96,7 +96,7 @@ def _separability(a: argparse.Namespace) -> list[dict]:
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['sigma']:.2f} | {100 * r['atoms_within_tol']:.1f}% | {100 * r['pred_within_tol']:.1f}% | "
-              f"{100 * r['exact_count']:.1f}% | {r['median_error_A']:.3f} |")
+              f"{100 * r['exact_count']:.1f}% | {r['median_error_A'] if r['median_error_A'] is not None else float('nan'):.3f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return rows

@@ -69,7 +69,7 @@ def aggregate(per_crystal: list[dict], mse: list[float] | None = None) -> dict:
         "within2_count": float(np.mean([abs(r["n_pred"] - r["n_true"]) <= 2 for r in per_crystal])),
         "species_accuracy": sum(r["species_correct"] for r in per_crystal) / max(mt, 1),
         "species_within2": sum(r["species_within2"] for r in per_crystal) / max(mt, 1),
-        "median_error_A": float(np.median(d[np.isfinite(d)])) if np.isfinite(d).any() else float("nan"),
+        "median_error_A": float(np.median(d[np.isfinite(d)])) if np.isfinite(d).any() else None,
     }
     if mse is not None:
         res["voxel_mse"] = float(np.mean(mse))

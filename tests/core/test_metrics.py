@@ -71,7 +71,7 @@ def test_aggregate_empty_inputs():
     b = match_atoms(np.array([[1.0, 1.0, 1.0]]), [1], np.zeros((0, 3)), np.zeros(0, int))
     res = aggregate([b])
     assert res["atoms_within_tol"] == 0.0 and res["pred_within_tol"] == 0.0
-    assert np.isnan(res["median_error_A"])
+    assert res["median_error_A"] is None  # no matched atom: no value (JSON null)
 
 
 def test_worst_nearest_is_the_one_sided_hausdorff_distance():

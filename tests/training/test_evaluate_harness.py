@@ -280,8 +280,9 @@ def test_perfect_predictor_reference(files, tmp_path, monkeypatch, shift):
     monkeypatch.setattr(ev, "voxelise", spy)
     monkeypatch.setattr(ev, "load_checkpoint", load)
     out = tmp_path / "perfect.json"
-    assert ev.main(_args(files, out, None, "--draws", "0")) == 0
+    assert ev.main(_args(files, out, None, "--draws", "0", "--atoms", "unet")) == 0
     res = json.loads(out.read_text())
+    assert res["atoms_method"] == "unet"
     assert res["n_crystals"] == 4 and res["n_true_atoms"] == 25
     assert res["atoms_within_tol"] == res["pred_within_tol"] == 1.0
     assert res["exact_count"] == res["within2_count"] == res["counts"]["exact"] == 1.0
@@ -302,6 +303,10 @@ def test_perfect_predictor_reference(files, tmp_path, monkeypatch, shift):
     eb = res["error_budget"]
     assert eb["unet_on_true_M"]["atoms_within_tol"] == eb["full"]["atoms_within_tol"] == 1.0
     assert eb["unet_on_true_M"]["species_accuracy"] == eb["full"]["species_accuracy"] == (1.0 if shift == 0 else 0.0)
+    assert eb["unet_on_decoded_M"] == {**eb["full"], "what": eb["unet_on_decoded_M"]["what"]}
+    # the Eq. 1 fit of the true M needs no U-Net: every atom within 0.1 Å with its Z, shift or not
+    for stage in ("fit_on_true_M", "fit_on_true_M_0.1A"):
+        assert eb[stage]["atoms_within_tol"] == eb[stage]["exact_count"] == eb[stage]["species_accuracy"] == 1.0
 
 
 def _direct_peaks(pos: np.ndarray, Z: np.ndarray, grid: Grid, min_Z: float = 0.5) -> np.ndarray:
@@ -331,7 +336,8 @@ def test_error_budget_stages(files, result):
 
     res = json.loads(result[0].read_text())
     eb = res["error_budget"]
-    assert list(eb) == list(ev.STAGES) == ["true_field_peaks", "unet_on_true_M", "full"]
+    assert list(eb) == list(ev.STAGES) == ["true_field_peaks", "unet_on_true_M", "fit_on_true_M", "fit_on_true_M_0.1A",
+                                          "unet_on_decoded_M", "fit_on_decoded_M", "full"]
     for k in ("atoms_within_tol", "pred_within_tol", "exact_count", "species_accuracy"):
         assert eb["full"][k] == pytest.approx(res[k])
     assert eb["true_field_peaks"]["species_accuracy"] is None
