@@ -43,6 +43,24 @@ def test_reconstruct_json(capsys):
     assert 0.0 <= m["atoms_within_tol"] <= 1.0
 
 
+def test_reconstruct_atoms_method(capsys, tmp_path):
+    """--atoms fit lists each atom's amplitude; --atoms unet (the paper's path) has none; the
+    written CIF holds the atoms the JSON reports."""
+    out = tmp_path / "fit.xyz"
+    assert main(["reconstruct", SRTIO3, "--json", "--out", str(out)]) == 0
+    fit = json.loads(capsys.readouterr().out)
+    assert fit["atoms_method"] == "fit" and len(fit["atoms"]) == fit["n_pred"]
+    assert all(a["amplitude"] > 0 and a["amplitude_sigma"] >= 0 for a in fit["atoms"])
+    assert int(out.read_text().split()[0]) == fit["n_pred"]
+    assert main(["reconstruct", SRTIO3, "--json", "--atoms", "unet"]) == 0
+    unet = json.loads(capsys.readouterr().out)
+    assert unet["atoms_method"] == "unet" and "atoms" not in unet
+    assert unet["voxel_mse"] == fit["voxel_mse"]  # same decoded field, another reading of it
+    with pytest.raises(SystemExit) as e:  # argparse: an unknown method is a usage error
+        main(["reconstruct", SRTIO3, "--atoms", "peaks"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
 def test_reconstruct_missing_file(capsys, tmp_path):
     assert main(["reconstruct", str(tmp_path / "nope.cif")]) == EXIT_BAD_INPUT
     one_error_line(capsys.readouterr().err, "nope.cif")
