@@ -110,8 +110,12 @@ def combine_with_unet(atoms: Atoms, probs: np.ndarray, grid: Grid, gate: float =
     The rule (chosen on the validation split of the shipped default, docs/atom_fit.md):
     the U-Net's class probabilities are averaged over the 3x3x3 voxels around each fitted
     atom; the atom is dropped when its probability of being an atom (1 - P(Z = 0)) is below
-    ``gate``, otherwise its Z is the U-Net's most probable Z >= 1. Positions, amplitudes
-    and their standard errors stay those of the fit.
+    ``gate``. Its Z is the majority vote of the U-Net's per-voxel argmax labels (Z >= 1)
+    among those 27 voxels (the paper's vote, Sec. 4.2.2, on the fitted atom's neighbourhood),
+    or, where none of them is labelled an atom, the most probable Z >= 1 of the mean.
+    Positions, amplitudes and their standard errors stay those of the fit. (On 100
+    validation crystals of the shipped default: species exact 16.2% with the vote, 14.5%
+    with the mean probability, 15.7% for the U-Net path itself.)
 
     Args:
         atoms: :func:`fit_atoms` output. probs: (K, n, n, n) float class probabilities
@@ -124,12 +128,16 @@ def combine_with_unet(atoms: Atoms, probs: np.ndarray, grid: Grid, gate: float =
     probs = np.asarray(probs)
     n = grid.n
     v = np.clip(np.floor(atoms.positions / grid.spacing).astype(int), 0, n - 1)
-    p = np.zeros((len(v), probs.shape[0]))
+    K = probs.shape[0]
+    p = np.zeros((len(v), K))
+    Z = np.zeros(len(v), np.int64)
     for k, (i, j, l) in enumerate(v):
-        blk = probs[:, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2, max(l - 1, 0):l + 2]
-        p[k] = blk.reshape(probs.shape[0], -1).mean(1)
+        blk = probs[:, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2, max(l - 1, 0):l + 2].reshape(K, -1)
+        p[k] = blk.mean(1)
+        labels = blk.argmax(0)
+        labels = labels[labels > 0]
+        Z[k] = np.bincount(labels).argmax() if len(labels) else p[k, 1:].argmax() + 1
     keep = (1.0 - p[:, 0]) >= gate
-    Z = p[:, 1:].argmax(1) + 1
     amp = None if atoms.amplitude is None else atoms.amplitude[keep]
     sig = None if atoms.amplitude_sigma is None else atoms.amplitude_sigma[keep]
     return Atoms(atoms.positions[keep], Z[keep].astype(np.int64), None, amp, sig)
