@@ -16,10 +16,9 @@ module inverts Eq. 1 by sparse-in-atoms nonlinear least squares:
    (cost ``N n^3``), and no Jacobian is ever stored: for 100 atoms on a 30^3 grid one
    iteration is about 1 ms.
 3. **Add and remove**: new residual maxima become atoms; atoms whose amplitude falls below
-   the floor (``min_amplitude``, or ``z_keep`` times their own standard error, whichever is
-   larger) are removed; two atoms closer than ``merge_A`` are merged. Repeat until a round
-   adds nothing that survives (the stopping rule: no residual peak is an atom above the
-   noise floor), at most ``max_rounds`` rounds.
+   the floor ``min_amplitude`` are removed; two atoms closer than ``merge_A`` are merged.
+   Repeat until a round no longer lowers the residual energy by more than a BIC penalty
+   (ln(voxels) noise variances per new parameter), at most ``max_rounds`` rounds.
 
 The noise level is estimated from the residual, ``s^2 = RSS / (n^3 - 4 N)``, and each
 amplitude's standard error is ``s sqrt([(J^T J)^-1]_AA)`` (white-noise approximation; a
@@ -54,7 +53,6 @@ class FitSettings:
 
     Attributes:
         min_amplitude: smallest amplitude (Z units) kept as an atom (0.5: half a hydrogen).
-        z_keep: an atom must also exceed this many standard errors of its amplitude.
         merge_A: atoms closer than this (Å) are merged into one (amplitudes summed).
         max_rounds: add/refine/remove rounds.
         detect: after the first round, residual features down to ``detect * min_amplitude``
@@ -77,7 +75,6 @@ class FitSettings:
     """
 
     min_amplitude: float = 0.5
-    z_keep: float = 3.0
     merge_A: float = 0.5
     max_rounds: int = 25
     detect: float = 0.1
@@ -209,10 +206,6 @@ def _normal_equations(r: np.ndarray, A: np.ndarray, g: np.ndarray, dg: np.ndarra
     return H, b
 
 
-def _clip(P: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    return np.clip(P, lo, hi)
-
-
 def _refine(F: np.ndarray, P: np.ndarray, A: np.ndarray, c: np.ndarray, sigma: float, lo: float, hi: float,
             max_iter: int, tol: float = 1e-6):
     """Levenberg-Marquardt on all positions and amplitudes; returns (P, A, residual, H)."""
@@ -235,7 +228,7 @@ def _refine(F: np.ndarray, P: np.ndarray, A: np.ndarray, c: np.ndarray, sigma: f
             except np.linalg.LinAlgError:
                 delta = linalg.lstsq(Hd, b, check_finite=False)[0]
             A1 = A + delta[:N]
-            P1 = _clip(P + delta[N:].reshape(3, N).T, lo, hi)
+            P1 = np.clip(P + delta[N:].reshape(3, N).T, lo, hi)
             g1, dg1 = _basis(P1, c, sigma)
             r1 = F - _model(A1, g1)
             rss1 = float(np.vdot(r1, r1))
