@@ -8,8 +8,10 @@
   interpolation between two crystals (posterior means) off-screen to MP4 or GIF.
 * ``crystalstudio sweep FILE.cif --dim K --frames N --out movie.mp4``: sweep latent
   dimension K from -3 to 3 around the encoded crystal.
-* ``crystalstudio sample --n 8 --seed 0 --out DIR [--size 640x480]``: decode random draws
-  z ~ N(0, I); write ``sample_000.cif`` / ``.png`` / ``.npy`` per draw.
+* ``crystalstudio sample --n 8 --seed 0 --out DIR [--prior aggregate|standard] [--report]``:
+  decode random draws (from the checkpoint's aggregate prior when it has one, else
+  z ~ N(0, I)); write ``sample_000.cif`` / ``.png`` / ``.npy`` per draw; ``--report`` adds
+  each draw's validity, a summary table and ``report.json``.
 * ``crystalstudio export-density FILE.cif --out field.vti|field.npy``: the decoded density.
 
 Bad input exits with status 2 and one line on stderr naming the file and the problem.
@@ -223,8 +225,8 @@ def _formula(composition: dict) -> str:
 
 
 def _sample(a: argparse.Namespace) -> int:
-    from .core.latent import random_latents
     from .io.structures import write_cif
+    from .io.validity import check_draw, reference_of, validity_report
     from .render.export import FrameRenderer, save_density_npy, save_png
 
     size = _size(a.size)
@@ -239,13 +241,19 @@ def _sample(a: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _BadInput(f"{out}: cannot create the folder ({exc.strerror or exc})") from None
-    zs = random_latents(a.n, session.model.latent, a.seed)
-    rows, n_cif = [], 0
+    session.set_prior(a.prior)
+    used = session.prior_in_use()
+    if a.prior == "aggregate" and used != "aggregate":
+        print(f"note: {session.model.path.name if session.model.path else 'the model'} has no aggregate prior "
+              "(python -m training fit-prior adds one): drawing z ~ N(0, I)", file=sys.stderr)
+    zs, conds = session.draw(a.n, a.seed)
+    rows, n_cif, found = [], 0, []
     cb, close = _progress_bar(a.n, a.quiet, "sampling")
     try:
         with FrameRenderer(session.grid, size, show_density=not a.no_density, show_atoms=not a.no_atoms) as r:
             for i, z in enumerate(zs):
-                f = session.decode(z, cond)
+                f = session.decode(z, cond if cond is not None or conds is None else float(conds[i]))
+                found.append((f.atoms.positions, f.atoms.Z))
                 stem = out / f"sample_{i:03d}"
                 save_density_npy(f.M_hat, stem.with_suffix(".npy"))
                 save_png(r.render(f, title=f"sample {i}  (seed {a.seed})"), stem.with_suffix(".png"))
@@ -257,14 +265,38 @@ def _sample(a: argparse.Namespace) -> int:
                     note = "  (no atoms segmented: no CIF)"
                 rd = f.readouts
                 dmin = "n/a" if rd["min_distance_A"] is None else f"{rd['min_distance_A']:.2f} Å"
+                why = f"  {check_draw(f.atoms.positions, f.atoms.Z).reason}" if a.report else ""
                 rows.append(f"  {stem.name}  {rd['n_atoms']:3d} atoms  {_formula(rd['composition']):<16s} "
-                            f"min distance {dmin}{note}")
+                            f"min distance {dmin}{note}{why}")
                 cb(i + 1, a.n)
     finally:
         close()
-    print(f"{a.n} samples (seed {a.seed}) in {out}: {a.n} PNG, {a.n} NPY, {n_cif} CIF")
+    print(f"{a.n} samples (seed {a.seed}, {used} prior) in {out}: {a.n} PNG, {a.n} NPY, {n_cif} CIF")
     print("\n".join(rows))
+    if a.report:
+        counts, nel, forms = reference_of(session.model.prior.info if session.model.prior else None)
+        rep = {"prior": used, "seed": a.seed, "checkpoint": str(session.model.path),
+               **validity_report(found, counts, nel, forms)}
+        print("\n" + format_validity(rep))
+        (out / "report.json").write_text(json.dumps(rep, indent=1) + "\n")
+        print(f"report written to {out / 'report.json'}")
     return 0
+
+
+def format_validity(rep: dict) -> str:
+    """Markdown table of a :func:`~crystalstudio.io.validity.validity_report` dict."""
+    pct = (lambda v: "-" if v is None else f"{100 * v:.1f}%")
+    num = (lambda v: "-" if v is None else f"{v:.2f}")
+    lines = [f"| measure ({rep['n']} draws, {rep.get('prior', '?')} prior) | value |", "|---|---|",
+             f"| structurally valid (all pairs >= 0.5 Å) | {pct(rep['structural_valid'])} |",
+             f"| compositionally valid (SMACT) | {pct(rep['compositional_valid'])} |",
+             f"| both | {pct(rep['valid'])} |",
+             f"| atoms per draw (training fields) | {num(rep['atoms_per_draw'])} ({num(rep['real_atoms_per_crystal'])}) |",
+             f"| atom-count Wasserstein distance | {num(rep['count_wasserstein'])} |",
+             f"| element-count Wasserstein distance | {num(rep['n_elements_wasserstein'])} |",
+             f"| unique (among valid) | {pct(rep['uniqueness'])} |",
+             f"| novel formula (among valid unique) | {pct(rep['novelty'])} |"]
+    return "\n".join(lines)
 
 
 def _export_density(a: argparse.Namespace) -> int:
@@ -370,8 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--range", type=float, nargs=2, default=(-3.0, 3.0), metavar=("LO", "HI"), dest="range_",
                    help="values of z[K] at the first and last frame (default -3 3)")
     _add_video_args(w)
-    s = sub.add_parser("sample", help="decode random latent draws z ~ N(0, I) to CIF, PNG and NPY")
+    s = sub.add_parser("sample", help="decode random latent draws to CIF, PNG and NPY")
     s.add_argument("--n", type=int, default=8, help="number of draws (default 8)")
+    s.add_argument("--prior", choices=("aggregate", "standard"), default="aggregate",
+                   help="aggregate: the checkpoint's Gaussian mixture fitted on the training crystals' "
+                        "encodings (default; N(0, I) when it has none); standard: z ~ N(0, I) (Sec. 4.4)")
+    s.add_argument("--report", action="store_true",
+                   help="validity of each draw, a summary table and DIR/report.json")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--out", required=True, help="output folder (created if missing)")
     _add_render_args(s, "640x480")

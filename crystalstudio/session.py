@@ -182,6 +182,9 @@ class Session:
         self.endpoints: dict[str, Endpoint | None] = {"A": None, "B": None}
         self.t = 0.0  # position between A (t = 0) and B (t = 1)
         self.keyframes: list[np.ndarray] = []  # latent vectors of a user-made path (export)
+        #: where random draws come from: "aggregate" (the checkpoint's fitted prior, when it
+        #: has one) or "standard" (z ~ N(0, I), Sec. 4.4)
+        self.prior: str = "aggregate"
 
     # ------------------------------------------------------------------ events
     def subscribe(self, callback: Callable[[str, object], None]) -> None:
@@ -217,6 +220,40 @@ class Session:
         """How atoms are read from decoded fields: ``"fit"`` (Eq. 1 least squares, the
         default) or ``"unet"`` (the paper's argmax + connected components)."""
         return self.model.atoms_method
+
+    def set_prior(self, name: str) -> None:
+        """Choose where random draws come from, ``"aggregate"`` or ``"standard"``;
+        observers get ``("prior", name)``.
+
+        Raises:
+            ValueError: an unknown prior.
+        """
+        from .core.prior import PRIORS
+
+        if name not in PRIORS:
+            raise ValueError(f"unknown prior {name!r} (one of {', '.join(PRIORS)})")
+        if name != self.prior:
+            self.prior = name
+            self._emit("prior", name)
+
+    def prior_in_use(self) -> str:
+        """The prior draws actually use: ``"aggregate"`` only when chosen and the model has one."""
+        return "aggregate" if self.prior == "aggregate" and self.model.prior is not None else "standard"
+
+    def draw(self, n: int, seed: int | None = 0) -> tuple[np.ndarray, np.ndarray | None]:
+        """``n`` random latent vectors from :meth:`prior_in_use` and, for a conditional
+        model with an aggregate prior, a largest density per draw from the training
+        distribution (else None: decode at the model's reference scale).
+
+        Returns:
+            (z (n, latent) float32, cond (n,) float32 or None); the same seed gives the same draws.
+        """
+        from .core.prior import draw_latents
+
+        prior = self.model.prior if self.prior_in_use() == "aggregate" else None
+        z = draw_latents(n, self.model.latent, seed, prior)
+        cond = prior.sample_cond(n, seed) if (prior is not None and self.model.config.conditional) else None
+        return z, cond
 
     def set_atoms_method(self, method: str) -> None:
         """Choose ``"fit"`` or ``"unet"``; the current reconstruction is redone with it and

@@ -1,4 +1,4 @@
-"""``python -m training {prepare,train,evaluate,knobs,separability} ...``: see ``--help`` of each."""
+"""``python -m training {prepare,train,evaluate,fit-prior,knobs,separability} ...``: see ``--help`` of each."""
 
 from __future__ import annotations
 
@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     pe = sub.add_parser("evaluate", help="held-out measures of a checkpoint (same as python -m training.evaluate)")
     evaluate_arguments(pe)
 
+    from .prior import add_arguments as prior_arguments
+
+    pf = sub.add_parser("fit-prior", help="fit the aggregate-posterior prior (Gaussian mixture on the training "
+                                          "crystals' encoded means) and store it in the checkpoint")
+    prior_arguments(pf)
+
     from .knobs import add_arguments as knob_arguments
 
     pk = sub.add_parser("knobs", help="one-knob-at-a-time fine-tunes measured on the validation split")
@@ -70,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         train(TrainConfig(**kw))
     elif a.cmd == "separability":
         _separability(a)
+    elif a.cmd == "fit-prior":
+        from .prior import run as run_prior
+
+        run_prior(a)
     elif a.cmd == "knobs":
         from .knobs import run as run_knobs
 

@@ -337,13 +337,73 @@ def _random_draws(model: CrystalModel, n: int, seed: int, batch: int, method: st
             "close": np.asarray(close, bool)}
 
 
+def _reference_fields(model: CrystalModel, data: CrystalArrays, n: int, seed: int) -> tuple:
+    """(atom counts, numbers of elements, reduced formulas) of up to ``n`` training fields
+    as the model sees them (rotated cell, or the cube of the lattice at the cell origin)."""
+    tr = data.indices("train")
+    b = np.random.default_rng(seed).choice(tr, size=min(n, len(tr)), replace=False)
+    _, _, _, Zp = voxelise(data, b, model.grid, random_rotations(len(b), seed), "cpu", model.representation)
+    Zp = np.asarray(Zp)
+    return (np.array([(z > 0).sum() for z in Zp], np.int64), np.array([len(np.unique(z[z > 0])) for z in Zp]),
+            {str(f) for f in data.formula[tr]})
+
+
+def _atoms_of(model: CrystalModel, z: np.ndarray, cond, method: str, batch: int) -> list[tuple]:
+    out = []
+    for s in range(0, len(z), batch):
+        c = None if cond is None else cond[s:s + batch]
+        M = model.decode(z[s:s + batch], c)
+        out += [(a.positions, a.Z) for a in model.segment_batch(M, method)]
+    return out
+
+
+@torch.no_grad()
+def draws_block(model: CrystalModel, data: CrystalArrays, test_idx: np.ndarray, n: int, seed: int,
+                method: str = "fit", batch: int = 16) -> dict:
+    """Validity of ``n`` seeded draws from each prior and of interpolation midpoints.
+
+    Returns:
+        ``{"standard": report, "aggregate": report or None, "midpoints": report,
+        "reference": {...}}`` with :func:`crystalstudio.io.validity.validity_report` dicts;
+        midpoints are z = (mu_a + mu_b) / 2 of consecutive pairs of test crystals (t = 0.5).
+    """
+    from crystalstudio.core.prior import draw_latents
+    from crystalstudio.io.validity import validity_report
+
+    counts, nel, forms = _reference_fields(model, data, 1000, seed)
+    out = {"n": n, "seed": seed, "atoms_method": method,
+           "reference": {"fields": int(len(counts)), "mean_atoms": float(counts.mean()) if len(counts) else None,
+                         "what": "training-split fields (rotated, seeded) as the model sees them"}}
+    for name, prior in (("standard", None), ("aggregate", model.prior)):
+        if name == "aggregate" and prior is None:
+            out[name] = None
+            continue
+        z = draw_latents(n, model.latent, seed, prior)
+        cond = prior.sample_cond(n, seed) if (prior is not None and model.config.conditional) else None
+        out[name] = validity_report(_atoms_of(model, z, cond, method, batch), counts, nel, forms)
+    pairs = np.asarray(test_idx)[: 2 * min(n, len(test_idx) // 2)].reshape(-1, 2)
+    if len(pairs):
+        flat = pairs.reshape(-1)
+        M, _, _, _ = voxelise(data, flat, model.grid, random_rotations(len(flat), seed + 1), model.device,
+                              model.representation)
+        top = max_density(M)
+        mus = torch.cat([model.net.vae.encode(M[s:s + batch], top[s:s + batch] if model.config.conditional else None)[0]
+                         for s in range(0, len(flat), batch)]).float().cpu().numpy()
+        zm = 0.5 * (mus[0::2] + mus[1::2])
+        cm = 0.5 * (top[0::2] + top[1::2]).float().cpu().numpy() if model.config.conditional else None
+        out["midpoints"] = validity_report(_atoms_of(model, zm, cm, method, batch), counts, nel, forms)
+    else:
+        out["midpoints"] = None
+    return out
+
+
 @torch.no_grad()
 def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int = 0, draws: int = 200,
             tol: float = 0.5, batch: int = 16, atoms: str = "fit", budget: bool = True) -> dict:
     """All measures of the module docstring over crystals ``idx`` (no run metadata).
 
     Deterministic for a given seed: rotations are ``random_rotations(len(idx), seed)`` and
-    draws ``random_latents(draws, latent, seed)``.
+    draws ``random_latents(draws, latent, seed)``; the ``validity`` block (:func:`draws_block`) draws as many from each prior.
     """
     net = model.net
     was_training = net.training
@@ -355,17 +415,17 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
     try:
         recs = _reconstructions(net, data, idx, model.grid, seed, batch, model.device, tol, kls, voxel,
                                 model.representation, stages, atoms)
-        for i, (r, e, tp, tz, atoms) in zip(idx, recs):
+        for i, (r, e, tp, tz, found) in zip(idx, recs):
             per.append(r)
             mse.append(e)
             dt.append(r["d_true"])
             dp.append(r["d_pred"])
             nn_real.append(_nn_distances(tp))
-            nn_rec.append(_nn_distances(atoms.positions))
+            nn_rec.append(_nn_distances(found.positions))
             m = r["d_true"] <= tol
             if m.any():  # species of the nearest predicted atom, as in match_atoms
-                _, j = cKDTree(atoms.positions).query(tp[m])
-                zpairs.append(np.stack([tz[m], atoms.Z[j]], 1))
+                _, j = cKDTree(found.positions).query(tp[m])
+                zpairs.append(np.stack([tz[m], found.Z[j]], 1))
             rows.append({"id": str(data.ids[i]), "formula": str(data.formula[i]), "n_true": int(r["n_true"]),
                          "n_pred": int(r["n_pred"]), "true_matched": int(r["true_matched"]), "voxel_mse": float(e)})
         res = _table(per, mse, kls, model.latent)
@@ -419,6 +479,8 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
         rd["nn_percentiles_draws"] = _pct(nn_draws)
         rd["nn_percentiles_real"] = _pct(nn_real)
         res["random_draws"] = rd
+        if draws > 0:
+            res["validity"] = draws_block(model, data, idx, draws, seed, atoms, batch)
         res["per_crystal"] = rows
     finally:
         net.train(was_training)
@@ -481,7 +543,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=list(SPLITS))
     p.add_argument("--limit", type=int, default=0, help="first N crystals of the split (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the rotations and the random draws")
-    p.add_argument("--draws", type=int, default=200, help="random latent draws z ~ N(0, I) (Fig. 9A)")
+    p.add_argument("--draws", type=int, default=200,
+                   help="random latent draws per prior (Fig. 9A; validity of N(0, I) and aggregate-prior draws, "
+                        "and of as many interpolation midpoints)")
     p.add_argument("--tol", type=float, default=0.5, help="atom match distance in Å (paper 0.5)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="cpu")
@@ -565,6 +629,20 @@ def format_table(res: dict) -> str:
     if res.get("voxel_mse") is not None:
         out.append(f"| voxel MSE (Eq. 1 units) | {res['voxel_mse']:.2e} | - |")
     out.append(f"| held-out crystals | {res.get('n_crystals', 0)} ({res.get('n_true_atoms', 0)} atoms) | - |")
+    dr = res.get("validity")
+    if dr:
+        pct = (lambda v: "-" if v is None else f"{100 * v:.1f}%")
+        num = (lambda v: "-" if v is None else f"{v:.2f}")
+        cols = [(k, dr.get(k)) for k in ("standard", "aggregate", "midpoints") if dr.get(k)]
+        out += ["", "| draws (validity) | " + " | ".join({"standard": "N(0, I)", "aggregate": "aggregate prior",
+                                                          "midpoints": "midpoints t = 0.5"}[k] for k, _ in cols) + " |",
+                "|---" * (len(cols) + 1) + "|"]
+        for label, key, f in (("structurally valid", "structural_valid", pct),
+                              ("compositionally valid (SMACT)", "compositional_valid", pct),
+                              ("atoms per draw", "atoms_per_draw", num),
+                              ("atom-count Wasserstein", "count_wasserstein", num),
+                              ("unique (valid)", "uniqueness", pct), ("novel formula", "novelty", pct)):
+            out.append(f"| {label} | " + " | ".join(f(r.get(key)) for _, r in cols) + " |")
     budget = res.get("error_budget")
     if budget:
         out += ["", "| stage (error budget) | atoms within 0.5 Å | exact count | species exact |", "|---|---|---|---|"]

@@ -8,7 +8,9 @@ A checkpoint is a single safetensors file (never pickle): the weights of
 sigma Å, species_radius Å, voxel-centre convention), ``representation``, ``classes``
 (Z of each class index), ``beta``/``gamma``, ``training`` (data sets, counts, steps,
 seed, wall time) and ``metrics`` (held-out Sec. 4.1 measures), ``latent_rank`` (latent
-dimensions, most informative first, by mean KL on held-out crystals).
+dimensions, most informative first, by mean KL on held-out crystals), and optionally
+``prior`` (settings of an aggregate-posterior :class:`~crystalstudio.core.prior.LatentPrior`
+whose arrays are the tensors named ``prior.*``).
 
 Files stay <= 16 MiB so they can come back from the GPU machine: weights are stored
 float32 when they fit, else bfloat16 (converted back to float32 on load).
@@ -26,9 +28,10 @@ import torch
 
 from .density import REPRESENTATIONS, Grid
 from .models import CrystalNet, ModelConfig
+from .prior import LatentPrior, PriorError
 from .segment import Atoms, species_map_to_atoms
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "CrystalModel", "FrozenNet", "FORMAT",
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "attach_prior", "CrystalModel", "FrozenNet", "FORMAT",
            "MAX_BYTES", "ATOM_METHODS", "DEFAULT_ATOMS_METHOD"]
 
 FORMAT = "crystalstudio-checkpoint"
@@ -42,8 +45,9 @@ class CheckpointError(ValueError):
     ``"<file>: <reason>"``."""
 
 
-def save_checkpoint(path: str | os.PathLike, net: CrystalNet, grid: Grid, meta: dict) -> Path:
-    """Write ``net`` and its metadata to ``path`` (safetensors), atomically.
+def save_checkpoint(path: str | os.PathLike, net: CrystalNet, grid: Grid, meta: dict,
+                    prior: LatentPrior | None = None) -> Path:
+    """Write ``net`` (and ``prior``) and its metadata to ``path`` (safetensors), atomically.
 
     Args:
         path: target file (``.safetensors``).
@@ -51,6 +55,7 @@ def save_checkpoint(path: str | os.PathLike, net: CrystalNet, grid: Grid, meta: 
         grid: the grid the model was trained on.
         meta: extra metadata: ``representation`` (required), ``training``, ``metrics``,
             ``latent_rank``, ``beta``, ``gamma`` and anything JSON-serialisable.
+        prior: an aggregate-posterior prior to store beside the weights (``prior.*``).
 
     Returns:
         The path written.
@@ -58,23 +63,34 @@ def save_checkpoint(path: str | os.PathLike, net: CrystalNet, grid: Grid, meta: 
     Raises:
         CheckpointError: when even bfloat16 weights exceed 16 MiB.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    nbytes = sum(v.numel() * v.element_size() for v in state.values())
+    return _write(path, state, net.cfg, grid, meta, prior)
+
+
+def _write(path: Path, state: dict, cfg: ModelConfig, grid: Grid, meta: dict, prior: LatentPrior | None) -> Path:
+    from safetensors.torch import save_file
+
+    meta = {k: v for k, v in meta.items() if k != "prior"}
+    if prior is not None:
+        arrays, pmeta = prior.to_tensors()
+        meta["prior"] = pmeta
+        extra = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    else:
+        extra = {}
+    nbytes = sum(v.numel() * v.element_size() for v in [*state.values(), *extra.values()])
     dtype = "float32"
     if nbytes > MAX_BYTES - 65536:
         state = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in state.items()}
         dtype = "bfloat16"
-        if sum(v.numel() * v.element_size() for v in state.values()) > MAX_BYTES - 65536:
+        if sum(v.numel() * v.element_size() for v in [*state.values(), *extra.values()]) > MAX_BYTES - 65536:
             raise CheckpointError(f"{path.name}: model too large for a 16 MiB checkpoint")
     info = {
         "format": FORMAT,
         "version": VERSION,
-        "model_config": net.cfg.to_dict(),
+        "model_config": cfg.to_dict(),
         "grid": {**grid.to_dict(), "voxel_centres": "(i + 0.5) * length / n"},
-        "classes": list(range(net.cfg.n_classes)),
+        "classes": list(range(cfg.n_classes)),
         "weights_dtype": dtype,
         "training": {},
         **meta,
@@ -82,9 +98,27 @@ def save_checkpoint(path: str | os.PathLike, net: CrystalNet, grid: Grid, meta: 
     if info.get("representation") not in REPRESENTATIONS:
         raise CheckpointError(f"{path.name}: representation must be one of {REPRESENTATIONS}")
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"crystalstudio": json.dumps(info)})
+    save_file({**state, **extra}, str(tmp), metadata={"crystalstudio": json.dumps(info)})
     os.replace(tmp, path)
     return path
+
+
+def attach_prior(path: str | os.PathLike, prior: LatentPrior | None, out: str | os.PathLike | None = None) -> Path:
+    """Write the checkpoint ``path`` again to ``out`` (default: in place, atomically) with
+    ``prior`` as its aggregate prior (None removes it); weights and other metadata unchanged.
+
+    Raises:
+        CheckpointError: the checkpoint does not load, or the prior is for another latent size.
+    """
+    model = load_checkpoint(path, jit=False)
+    if prior is not None and prior.latent != model.latent:
+        raise _fail(Path(path), f"the prior is for a {prior.latent}-dimensional latent, the model has {model.latent}")
+    from safetensors.torch import load_file
+
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("prior.")}
+    meta = {k: v for k, v in model.info.items()
+            if k not in ("format", "version", "model_config", "grid", "classes", "weights_dtype")}
+    return _write(Path(out or path), state, model.config, model.grid, meta, prior)
 
 
 def _fail(path: Path, reason: str) -> CheckpointError:
@@ -159,6 +193,14 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         state = load_file(str(path))
     except Exception as exc:
         raise _fail(path, f"weights unreadable ({str(exc).splitlines()[0][:120]})") from None
+    try:
+        prior = LatentPrior.from_tensors({k: v.float().numpy() for k, v in state.items() if k.startswith("prior.")},
+                                         info.get("prior"))
+        if prior is not None and prior.latent != cfg.latent:
+            raise PriorError(f"prior is for a {prior.latent}-dimensional latent, the model has {cfg.latent}")
+    except PriorError as exc:
+        raise _fail(path, f"corrupt prior block: {exc}") from None
+    state = {k: v for k, v in state.items() if not k.startswith("prior.")}
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
@@ -173,7 +215,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                 raise _fail(path, f"tensor {k} holds NaN or infinite values")
             state[k] = state[k].to(v.dtype)
     net.load_state_dict(state)
-    return CrystalModel(net, grid, info, path, device, jit=jit)
+    model = CrystalModel(net, grid, info, path, device, jit=jit)
+    model.prior = prior
+    return model
 
 
 class FrozenNet:
@@ -244,6 +288,7 @@ class CrystalModel:
         path: file it came from (None when built in memory).
         latent: size of z.
         net: the eager :class:`CrystalNet` (training-time modules).
+        prior: the checkpoint's aggregate-posterior :class:`LatentPrior`, or None.
     """
 
     def __init__(self, net: CrystalNet, grid: Grid, info: dict, path: Path | None = None,
@@ -261,6 +306,7 @@ class CrystalModel:
         self.jit_error: str | None = None  # why the traced path could not be built
         #: how atoms are read from a decoded field: "fit" (Eq. 1 least squares) or "unet"
         self.atoms_method: str = DEFAULT_ATOMS_METHOD
+        self.prior: LatentPrior | None = None
 
     def _modules(self):
         """(decode(z), unet(M)) to use; call with the lock held."""

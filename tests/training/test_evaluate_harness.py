@@ -386,3 +386,28 @@ def test_peak_separability_matches_an_independent_field(files, sigma, capsys):
     assert (row["atoms_within_tol"] == 1.0) == (sigma == 0.4)
     training_main(["separability", "--data", str(files["npz"]), "--split", "test", "--sigmas", f"{sigma}"])
     assert f"| {sigma:.2f} | {100 * row['atoms_within_tol']:.1f}% |" in capsys.readouterr().out
+
+
+def test_fit_prior_then_draws_block(files, tmp_path):
+    """fit-prior writes a prior chosen on val into a copy; the harness then reports draws from
+    both priors and the interpolation midpoints; draws are reproducible from the seed."""
+    from crystalstudio.core.checkpoint import load_checkpoint
+    from training.__main__ import main as training_main
+
+    out = tmp_path / "with_prior.safetensors"
+    assert training_main(["fit-prior", "--checkpoint", str(files["ckpt"]), "--data", str(files["npz"]),
+                          "--out", str(out), "--rotations", "4"]) == 0
+    m = load_checkpoint(out, jit=False)
+    assert m.prior is not None and m.prior.latent == 8
+    assert m.prior.info["chosen_by"] == "validation mean log-likelihood"
+    ref = m.prior.info["reference"]
+    assert sum(ref["atom_counts"]) == 2 * 4 and set(ref["formulas"]) == {"NaCl", "CsCl"}
+    assert load_checkpoint(files["ckpt"], jit=False).prior is None  # the source is untouched
+    res = [json.loads(p.read_text()) for p in (tmp_path / "a.json", tmp_path / "b.json")
+           if ev.main(["--checkpoint", str(out), "--data", str(files["npz"]), "--split", "test", "--json", str(p),
+                       "--draws", "6", "--batch", "4", "--no-budget"]) == 0]
+    assert len(res) == 2 and res[0]["validity"] == res[1]["validity"]
+    d = res[0]["validity"]
+    for k in ("standard", "aggregate", "midpoints"):
+        assert d[k]["n"] == (6 if k != "midpoints" else 2)  # 4 test crystals: 2 pairs
+        assert 0 <= d[k]["structural_valid"] <= 1
