@@ -9,8 +9,13 @@ A panel (the main window puts it in a dock) with three pages:
 * **Interpolate**: endpoints A and B (the current z, or a shipped sample encoded on the
   fly), a t slider in [0, 1], linear or spherical, play/pause with loop and frames per
   sweep. t = 0 and t = 1 decode A's and B's z exactly.
-* **Sample**: z ~ N(0, I) from a seed ("Randomise"; "Sample" = next seed), and the Sec. 4.5
-  max-density conditioning (only for a conditional checkpoint).
+* **Sample**: a draw from a seed ("Randomise"; "Sample" = next seed) from the prior of
+  choice: the checkpoint's aggregate prior (a Gaussian mixture fitted where the training
+  crystals encode; the default when the checkpoint has one) or z ~ N(0, I) (Sec. 4.4);
+  each draw's validity (all pairs >= 0.5 Å, SMACT charge balance) beside it; "Draw until
+  valid" searches seed after seed with a progress bar; and the Sec. 4.5 max-density
+  conditioning (only for a conditional checkpoint; an aggregate prior draws its value
+  from the training crystals unless the user sets one).
 
 Below the pages: live readouts of the frame (atoms, composition, closest pair, largest
 density) and, for an encoded crystal, the match figures against its input.
@@ -34,7 +39,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
                                QHBoxLayout, QLabel, QPushButton, QSizePolicy, QSlider, QSpinBox, QTabWidget,
                                QVBoxLayout, QWidget)
 
-from ..core.latent import SLIDER_RANGE, random_latents
+from ..core.latent import SLIDER_RANGE
 from ..io.structures import element_symbol, read_structure
 from ..session import Frame, Reconstruction, Session, sample_files, summarise
 from .slices import SliceView
@@ -324,8 +329,21 @@ class LatentExplorer(QWidget):
         page = QWidget(self)
         v = QVBoxLayout(page)
         v.setContentsMargins(4, 4, 4, 4)
-        rnd = QGroupBox("Random draw z ~ N(0, I) (Sec. 4.4)", page)
+        rnd = QGroupBox("Random draw (Sec. 4.4)", page)
         rv = QVBoxLayout(rnd)
+        h = QHBoxLayout()
+        h.addWidget(QLabel("Prior", rnd))
+        self.prior_combo = QComboBox(rnd)
+        self.prior_combo.addItem("aggregate (fitted on the training crystals)", "aggregate")
+        self.prior_combo.addItem("standard normal N(0, I)", "standard")
+        self.prior_combo.setToolTip("Where z is drawn from. The aggregate prior is a Gaussian mixture fitted on the\n"
+                                    "encoded training crystals: its draws decode to crystal-like fields. N(0, I) is\n"
+                                    "the VAE's own prior (Sec. 4.4); with a small beta most of it lies between crystals.")
+        h.addWidget(self.prior_combo, 1)
+        rv.addLayout(h)
+        self.prior_note = QLabel("", rnd)
+        self.prior_note.setWordWrap(True)
+        rv.addWidget(self.prior_note)
         h = QHBoxLayout()
         h.addWidget(QLabel("Seed", rnd))
         self.seed_spin = QSpinBox(rnd)
@@ -342,7 +360,18 @@ class LatentExplorer(QWidget):
         h.addWidget(self.randomise_button)
         h.addWidget(self.sample_button)
         h.addStretch(1)
+        self.validity_label = QLabel("", rnd)
+        self.validity_label.setWordWrap(True)
+        self.validity_label.setToolTip("Valid: every pair of atoms at least 0.5 Å apart and a charge-balanced\n"
+                                       "composition by SMACT's rules (as CDVAE measures its draws)")
+        rv.addWidget(self.validity_label)
         v.addWidget(rnd)
+        from .draw_search import ValidDrawSearch
+
+        self.search = ValidDrawSearch(page, lambda: self.session, lambda: int(self.seed_spin.value()),
+                                      self.explicit_cond)
+        self.search.chosen.connect(self.show_seed)
+        v.addWidget(self.search)
 
         self.cond_group = QGroupBox("Condition on the largest density (Sec. 4.5)", page)
         self.cond_group.setCheckable(True)
@@ -361,6 +390,7 @@ class LatentExplorer(QWidget):
 
         self.randomise_button.clicked.connect(self.randomise)
         self.sample_button.clicked.connect(self.sample)
+        self.prior_combo.currentIndexChanged.connect(self._on_prior_combo)
         self.cond_spin.valueChanged.connect(self._on_cond_changed)
         self.cond_group.toggled.connect(self._on_cond_toggled)
         return page
@@ -404,6 +434,7 @@ class LatentExplorer(QWidget):
             with QSignalBlocker(self.cond_group):
                 self.cond_group.setChecked(False)
         self._on_cond_changed(self.cond_spin.value(), request=False)
+        self._sync_prior()
         self._show_page(0)
         self._update_endpoints()
         self._show_keyframes()
@@ -430,6 +461,8 @@ class LatentExplorer(QWidget):
         when conditioning is on; else, between A and B, :meth:`~Session.cond_between`; else the
         session's :meth:`~Session.natural_cond` (None for an unconditional model)."""
         c = self.explicit_cond()
+        if c is None and self._source.startswith("random"):
+            c = getattr(self, "_draw_cond", None)  # an aggregate-prior draw's own value
         if c is None:
             c = self._path_cond  # between A and B: their largest densities interpolated
         if c is None and self.session is not None:
@@ -542,14 +575,48 @@ class LatentExplorer(QWidget):
             return
         self.set_z(rec.mu, f"{rec.crystal.name} μ")
 
+    def _sync_prior(self) -> None:
+        """Show the session's prior choice and whether the model has an aggregate prior."""
+        s = self.session
+        if s is None:
+            return
+        with QSignalBlocker(self.prior_combo):
+            self.prior_combo.setCurrentIndex(max(0, self.prior_combo.findData(s.prior)))
+        p = s.model.prior
+        if p is None:
+            self.prior_note.setText("This checkpoint has no aggregate prior (python -m training fit-prior adds one): "
+                                    "draws come from N(0, I)." if s.prior == "aggregate" else "")
+        else:
+            self.prior_note.setText(f"aggregate prior: {p.n_components} Gaussian(s), {p.covariance_type} covariance"
+                                    if s.prior == "aggregate" else "")
+
+    def _on_prior_combo(self, index: int) -> None:
+        if self.session is not None:
+            self.session.set_prior(str(self.prior_combo.itemData(index)))
+            self._sync_prior()
+
     def randomise(self) -> np.ndarray | None:
-        """z ~ N(0, I) from the seed in the seed box (same seed, same z)."""
+        """The draw of the seed in the seed box from the session's prior (same seed, same z);
+        a conditional model with an aggregate prior also draws its largest density unless
+        conditioning is switched on by the user."""
         if self.session is None:
             return None
         seed = int(self.seed_spin.value())
-        z = random_latents(1, self._latent(), seed)[0]
-        self.set_z(z, f"random, seed {seed}")
-        return z
+        z, cond = self.session.draw(1, seed)
+        if cond is not None and self.explicit_cond() is None:
+            with QSignalBlocker(self.cond_spin):
+                self.cond_spin.setValue(float(cond[0]))
+            self._draw_cond = float(cond[0])
+        else:
+            self._draw_cond = None
+        self.set_z(z[0], f"random, seed {seed} ({self.session.prior_in_use()} prior)")
+        return z[0]
+
+    def show_seed(self, seed: int) -> None:
+        """Put ``seed`` in the seed box and show its draw."""
+        with QSignalBlocker(self.seed_spin):
+            self.seed_spin.setValue(int(seed))
+        self.randomise()
 
     def sample(self) -> np.ndarray | None:
         """Next seed, then :meth:`randomise`."""
@@ -717,6 +784,12 @@ class LatentExplorer(QWidget):
         else:
             self.slice_view.set_fields(None, frame.M_hat)
         self.readout_label.setText(readouts_html(frame.readouts, self.segmented, metrics, tag["target"]))
+        why = frame.readouts.get("validity")
+        if self.segmented and why is not None:
+            ok = why == "valid"
+            self.validity_label.setText(f"<b style='color:{'#2a7' if ok else '#c33'}'>"
+                                        f"{'valid crystal' if ok else 'not valid'}</b>"
+                                        + ("" if ok else f": {html.escape(why)}"))
         self.frame_shown.emit(frame, self.segmented)
 
     def _on_failed(self, exc: BaseException, tag: dict) -> None:
@@ -758,6 +831,7 @@ class LatentExplorer(QWidget):
         self._closed = True
         self._debounce.stop()
         self._play_timer.stop()
+        self.search.shutdown()
         self.runner.shutdown()
 
 
@@ -765,6 +839,10 @@ def _decode_job(session: Session, z: np.ndarray, cond: float | None, segment: bo
                 target: Reconstruction | None) -> tuple[Frame, dict | None]:
     """Worker side: decode (and segment) z; match figures against the encoded input."""
     frame = session.decode(z, cond, segment=segment)
+    if segment:
+        from ..io.validity import check_draw
+
+        frame.readouts["validity"] = check_draw(frame.atoms.positions, frame.atoms.Z).reason
     metrics = None
     if segment and target is not None:
         metrics = summarise(target.positions, target.Z, frame.atoms, target.M, frame.M_hat)

@@ -531,6 +531,8 @@ class MainWindow(QMainWindow):
         self.session = session
         if session is not None:
             session.model.atoms_method = self.atoms_method()
+            prior = str(self.settings.value("sample/prior", "aggregate"))
+            session.set_prior(prior if prior in ("aggregate", "standard") else "aggregate")
         if hasattr(self, "atoms_method_actions"):
             self.atoms_method_actions[self.atoms_method()].setChecked(True)
         if hasattr(self, "model_actions"):
@@ -543,6 +545,8 @@ class MainWindow(QMainWindow):
     def _on_session_event(self, event: str, value: object) -> None:
         if event == "reconstruction" and not self._closed:
             self._show(value)
+        elif event == "prior":
+            self.settings.setValue("sample/prior", str(value))  # remembered for the next start
 
     def _title(self) -> str:
         rec = self.session.current if self.session is not None else None

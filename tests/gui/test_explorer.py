@@ -199,6 +199,8 @@ def test_window_stays_responsive_and_requests_coalesce(qtbot, window, monkeypatc
 def test_randomise_seed_and_conditioning_control(qtbot, window, model, monkeypatch):
     ex = window.explorer
     ex.tabs.setCurrentIndex(2)
+    ex.prior_combo.setCurrentIndex(ex.prior_combo.findData("standard"))  # z ~ N(0, I), Sec. 4.4
+    assert window.session.prior == "standard"
     ex.seed_spin.setValue(7)
     ex.randomise_button.click()
     z1 = ex.z.copy()
@@ -295,3 +297,42 @@ def test_conditioning_control_scales_density_keeps_geometry(qtbot, window):
     ex.cond_group.setChecked(False)  # off: back to the crystal's own maximum
     idle(qtbot, ex)
     assert ex.cond() == pytest.approx(c0)
+
+
+def test_aggregate_prior_validity_and_search(qtbot, window, model, monkeypatch, tmp_path):
+    """Draws come from the aggregate prior by default (a mixture around encoded crystals here
+    when the shipped checkpoint has none), each shows its validity, the search finds valid
+    seeds with a progress bar, and the prior choice is remembered."""
+    from crystalstudio.core.prior import LatentPrior
+    from crystalstudio.io.validity import check_draw
+
+    s = window.session
+    if model.prior is None:
+        mus = [s.compute(read_structure(p, model.grid)).mu for p in (NACL, SRTIO3)]
+        monkeypatch.setattr(model, "prior", LatentPrior([0.5, 0.5], mus, np.full((2, model.latent), 0.05)))
+    ex = window.explorer
+    ex.model_changed()
+    ex.tabs.setCurrentIndex(2)
+    assert s.prior == "aggregate" and s.prior_in_use() == "aggregate"
+    assert ex.prior_combo.currentData() == "aggregate" and "Gaussian" in ex.prior_note.text()
+    ex.seed_spin.setValue(3)
+    frame = frame_of(qtbot, ex, ex.randomise_button.click, z=model.prior.sample(1, 3)[0])
+    v = check_draw(frame.atoms.positions, frame.atoms.Z)
+    assert len(frame.atoms) > 0
+    assert ("valid crystal" in ex.validity_label.text()) == v.valid
+    idle(qtbot, ex)
+
+    ex.search.n_spin.setValue(2)
+    with qtbot.waitSignal(ex.search.finished, timeout=WAIT_MS) as blocker:
+        ex.search.button.click()
+    found, tried = blocker.args
+    assert tried >= found and ex.search.progress.value() == found == len(ex.search.found)
+    assert ex.search.results.count() == found
+    for seed, val in ex.search.found:  # each listed seed is valid when drawn again
+        z, _ = s.draw(1, seed)
+        f = s.decode(z[0])
+        assert val.valid and check_draw(f.atoms.positions, f.atoms.Z).valid
+    idle(qtbot, ex)
+
+    ex.prior_combo.setCurrentIndex(ex.prior_combo.findData("standard"))
+    assert window.settings.value("sample/prior") == "standard"
