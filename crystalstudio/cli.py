@@ -43,11 +43,15 @@ def _reconstruct(a: argparse.Namespace) -> int:
     try:
         session = Session(a.checkpoint, device=a.device)
         session.model.atoms_method = a.atoms
-        rec = session.open(a.file)
+        rec = session.reconstruct(session.read(a.file, block=a.block))
     except (StructureError, CheckpointError) as exc:
         return _fail(str(exc))
+    meta = rec.crystal.meta
     m = dict(rec.metrics, file=a.file, formula=rec.crystal.name, atoms_method=a.atoms,
-             checkpoint=str(session.model.path) if session.model.path else None)
+             checkpoint=str(session.model.path) if session.model.path else None,
+             representation=session.model.representation, warnings=meta.get("warnings", []),
+             block=meta.get("block"), n_blocks=meta.get("n_blocks", 1), disorder=meta.get("disorder"),
+             note=meta.get("note"))
     if rec.atoms.amplitude is not None:
         m["atoms"] = [{"Z": int(z), "position_A": [round(float(x), 4) for x in p], "amplitude": round(float(amp), 3),
                        "amplitude_sigma": round(float(sd), 3)}
@@ -65,6 +69,10 @@ def _reconstruct(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(m))
     else:
+        if m["note"]:
+            print(f"note: {m['note']}", file=sys.stderr)
+        for w in m["warnings"]:
+            print(f"warning: {w}", file=sys.stderr)
         pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
         med = "n/a" if m["median_error_A"] is None else f"{m['median_error_A']:.3f} Å"
         print(f"{m['formula']} ({a.file})\n"
@@ -74,7 +82,13 @@ def _reconstruct(a: argparse.Namespace) -> int:
               f"  exact atom count            {'yes' if m['exact_count'] else 'no'}\n"
               f"  species accuracy (matched)  {pct(m['species_accuracy'])}\n"
               f"  median position error       {med}\n"
-              f"  voxel MSE                   {m['voxel_mse']:.3e}")
+              f"  voxel MSE                   {m['voxel_mse']:.3e}\n"
+              f"  checkpoint                  {Path(m['checkpoint']).name if m['checkpoint'] else '-'} "
+              f"({m['representation']})")
+        if m["disorder"]:
+            d = m["disorder"]
+            print(f"  input is disordered         {d['mixed_sites']} mixed and {d['vacant_sites']} partly vacant "
+                  f"of {d['sites']} sites (compared with each site's dominant species)")
         if a.out:
             print(f"  written                     {a.out}")
     return 0
@@ -389,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default=None, help="write the reconstructed atoms (.cif or .xyz)")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    r.add_argument("--block", type=int, default=None, metavar="N",
+                   help="the Nth structure (0-based) of a CIF with several data blocks (default the first)")
     _add_atoms_arg(r)
 
     i = sub.add_parser("interpolate", help="render the latent interpolation between two crystals to MP4/GIF")

@@ -33,6 +33,12 @@ def default_checkpoint() -> Path:
     return Path(env) if env else ASSETS / DEFAULT_CHECKPOINT
 
 
+def lattice_checkpoint() -> Path | None:
+    """The bundled repeating-lattice checkpoint (``assets/repeating_lattice.safetensors``), if shipped."""
+    p = ASSETS / "repeating_lattice.safetensors"
+    return p if p.is_file() else None
+
+
 def bundled_checkpoints() -> list[tuple[Path, str]]:
     """The checkpoints shipped in ``assets/`` with a one-line description each (from their
     metadata: representation, conditioning, held-out atoms within 0.5 Å), the default first.
@@ -278,15 +284,20 @@ class Session:
         """Encode, decode and segment ``crystal`` (representation 1); no state change, thread-safe."""
         grid = self.model.grid
         R = np.eye(3) if rotation is None else np.asarray(rotation, np.float64)
+        # a disordered crystal: M from every occupant (Z x occupancy), compared with its
+        # sites and their dominant species
+        sites = Crystal(crystal.lattice, *crystal.sites(), name=crystal.name) if crystal.disordered else crystal
         if self.model.representation == "repeating_lattice":
             # the cube filled with the lattice from the cell origin; compare with the atoms inside
-            allpos, allZ = lattice_positions(crystal, grid, R)
-            M, _ = density_field(allpos, allZ, grid, species=False)
-            inside = np.all((allpos >= 0) & (allpos <= grid.length), axis=1)
-            pos, Z = allpos[inside], allZ[inside]
+            allpos, allZ, occ = lattice_positions(crystal, grid, R, occupancy=True)
+            M, _ = density_field(allpos, allZ, grid, species=False, occupancy=occ)
+            spos, sZ = lattice_positions(sites, grid, R) if sites is not crystal else (allpos, allZ)
+            inside = np.all((spos >= 0) & (spos <= grid.length), axis=1)
+            pos, Z = spos[inside], sZ[inside]
         else:
-            pos, Z = cell_positions(crystal, grid, R), crystal.Z.copy()
-            M, _ = density_field(pos, Z, grid, species=False)
+            M, _ = density_field(cell_positions(crystal, grid, R), crystal.Z, grid, species=False,
+                                 occupancy=crystal.occupancy)
+            pos, Z = cell_positions(sites, grid, R), sites.Z.copy()
         cond = float(M.max()) if self.model.config.conditional else None  # Sec. 4.5: its own maximum
         mu, logvar = self.model.encode(M, cond)
         M_hat = self.model.decode(mu, cond)
@@ -426,7 +437,26 @@ class Session:
         Raises:
             StructureError: one line naming the file and the problem.
         """
-        from .io.structures import read_structure
+        return self.reconstruct(self.read(path))
 
-        lattice = self.model.representation == "repeating_lattice"  # any cell fills the cube
-        return self.reconstruct(read_structure(path, self.model.grid, require_fit=not lattice))
+    def read(self, path: str | os.PathLike, block: int | None = None) -> Crystal:
+        """Read a structure file for this session's model; a cell that does not fit the cube
+        under every rotation switches a unit-cell session to the bundled repeating-lattice
+        checkpoint (any cell fills its cube), and ``crystal.meta["note"]`` says so.
+
+        Raises:
+            StructureError: one line naming the file and the problem (also when the cell
+                does not fit and no repeating-lattice checkpoint is available).
+        """
+        from .core.density import fits_in_cube
+        from .io.structures import StructureError, read_structure
+
+        crystal = read_structure(path, self.model.grid, require_fit=False, block=block)
+        if self.model.representation == "unit_cell" and not fits_in_cube(crystal, self.model.grid):
+            why = crystal.meta.get("fit_reason", "the cell does not fit the cube")
+            lattice = lattice_checkpoint()
+            if lattice is None:
+                raise StructureError(Path(path).name, f"{why}, and no repeating-lattice checkpoint is available")
+            self.load_checkpoint(lattice)
+            crystal.meta["note"] = f"{why}: switched to the repeating-lattice model {lattice.name}"
+        return crystal

@@ -74,5 +74,8 @@ def test_a_cell_larger_than_the_cube_is_accepted_only_by_the_lattice_model(sessi
     Structure(Lattice.cubic(11.0), ["Fe", "Fe"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(filename=str(big))
     rec = session.open(big)
     assert len(rec.positions) == 2  # the corner atom and the body centre (at 5.5 Å) lie in the cube
-    with pytest.raises(StructureError, match="big.cif"):
-        Session(model=load_checkpoint(default_checkpoint())).open(big)
+    unit = Session(model=load_checkpoint(default_checkpoint()))
+    assert unit.model.representation == "unit_cell"
+    rec = unit.open(big)  # a unit-cell session switches to the lattice model, and says why
+    assert unit.model.representation == "repeating_lattice" and len(rec.positions) == 2
+    assert rec.crystal.meta["note"].startswith("cell too large for the 10 Å cube")

@@ -95,6 +95,10 @@ class Crystal:
         frac: (N, 3) float64 fractional coordinates (wrapped into [0, 1) on use).
         Z: (N,) int64 atomic numbers, 1..118.
         name: a label, e.g. the reduced formula or the file name.
+        occupancy: (N,) float64 in (0, 1], or None for an ordered crystal (all 1). A
+            disordered site is one entry per occupant at the same coordinates (for example
+            Al 0.5 and Nb 0.5); a vacancy is an entry with occupancy below 1. Eq. 1 then
+            weighs each entry's Gaussian by Z x occupancy (the site's mean scattering).
     """
 
     lattice: np.ndarray
@@ -102,6 +106,7 @@ class Crystal:
     Z: np.ndarray
     name: str = ""
     meta: dict = field(default_factory=dict)
+    occupancy: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.lattice = np.asarray(self.lattice, dtype=np.float64).reshape(3, 3)
@@ -109,6 +114,42 @@ class Crystal:
         self.Z = np.asarray(self.Z, dtype=np.int64).reshape(-1)
         if len(self.frac) != len(self.Z):
             raise ValueError(f"{len(self.frac)} fractional coordinates but {len(self.Z)} atomic numbers")
+        if self.occupancy is not None:
+            self.occupancy = np.asarray(self.occupancy, np.float64).reshape(-1)
+            if len(self.occupancy) != len(self.Z):
+                raise ValueError(f"{len(self.occupancy)} occupancies for {len(self.Z)} atoms")
+            if not np.all((self.occupancy > 0) & (self.occupancy <= 1 + 1e-6)):
+                raise ValueError("occupancies must lie in (0, 1]")
+            if np.all(self.occupancy == 1.0):
+                self.occupancy = None
+
+    @property
+    def disordered(self) -> bool:
+        """True when some site is shared or partly vacant (any occupancy below 1)."""
+        return self.occupancy is not None
+
+    @property
+    def weights(self) -> np.ndarray:
+        """(N,) float64 Eq. 1 weights: Z x occupancy."""
+        return self.Z * (1.0 if self.occupancy is None else self.occupancy)
+
+    def sites(self) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct sites with their dominant occupant: (frac (S, 3), Z (S,)); entries
+        within 1e-4 of each other in fractional coordinates are one site, and its species
+        is the occupant of largest occupancy (ties: larger Z). An ordered crystal: its atoms."""
+        if self.occupancy is None:
+            return self.frac.copy(), self.Z.copy()
+        f = np.mod(self.frac, 1.0)
+        key = np.round(f / 1e-4).astype(np.int64) % 10000
+        _, first, inv = np.unique(key, axis=0, return_index=True, return_inverse=True)
+        inv = inv.reshape(-1)
+        Zs = np.zeros(len(first), np.int64)
+        best = np.full(len(first), -1.0)
+        for i, s in enumerate(inv):
+            score = self.occupancy[i] + 1e-6 * self.Z[i]
+            if score > best[s]:
+                best[s], Zs[s] = score, self.Z[i]
+        return self.frac[first], Zs
 
     @property
     def num_atoms(self) -> int:
@@ -151,7 +192,7 @@ def fits_in_cube(crystal: Crystal, grid: Grid, margin: float = 0.0) -> bool:
 
 
 def lattice_positions(crystal: Crystal, grid: Grid, rotation: Rotation | np.ndarray | None = None,
-                      origin: np.ndarray | None = None, cutoff: float | None = None):
+                      origin: np.ndarray | None = None, cutoff: float | None = None, occupancy: bool = False):
     """Representation 2: every periodic image whose Gaussian reaches the cube.
 
     The lattice vectors are rotated (about the cell origin) and the cell origin is placed
@@ -160,7 +201,8 @@ def lattice_positions(crystal: Crystal, grid: Grid, rotation: Rotation | np.ndar
     the cube is the full periodic sum of Eq. 1 to within ``exp(-8)`` of a peak.
 
     Returns:
-        (positions (K, 3) float64 Å, Z (K,) int64).
+        (positions (K, 3) float64 Å, Z (K,) int64), and occupancies (K,) float64 as a third
+        item when ``occupancy`` is True.
 
     Raises:
         ValueError: when the cell is degenerate or so small that more than 20000 images
@@ -190,6 +232,9 @@ def lattice_positions(crystal: Crystal, grid: Grid, rotation: Rotation | np.ndar
     keep = np.all((pos >= lo) & (pos <= hi), axis=1)
     if keep.sum() > 20000:
         raise ValueError(f"cell too small for a {grid.length} Å cube ({int(keep.sum())} images)")
+    if occupancy:
+        occ = np.ones(len(crystal.Z)) if crystal.occupancy is None else crystal.occupancy
+        return pos[keep], Z[keep], np.tile(occ, len(shifts))[keep]
     return pos[keep], Z[keep]
 
 
@@ -212,7 +257,7 @@ def pad_batch(positions: list[np.ndarray], Zs: list[np.ndarray]):
 
 
 def density_fields(positions: torch.Tensor, Z: torch.Tensor, grid: Grid, species: bool = True,
-                   atom_chunk: int = 64):
+                   atom_chunk: int = 64, occupancy: torch.Tensor | None = None):
     """Batched density fields M (Eq. 1) and species matrices S on CPU or GPU.
 
     The Gaussian of Eq. 1 factorises over x, y and z, so ``M[b,i,j,k] = sum_m w_m
@@ -225,6 +270,8 @@ def density_fields(positions: torch.Tensor, Z: torch.Tensor, grid: Grid, species
         grid: the voxel grid.
         species: also build S.
         atom_chunk: atoms processed at a time (bounds memory for S).
+        occupancy: optional (B, N) float tensor: each Gaussian weighs Z x occupancy
+            (partial occupancy and vacancies); S keeps the species of the nearest entry.
 
     Returns:
         ``(M, S)``: M (B, n, n, n) float32 in Eq. 1 units; S (B, n, n, n) int64 atomic
@@ -233,6 +280,8 @@ def density_fields(positions: torch.Tensor, Z: torch.Tensor, grid: Grid, species
     dev = positions.device
     pos = positions.to(torch.float32)
     Zf = Z.to(torch.float32)
+    if occupancy is not None:
+        Zf = Zf * occupancy.to(device=Zf.device, dtype=torch.float32)
     # voxel centres (i + 0.5) h, made on the device (no host-to-device copy per batch)
     c = (torch.arange(grid.n, dtype=torch.float64, device=dev) + 0.5).mul_(grid.spacing).to(torch.float32)
     B, N, _ = pos.shape
@@ -261,17 +310,20 @@ def density_fields(positions: torch.Tensor, Z: torch.Tensor, grid: Grid, species
     return M, S
 
 
-def density_field(positions: np.ndarray, Z: np.ndarray, grid: Grid, species: bool = True):
+def density_field(positions: np.ndarray, Z: np.ndarray, grid: Grid, species: bool = True,
+                  occupancy: np.ndarray | None = None):
     """Single-crystal convenience wrapper of :func:`density_fields` on the CPU.
 
     Args:
         positions: (N, 3) Cartesian Å in the cube frame.
         Z: (N,) atomic numbers.
+        occupancy: optional (N,) site occupancies (Eq. 1 weight Z x occupancy).
 
     Returns:
         ``(M, S)`` as numpy arrays, (n, n, n) float32 and (n, n, n) int64 (S None if not asked).
     """
     P = torch.as_tensor(np.asarray(positions, np.float64).reshape(1, -1, 3))
     Zt = torch.as_tensor(np.asarray(Z, np.int64).reshape(1, -1))
-    M, S = density_fields(P, Zt, grid, species=species)
+    occ = None if occupancy is None else torch.as_tensor(np.asarray(occupancy, np.float64).reshape(1, -1))
+    M, S = density_fields(P, Zt, grid, species=species, occupancy=occ)
     return M[0].numpy(), (S[0].numpy() if S is not None else None)

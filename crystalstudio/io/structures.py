@@ -1,9 +1,13 @@
 """Reading and writing crystal structures: the one module of crystalstudio that imports pymatgen.
 
 Files become :class:`crystalstudio.core.density.Crystal` objects (plain numpy arrays, lengths
-in Å) after checks that the rest of the program relies on: one ordered element per site,
-at most 500 atoms, and (by default) a cell whose atoms all stay inside the cube of a
-:class:`~crystalstudio.core.density.Grid` under any rotation. Every refusal is a
+in Å) after checks that the rest of the program relies on: real elements, occupancies in
+(0, 1] that sum to at most 1 per site (disordered and partly vacant sites are kept, one
+entry per occupant, never silently ordered), at most 20,000 entries, and (when asked) a
+cell whose atoms all stay inside the cube of a :class:`~crystalstudio.core.density.Grid`
+under any rotation. pymatgen's warnings are kept in ``meta["warnings"]``; a CIF with
+several data blocks reads the one asked for (:func:`cif_blocks` lists them). Parsing has a
+time limit (:data:`PARSE_SECONDS`, main thread only). Every refusal is a
 :class:`StructureError` whose message is one line, ``"<file name>: <reason>"``.
 
 Reconstructed atoms (Cartesian Å in the cube frame, no lattice) are written as a cubic cell
@@ -16,9 +20,12 @@ the sample CIFs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
+import signal
 import tempfile
+import threading
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -46,9 +53,13 @@ __all__ = [
     "write_samples",
     "MAX_ATOMS",
     "MAX_FILE_BYTES",
+    "cif_blocks",
+    "PARSE_SECONDS",
 ]
 
-MAX_ATOMS = 500
+MAX_ATOMS = 20000  # entries (sites x occupants) per cell; only the atoms that reach the cube are used
+PARSE_SECONDS = 20.0  # per file (enforced with SIGALRM in the main thread)
+OCCUPANCY_TOLERANCE = 1.05  # pymatgen scales site occupancy sums in (1, 1.05] down to 1
 MAX_FILE_BYTES = 20 * 1024 * 1024
 _OCCU_TOL = 1e-3  # occupancies within this of 1 count as full
 _GREY = (0.5, 0.5, 0.5)
@@ -69,17 +80,42 @@ class StructureError(ValueError):
         super().__init__(f"{self.name}: {self.reason}")
 
 
+class _Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise :class:`_Timeout` after ``seconds`` (SIGALRM; a no-op off the main thread or on Windows)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise _Timeout()
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def _guarded(name: str, what: str, fn):
-    """Run ``fn()`` with warnings recorded; any exception becomes a StructureError.
+    """Run ``fn()`` with warnings recorded and a time limit; any exception becomes a StructureError.
 
     Returns ``(result, warning messages)``.
     """
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _time_limit(PARSE_SECONDS):
         warnings.simplefilter("always")
         try:
             out = fn()
         except StructureError:
             raise
+        except _Timeout:
+            raise StructureError(name, f"parsing the {what} took longer than {PARSE_SECONDS:g} s") from None
         except Exception as exc:  # pymatgen raises many kinds; none may escape raw
             msg = str(exc)
             if "no structures" in msg.lower():
@@ -94,13 +130,15 @@ def _guarded(name: str, what: str, fn):
 # --------------------------------------------------------------------------- reading
 
 
-def read_structure(path: str | os.PathLike, grid: Grid | None = None, require_fit: bool = True) -> Crystal:
+def read_structure(path: str | os.PathLike, grid: Grid | None = None, require_fit: bool = True,
+                   block: int | None = None) -> Crystal:
     """Read a crystal from a file into a :class:`Crystal`.
 
     ``.cif``/``.mcif`` files go through pymatgen's ``CifParser`` with the symmetry operations
     applied (``primitive=False``, so the cell is the one written in the file); other formats
     that pymatgen's ``Structure.from_file`` recognises by name (``POSCAR``, ``CONTCAR``,
-    ``*.vasp``, ``*.json``, ...) are read with it. Only the first structure of a file is used.
+    ``*.vasp``, ``*.json``, ...) are read with it. A CIF's structure ``block`` (0-based, among
+    the data blocks that hold a structure; default the first) is read.
 
     Args:
         path: the file.
@@ -110,14 +148,18 @@ def read_structure(path: str | os.PathLike, grid: Grid | None = None, require_fi
 
     Returns:
         Crystal with lattice (3, 3) float64 rows a, b, c in Å, frac (N, 3) float64,
-        Z (N,) int64, name the reduced formula, meta ``{"path": absolute path str,
-        "formula": reduced formula, "warnings": [pymatgen warning messages]}``.
+        Z (N,) int64, occupancy (N,) or None, name the reduced formula, meta ``{"path":
+        absolute path str, "formula": reduced formula, "warnings": [pymatgen warning
+        messages], "block": data block name, "n_blocks": structures in the file,
+        "disorder": {"sites", "mixed_sites", "vacant_sites"} (disordered crystals only),
+        "fit_reason": why the cell does not fit the cube (only when it does not)}``.
 
     Raises:
         StructureError: missing or unreadable file, larger than 20 MB, empty, not
-            parseable, no structure, partial occupancy, vacancies, unknown elements or
-            dummy species, no atoms, more than 500 atoms, degenerate cell, or (with
-            ``require_fit``) a cell too large for the cube.
+            parseable, parsing slower than 20 s, no structure, a block that is not there,
+            occupancies summing above 1, unknown elements or dummy species, no atoms, more
+            than 20,000 entries, degenerate cell, or (with ``require_fit``) a cell too
+            large for the cube.
     """
     p = Path(path)
     name = p.name or str(p)
@@ -143,13 +185,47 @@ def read_structure(path: str | os.PathLike, grid: Grid | None = None, require_fi
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             text = raw.decode("latin-1")
-        return read_cif_text(text, name, grid=grid, require_fit=require_fit, _meta=meta)
+        return read_cif_text(text, name, grid=grid, require_fit=require_fit, _meta=meta, block=block)
     structure, warns = _guarded(name, "file", lambda: Structure.from_file(p, primitive=False))
     return _to_crystal(structure, name, grid, require_fit, {**meta, "warnings": warns})
 
 
+def _parse_cif(text: str, name: str) -> tuple[list[tuple[str, Structure]], list[str]]:
+    """(block name, structure) of every data block of ``text`` that holds a structure, and
+    pymatgen's warnings; blocks without one (or that fail) are left out with a warning."""
+    def parse():
+        parser = CifParser.from_str(text, occupancy_tolerance=OCCUPANCY_TOLERANCE)
+        out = []
+        for key, block in parser._cif.data.items():  # noqa: SLF001 - the block names of the parsed file
+            try:
+                s = parser._get_structure(block, primitive=False, symmetrized=False,  # noqa: SLF001
+                                          check_occu=True)
+            except Exception as exc:  # noqa: BLE001 - one bad block must not hide the others
+                warnings.warn(f"data block {key}: {' '.join(str(exc).split())[:160]}")
+                continue
+            if s is not None:
+                out.append((key, s))
+        return out
+
+    return _guarded(name, "CIF", parse)
+
+
+def cif_blocks(path: str | os.PathLike) -> list[str]:
+    """Names of the data blocks of a CIF file that hold a structure (in file order).
+
+    Raises:
+        StructureError: unreadable or unparseable file.
+    """
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8", errors="replace")
+    except OSError as exc:
+        raise StructureError(p.name, f"cannot read the file ({exc.strerror or exc})") from exc
+    return [k for k, _ in _parse_cif(text, p.name)[0]]
+
+
 def read_cif_text(text: str, name: str = "<string>", grid: Grid | None = None, require_fit: bool = True,
-                  _meta: dict | None = None) -> Crystal:
+                  _meta: dict | None = None, block: int | None = None) -> Crystal:
     """Parse CIF text (symmetry expanded, ``primitive=False``) into a validated :class:`Crystal`.
 
     Same checks, return value and errors as :func:`read_structure`; ``name`` labels the
@@ -157,17 +233,18 @@ def read_cif_text(text: str, name: str = "<string>", grid: Grid | None = None, r
     """
     if not text.strip():
         raise StructureError(name, "empty file")
-
-    def parse():
-        return CifParser.from_str(text).parse_structures(primitive=False, on_error="raise")
-
-    structures, warns = _guarded(name, "CIF", parse)
+    structures, warns = _parse_cif(text, name)
     if not structures:
-        raise StructureError(name, "no crystal structure found in the CIF")
-    if len(structures) > 1:
-        warns.append(f"{len(structures)} data blocks; only the first was read")
-    meta = {"path": None, **(_meta or {}), "warnings": warns}
-    return _to_crystal(structures[0], name, grid, require_fit, meta)
+        why = next((w for w in warns if w.startswith("data block")), "")
+        raise StructureError(name, f"cannot parse the CIF ({why})" if why else "no crystal structure found in the CIF")
+    k = 0 if block is None else int(block)
+    if not 0 <= k < len(structures):
+        raise StructureError(name, f"no structure block {k} (the file has {len(structures)}: "
+                                   f"{', '.join(b for b, _ in structures[:5])})")
+    if len(structures) > 1 and block is None:
+        warns.append(f"{len(structures)} data blocks; the first ({structures[0][0]}) was read")
+    meta = {"path": None, **(_meta or {}), "warnings": warns, "block": structures[k][0], "n_blocks": len(structures)}
+    return _to_crystal(structures[k][1], name, grid, require_fit, meta)
 
 
 def _to_crystal(structure: Structure, name: str, grid: Grid | None, require_fit: bool, meta: dict) -> Crystal:
@@ -177,33 +254,49 @@ def _to_crystal(structure: Structure, name: str, grid: Grid | None, require_fit:
         raise StructureError(name, "no atoms")
     if n > MAX_ATOMS:
         raise StructureError(name, f"too many atoms ({n}; limit {MAX_ATOMS})")
-    Z = np.empty(n, np.int64)
+    Z, occ, frac = [], [], []
+    mixed = vacant = 0
     for i, site in enumerate(structure):
         label = getattr(site, "label", None) or f"#{i + 1}"
         comp = site.species
-        if len(comp) != 1:
-            raise StructureError(name, f"partial occupancy (disordered site {label}: {comp.formula})")
-        (sp, occu), = comp.items()
-        el = getattr(sp, "element", sp)  # Species -> Element; DummySpecies has none
-        if not isinstance(el, Element) or not 1 <= el.Z <= 118:
-            raise StructureError(name, f"unknown element or dummy species {sp.symbol!r} (site {label})")
-        if occu < 1 - _OCCU_TOL:
-            raise StructureError(name, f"vacancies (site {label} {el.symbol} has occupancy {occu:g})")
-        if occu > 1 + _OCCU_TOL:
-            raise StructureError(name, f"site {label} has occupancy {occu:g} > 1")
-        Z[i] = el.Z
+        total = 0.0
+        for sp, occu in comp.items():
+            el = getattr(sp, "element", sp)  # Species -> Element; DummySpecies has none
+            if not isinstance(el, Element) or not 1 <= el.Z <= 118:
+                raise StructureError(name, f"unknown element or dummy species {sp.symbol!r} (site {label})")
+            if not occu > 0:
+                continue
+            Z.append(el.Z)
+            occ.append(min(float(occu), 1.0))
+            frac.append(site.frac_coords)
+            total += float(occu)
+        if total > 1 + _OCCU_TOL:
+            raise StructureError(name, f"site {label} has occupancies summing to {total:g} > 1 ({comp.formula})")
+        mixed += len(comp) > 1
+        vacant += total < 1 - _OCCU_TOL
+    if not Z:
+        raise StructureError(name, "no atoms")
+    if len(Z) > MAX_ATOMS:
+        raise StructureError(name, f"too many atoms ({len(Z)}; limit {MAX_ATOMS})")
     lattice = np.array(structure.lattice.matrix, np.float64)
     if not np.all(np.isfinite(lattice)) or abs(np.linalg.det(lattice)) < 1e-3:
         raise StructureError(name, "degenerate cell (zero volume)")
     formula = structure.composition.reduced_formula
-    crystal = Crystal(lattice, np.array(structure.frac_coords, np.float64), Z, name=formula,
-                      meta={**meta, "formula": formula})
-    if require_fit:
-        grid = grid or Grid()
-        if not fits_in_cube(crystal, grid):
-            r = np.linalg.norm(crystal.cartesian() - 0.5 * lattice.sum(axis=0), axis=1).max()
-            raise StructureError(name, f"cell too large for the {grid.length:g} Å cube (atom {r:.1f} Å "
-                                       f"from the cell centre; limit {0.5 * grid.length:.1f} Å)")
+    occ = np.array(occ)
+    occ[occ > 1 - _OCCU_TOL] = 1.0
+    meta = {**meta, "formula": formula}
+    if mixed or vacant:
+        meta["disorder"] = {"sites": n, "mixed_sites": int(mixed), "vacant_sites": int(vacant)}
+    crystal = Crystal(lattice, np.array(frac, np.float64), np.array(Z, np.int64), name=formula, meta=meta,
+                      occupancy=occ)
+    grid = grid or Grid()
+    if not fits_in_cube(crystal, grid):
+        r = np.linalg.norm(crystal.cartesian() - 0.5 * lattice.sum(axis=0), axis=1).max()
+        reason = (f"cell too large for the {grid.length:g} Å cube (atom {r:.1f} Å from the cell centre; "
+                  f"limit {0.5 * grid.length:.1f} Å)")
+        if require_fit:
+            raise StructureError(name, reason)
+        crystal.meta["fit_reason"] = reason
     return crystal
 
 
@@ -211,8 +304,18 @@ def _to_crystal(structure: Structure, name: str, grid: Grid | None, require_fit:
 
 
 def crystal_to_structure(crystal: Crystal) -> Structure:
-    """The pymatgen ``Structure`` of a :class:`Crystal` (same lattice, fractional coordinates, Z)."""
-    return Structure(Lattice(crystal.lattice), [Element.from_Z(int(z)) for z in crystal.Z], crystal.frac)
+    """The pymatgen ``Structure`` of a :class:`Crystal` (same lattice, fractional coordinates, Z;
+    a disordered crystal's occupants at one site become one site of mixed occupancy)."""
+    if crystal.occupancy is None:
+        return Structure(Lattice(crystal.lattice), [Element.from_Z(int(z)) for z in crystal.Z], crystal.frac)
+    f, _ = crystal.sites()
+    key = np.round(np.mod(crystal.frac, 1.0) / 1e-4).astype(np.int64) % 10000
+    fkey = np.round(np.mod(f, 1.0) / 1e-4).astype(np.int64) % 10000
+    species = []
+    for k in fkey:
+        here = np.all(key == k, axis=1)
+        species.append({Element.from_Z(int(z)): float(o) for z, o in zip(crystal.Z[here], crystal.occupancy[here])})
+    return Structure(Lattice(crystal.lattice), species, f)
 
 
 def structure_to_crystal(structure: Structure, name: str | None = None, grid: Grid | None = None,

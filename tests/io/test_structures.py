@@ -84,15 +84,53 @@ def test_symmetry_expands_asymmetric_unit():
     assert c.meta["path"] is None and c.name == "SrTiO3"
 
 
-def test_partial_occupancy_refused(tmp_path):
+def test_partial_occupancy_kept_never_ordered(tmp_path):
     p = write(tmp_path, "alloy.cif", cif(4.0, [("Fe1", "Fe", 0, 0, 0, 0.5), ("Co1", "Co", 0, 0, 0, 0.5),
                                                ("O1", "O", 0.5, 0.5, 0.5)]))
-    refused(p, "partial occupancy")
+    c = read_structure(p)
+    assert c.disordered and sorted(zip(c.Z.tolist(), c.occupancy.tolist())) == [(8, 1.0), (26, 0.5), (27, 0.5)]
+    assert c.meta["disorder"] == {"sites": 2, "mixed_sites": 1, "vacant_sites": 0}
+    np.testing.assert_allclose(c.weights.sum(), 8 + 0.5 * 26 + 0.5 * 27)
+    frac, Z = c.sites()
+    assert sorted(Z.tolist()) == [8, 27]  # tie of occupancies: the heavier occupant is the dominant species
 
 
-def test_vacancy_refused(tmp_path):
+def test_vacancy_kept(tmp_path):
     p = write(tmp_path, "vacant.cif", cif(4.0, [("Fe1", "Fe", 0, 0, 0, 0.75), ("O1", "O", 0.5, 0.5, 0.5)]))
-    refused(p, "vacanc", "0.75")
+    c = read_structure(p)
+    assert c.meta["disorder"]["vacant_sites"] == 1 and c.occupancy[c.Z == 26].tolist() == [0.75]
+
+
+def test_occupancy_above_one_refused(tmp_path):
+    p = write(tmp_path, "over.cif", cif(4.0, [("Fe1", "Fe", 0, 0, 0, 0.8), ("Co1", "Co", 0, 0, 0, 0.6),
+                                              ("O1", "O", 0.5, 0.5, 0.5)]))
+    msg = refused(p)
+    assert "occupanc" in msg.lower(), msg
+
+
+def test_several_data_blocks_and_block_choice(tmp_path):
+    two = cif(4.0, [("O1", "O", 0, 0, 0)]) + cif(5.0, [("Cu1", "Cu", 0, 0, 0)]).replace("data_test", "data_second")
+    p = write(tmp_path, "two.cif", two)
+    assert st.cif_blocks(p) == ["test", "second"]
+    first = read_structure(p)
+    assert first.Z.tolist() == [8] and first.meta["n_blocks"] == 2
+    assert any("2 data blocks" in w for w in first.meta["warnings"])
+    second = read_structure(p, block=1)
+    assert second.Z.tolist() == [29] and second.meta["block"] == "second"
+    with pytest.raises(StructureError, match=r"^two.cif: no structure block 2 \(the file has 2: test, second\)"):
+        read_structure(p, block=2)
+
+
+def test_slow_parse_is_cut_off(tmp_path, monkeypatch):
+    import time
+
+    p = write(tmp_path, "slow.cif", cif(4.0, [("O1", "O", 0, 0, 0)]))
+    real = st.CifParser.from_str
+    monkeypatch.setattr(st.CifParser, "from_str", lambda *a, **k: (time.sleep(3), real(*a, **k))[1])
+    monkeypatch.setattr(st, "PARSE_SECONDS", 0.3)
+    t0 = time.time()
+    refused(p, "took longer than 0.3 s")
+    assert time.time() - t0 < 2.5
 
 
 def test_garbage_empty_missing_and_huge_files_refused(tmp_path):
@@ -128,7 +166,8 @@ def test_unknown_element_refused(tmp_path, symbol):
     refused(p, "unknown element", repr(symbol))
 
 
-def test_too_many_atoms_refused(tmp_path):
+def test_too_many_atoms_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(st, "MAX_ATOMS", 500)  # the real limit (20,000 entries) works the same way
     rng = np.random.default_rng(0)
     atoms = [(f"H{i}", "H", *np.round(rng.random(3), 6)) for i in range(501)]
     refused(write(tmp_path, "many.cif", cif(5.0, atoms)), "too many atoms", "501", "500")

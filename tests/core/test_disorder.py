@@ -1,0 +1,74 @@
+"""Partial occupancy in Eq. 1: the field of a disordered crystal equals the occupancy-weighted
+direct float64 sum; the reconstruction is compared with the sites' dominant species; a cell
+that does not fit the cube switches a unit-cell session to the repeating-lattice model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pymatgen.core import Lattice, Structure
+from pymatgen.io.cif import CifWriter
+
+from crystalstudio.core.density import Crystal, Grid, cell_positions, density_field, lattice_positions
+from crystalstudio.io.structures import read_structure
+from crystalstudio.session import Session, lattice_checkpoint
+
+
+def direct_sum(pos, w, grid):
+    c = (np.arange(grid.n) + 0.5) * grid.spacing
+    X = np.stack(np.meshgrid(c, c, c, indexing="ij"), -1).reshape(-1, 3)
+    d2 = ((X[:, None, :] - pos[None].astype(np.float64)) ** 2).sum(-1)
+    return (np.exp(-d2 / (2 * grid.sigma ** 2)) @ w / grid.peak_scale).reshape((grid.n,) * 3)
+
+
+@pytest.fixture
+def ca_al_nb_o3(tmp_path):
+    s = Structure(Lattice.cubic(3.9), ["Ca", {"Al": 0.5, "Nb": 0.5}, "O", "O", "O"],
+                  [[0, 0, 0], [.5, .5, .5], [.5, .5, 0], [.5, 0, .5], [0, .5, .5]])
+    path = tmp_path / "CaAlNbO3.cif"
+    CifWriter(s).write_file(str(path))
+    return path
+
+
+def test_unit_cell_field_is_occupancy_weighted(ca_al_nb_o3):
+    grid = Grid()
+    c = read_structure(ca_al_nb_o3, grid)
+    pos = cell_positions(c, grid)
+    M, S = density_field(pos, c.Z, grid, occupancy=c.occupancy)
+    w = np.array([{20: 20, 13: 6.5, 41: 20.5, 8: 8}[int(z)] for z in c.Z], np.float64)  # Z x occupancy by hand
+    np.testing.assert_allclose(M, direct_sum(pos, w, grid), atol=1e-6, rtol=0)
+    assert set(np.unique(S)) <= {0, 8, 13, 20, 41}
+
+
+def test_lattice_field_is_occupancy_weighted(ca_al_nb_o3):
+    grid = Grid(n=20, length=10.0)
+    c = read_structure(ca_al_nb_o3, grid)
+    pos, Z, occ = lattice_positions(c, grid, occupancy=True)
+    M, _ = density_field(pos, Z, grid, species=False, occupancy=occ)
+    assert occ.min() == 0.5 and len(pos) == len(Z) == len(occ)
+    np.testing.assert_allclose(M, direct_sum(pos, Z * occ, grid), atol=1e-6, rtol=0)
+
+
+def test_session_compares_with_dominant_sites(ca_al_nb_o3):
+    s = Session()
+    rec = s.open(ca_al_nb_o3)
+    assert rec.crystal.disordered and len(rec.Z) == 5  # 5 sites, the mixed one once
+    assert sorted(rec.Z.tolist()) == [8, 8, 8, 20, 41]
+    assert rec.M.max() > 0 and rec.metrics["n_true"] == 5
+
+
+@pytest.mark.skipif(lattice_checkpoint() is None, reason="no repeating-lattice checkpoint shipped")
+def test_large_cell_switches_to_the_lattice_model(tmp_path):
+    big = Structure(Lattice.cubic(14.0), ["Si"] * 4, [[0, 0, 0], [.5, .5, 0], [.5, 0, .5], [0, .5, .5]])
+    path = tmp_path / "big.cif"
+    CifWriter(big).write_file(str(path))
+    s = Session()
+    assert s.model.representation == "unit_cell"
+    rec = s.open(path)
+    assert s.model.representation == "repeating_lattice"
+    assert "switched to the repeating-lattice model" in rec.crystal.meta["note"]
+    assert "cell too large" in rec.crystal.meta["note"]
+    # the atoms compared are those of the lattice inside the 10 Å cube from the cell origin
+    inside = lattice_positions(Crystal(big.lattice.matrix, big.frac_coords, [14] * 4), s.grid)[0]
+    inside = inside[np.all((inside >= 0) & (inside <= s.grid.length), axis=1)]
+    assert rec.metrics["n_true"] == len(inside) == len(rec.Z)
