@@ -22,18 +22,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PySide6.QtCore import QEvent, QObject, QSettings, Qt, QThreadPool, QTimer, Signal
+from PySide6.QtCore import QEvent, QObject, QSettings, QSignalBlocker, Qt, QThreadPool, QTimer, Signal
 from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar,
-                               QScrollArea, QSplitter, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QDockWidget, QFileDialog, QInputDialog, QLabel, QMainWindow, QMessageBox, QProgressBar,
+                               QScrollArea, QSlider, QSplitter, QVBoxLayout, QWidget, QWidgetAction)
 from pyvistaqt import QtInteractor
 
 from ..core.checkpoint import load_checkpoint
-from ..core.density import Grid
-from ..io.structures import element_colors, element_radius, read_structure, write_cif, write_xyz
+from ..core.density import Grid, fits_in_cube
+from ..io.structures import (StructureError, cif_blocks, covalent_radius, element_colors, element_radius,
+                             element_symbol, read_structure, write_cif, write_xyz)
 from ..render.export import ExportCancelled, save_density_npy, save_density_vti
+from ..render.overlays import Overlays, atom_bounds
 from ..render.scene import CrystalScene
-from ..session import Frame, Reconstruction, Session, bundled_checkpoints, sample_files
+from ..session import Frame, Reconstruction, Session, bundled_checkpoints, lattice_checkpoint, sample_files
 from .explorer import LatentExplorer
 from .export_dialog import ExportDialog, ExportSpec, run_export
 from .workers import Task
@@ -104,15 +106,30 @@ class _Panel:
         self.view.setAcceptDrops(False)  # drops go to the main window, not to pyvista's own handler
         layout.addWidget(self.view, 1)
         self.scene = CrystalScene(self.view, max_opacity=VOLUME_OPACITY)
+        self.overlays = Overlays(self.view, f"panel-{id(self):x}")
         self.title = title
+        self.positions = np.zeros((0, 3))
 
     def set_crystal(self, M: np.ndarray | None, grid: Grid, positions: np.ndarray, Z: np.ndarray,
-                    caption: str) -> None:
+                    caption: str, cell: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Density, atoms, bonds, element legend and (``cell`` = (origin, vectors) in Å,
+        cube frame) the unit cell of one crystal."""
         self.scene.set_outline(grid)
         self.scene.set_density(M, grid)
         colors, radii = _atom_style(Z)
         self.scene.set_atoms(positions, Z, colors, radii)
+        self.positions = np.asarray(positions, np.float64).reshape(-1, 3)
+        self._bond_input = (self.positions, np.array([covalent_radius(z) for z in np.asarray(Z).reshape(-1)]), colors)
+        self.overlays.set_bonds(*self._bond_input)
+        self.overlays.set_cell(*(cell if cell is not None else (None, None)))
+        zs = sorted(set(int(z) for z in np.asarray(Z).reshape(-1)))
+        self.overlays.set_legend([(element_symbol(z), tuple(float(c) for c in element_colors(np.array([z]))[0]))
+                                  for z in zs])
         self.label.setText(f"{self.title} · {caption}")
+
+    def show_bonds(self, visible: bool) -> None:
+        self.overlays.bonds_visible = bool(visible)
+        self.overlays.set_bonds(*getattr(self, "_bond_input", (np.zeros((0, 3)), np.zeros(0), np.zeros((0, 3)))))
 
     def set_colour_range(self, hi: float | None) -> None:
         """Pin the density colour range to ``(0, hi)`` (units of Z); None: back to the default
@@ -181,6 +198,13 @@ class MainWindow(QMainWindow):
         self._busy.setMaximumWidth(120)
         self._busy.setVisible(False)
         self.statusBar().addPermanentWidget(self._busy)
+        #: notes about the open file (model switched, disorder, pymatgen warnings in the tooltip)
+        self.notes_label = QLabel("", self)
+        self.notes_label.setStyleSheet("color: #a60;")
+        self.notes_label.setVisible(False)
+        self.statusBar().addPermanentWidget(self.notes_label)
+        #: answers the several-data-blocks question instead of a dialog when set: blocks -> index or False
+        self.block_chooser: Callable[[list[str]], int | bool] | None = None
 
         self._build_docks()
         self._build_menus()
@@ -226,7 +250,7 @@ class MainWindow(QMainWindow):
         self.tabifyDockWidget(self.slices_dock, self.atoms_dock)
         self.slices_dock.raise_()
         self.resizeDocks([self.explorer_dock], [360], Qt.Orientation.Horizontal)
-        self.resizeDocks([self.slices_dock], [170], Qt.Orientation.Vertical)
+        self.resizeDocks([self.slices_dock], [230], Qt.Orientation.Vertical)
 
     def _build_menus(self) -> None:
         def action(text: str, slot: Callable, shortcut: Any = None, checkable: bool = False) -> QAction:
@@ -262,8 +286,26 @@ class MainWindow(QMainWindow):
         self.density_action = action("Show &density", self.show_density, "D", checkable=True)
         self.atoms_action = action("Show &atoms", self.show_atoms, "A", checkable=True)
         self.reset_action = action("&Reset camera", self.reset_camera, "R")
-        for a in (self.density_action, self.atoms_action, self.reset_action):
+        self.bonds_action = action("Show &bonds", self.show_bonds, "B", checkable=True)
+        self.bonds_action.setToolTip("Bonds where atoms are closer than 1.15 x the sum of their covalent radii")
+        self.cell_action = action("Show unit &cell", self.show_cell, "U", checkable=True)
+        self.cell_action.setToolTip("The input's unit cell drawn as its lattice vectors a (red), b (green), c (blue)")
+        self.reset_action = action("&Reset camera", self.reset_camera, "R")
+        self.reset_action.setToolTip("Frame the crystal (isometric)")
+        self.cube_action = action("View whole &cube", lambda: self.reset_camera(whole_cube=True), "Shift+R")
+        for a in (self.density_action, self.atoms_action, self.bonds_action, self.cell_action, self.reset_action,
+                  self.cube_action):
             v.addAction(a)
+        om = v.addMenu("Density &opacity")
+        self.opacity_slider = QSlider(Qt.Orientation.Horizontal, self)
+        self.opacity_slider.setRange(5, 100)
+        self.opacity_slider.setValue(round(100 * VOLUME_OPACITY))
+        self.opacity_slider.setMinimumWidth(160)
+        self.opacity_slider.setToolTip("Opacity of the densest voxels: lower shows the atoms through the density")
+        wa = QWidgetAction(self)
+        wa.setDefaultWidget(self.opacity_slider)
+        om.addAction(wa)
+        self.opacity_slider.valueChanged.connect(lambda v_: self.set_opacity(v_ / 100.0))
         self.fit_range_action = action("&Fit colour range of the decoded view", self.fit_colour_range,
                                        checkable=True)
         self.fit_range_action.setToolTip("Spread the colour map over the decoded field's own range "
@@ -321,6 +363,9 @@ class MainWindow(QMainWindow):
         self.fit_range_action.setChecked(s.value("view/fit_range", False, type=bool))
         # setChecked emits toggled only on a change: start from True so the scenes match.
         self.density_action.setChecked(True)
+        self.bonds_action.setChecked(s.value("view/bonds", False, type=bool))
+        self.cell_action.setChecked(s.value("view/cell", True, type=bool))
+        self.opacity_slider.setValue(round(100 * float(s.value("view/opacity", VOLUME_OPACITY))))
         self.atoms_action.setChecked(True)
         self.density_action.setChecked(s.value("view/density", True, type=bool))
         self.atoms_action.setChecked(s.value("view/atoms", True, type=bool))
@@ -445,22 +490,68 @@ class MainWindow(QMainWindow):
             self._error("No model", "No model is loaded; use File > Open checkpoint… first.")
             return
         session, grid = self.session, self.session.grid
+        block = self._choose_block(path)
+        if block is False:
+            return  # the user cancelled the data-block choice
+        unit_cell = session.model.representation == "unit_cell"
+        device, method = session.device, session.model.atoms_method
 
-        def work() -> Reconstruction:
+        def work():
             try:
-                crystal = read_structure(path, grid)
-                return session.compute(crystal)
+                crystal = read_structure(path, grid, require_fit=False, block=block)
+                if unit_cell and not fits_in_cube(crystal, grid):
+                    # any cell fills the cube of the repeating-lattice model: switch to it
+                    lattice = lattice_checkpoint()
+                    why = crystal.meta.get("fit_reason", "the cell does not fit the cube")
+                    if lattice is None:
+                        raise StructureError(path.name, f"{why}, and no repeating-lattice checkpoint is available")
+                    model = load_checkpoint(lattice, device)
+                    model.atoms_method = method
+                    crystal.meta["note"] = f"{why}: switched to the repeating-lattice model {lattice.name}"
+                    return Session(model=model, device=device).compute(crystal), model
+                return session.compute(crystal), None
             except Exception as exc:
                 msg = _one_line(exc)
                 if not msg.startswith(path.name):  # StructureError messages already name the file
                     raise RuntimeError(f"{path.name}: {type(exc).__name__}: {msg}") from exc
                 raise
 
-        def done(rec: Reconstruction) -> None:
+        def done(result) -> None:
+            rec, model = result
             self._add_recent(path)
+            if model is not None:
+                session.model = model
+                self.explorer.model_changed()
+                self.setWindowTitle(self._title())
+                self._mark_model()
             session.set_current(rec)  # -> "reconstruction" event -> views
+            notes = [rec.crystal.meta.get("note")] if rec.crystal.meta.get("note") else []
+            d = rec.crystal.meta.get("disorder")
+            if d:
+                notes.append(f"disordered input: {d['mixed_sites']} mixed and {d['vacant_sites']} partly vacant "
+                             f"of {d['sites']} sites; compared with each site's dominant species")
+            warns = rec.crystal.meta.get("warnings") or []
+            self.notes_label.setText(" · ".join(notes + ([f"{len(warns)} CIF warning(s)"] if warns else [])))
+            self.notes_label.setToolTip("\n".join(notes + [f"pymatgen: {w}" for w in warns]))
+            self.notes_label.setVisible(bool(notes or warns))
 
         self._start(f"Reconstructing {path.name}…", work, done=done, title="Cannot open structure")
+
+    def _choose_block(self, path: Path):
+        """For a CIF with several structures, ask which (None: the only one; False: cancelled)."""
+        if path.suffix.lower() not in (".cif", ".mcif"):
+            return None
+        try:
+            blocks = cif_blocks(path)
+        except StructureError:
+            return None  # reading it again reports the problem in one line
+        if len(blocks) < 2:
+            return None
+        if self.block_chooser is not None:  # tests and scripts answer without a dialog
+            return self.block_chooser(blocks)
+        item, ok = QInputDialog.getItem(self, "Several structures",
+                                        f"{path.name} holds {len(blocks)} structures. Open which?", blocks, 0, False)
+        return blocks.index(item) if ok else False
 
     def atoms_method(self) -> str:
         """The remembered way of reading atoms from a decoded field ("fit" or "unet")."""
@@ -555,14 +646,16 @@ class MainWindow(QMainWindow):
     def _show(self, rec: Reconstruction) -> None:
         grid = self.grid
         n_in, n_out = len(rec.Z), len(rec.atoms)
-        self.input.set_crystal(rec.M, grid, rec.positions, rec.Z, f"{rec.crystal.name}, {n_atoms(n_in)}")
+        self.input.set_crystal(rec.M, grid, rec.positions, rec.Z, f"{rec.crystal.name}, {n_atoms(n_in)}",
+                               cell=self._input_cell() if self.cell_action.isChecked() else None)
         self.output.title = "Reconstruction"
         self._fit_output_range(rec.M_hat)
         self.output.set_crystal(rec.M_hat, grid, rec.atoms.positions, rec.atoms.Z, f"{n_atoms(n_out)} segmented")
         self.atoms_table.set_atoms(rec.atoms, self.session.model.atoms_method)
         self.explorer.on_reconstruction(rec)
-        if not self._camera_fitted:
+        if getattr(self, "_framed", None) is not rec.crystal:  # a new crystal: frame it
             self.reset_camera(render=False)
+            self._framed = rec.crystal
         self.setWindowTitle(self._title())
         self.statusBar().showMessage(status_text(rec), 0)
         self.render()
@@ -631,9 +724,57 @@ class MainWindow(QMainWindow):
         self.settings.setValue("view/atoms", bool(visible))
         self.render()
 
-    def reset_camera(self, render: bool = True) -> None:
-        """Isometric view of the whole cube (the camera is shared, so both views follow)."""
-        self.input.scene.reset_camera("iso", zoom=CAMERA_ZOOM)
+    def show_bonds(self, visible: bool) -> None:
+        """Bonds on or off in both views (remembered)."""
+        if self.bonds_action.isChecked() != bool(visible):
+            self.bonds_action.setChecked(bool(visible))
+            return
+        for p in self.panels:
+            p.show_bonds(visible)
+        self.settings.setValue("view/bonds", bool(visible))
+        self.render()
+
+    def show_cell(self, visible: bool) -> None:
+        """The input's unit cell on or off (remembered)."""
+        if self.cell_action.isChecked() != bool(visible):
+            self.cell_action.setChecked(bool(visible))
+            return
+        self.input.overlays.cell_visible = bool(visible)
+        self.input.overlays.set_cell(*(self._input_cell() or (None, None)))
+        self.settings.setValue("view/cell", bool(visible))
+        self.render()
+
+    def set_opacity(self, value: float) -> None:
+        """Opacity of the densest voxels in both views, 0.05..1 (remembered)."""
+        value = min(max(float(value), 0.05), 1.0)
+        for p in self.panels:
+            p.scene.set_max_opacity(value)
+        self.settings.setValue("view/opacity", value)
+        if self.opacity_slider.value() != round(100 * value):
+            with QSignalBlocker(self.opacity_slider):
+                self.opacity_slider.setValue(round(100 * value))
+        self.render()
+
+    def _input_cell(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(origin, lattice vectors) of the current input in the cube frame, Å."""
+        rec = self.session.current if self.session is not None else None
+        if rec is None:
+            return None
+        L = rec.crystal.lattice @ np.asarray(rec.rotation, np.float64).T
+        if self.session.model.representation == "repeating_lattice":
+            return np.zeros(3), L  # the cube starts at the cell origin
+        return 0.5 * self.grid.length - 0.5 * L.sum(axis=0), L  # the cell centred in the cube
+
+    def reset_camera(self, render: bool = True, whole_cube: bool = False) -> None:
+        """Isometric view framed on the input's atoms, 1.5 Å of margin (``whole_cube``: the
+        whole cube); the camera is shared, so both views follow."""
+        rec = self.session.current if self.session is not None else None
+        scene = self.input.scene
+        if rec is None or whole_cube or not len(rec.positions):
+            scene.reset_camera("iso", zoom=CAMERA_ZOOM)
+        else:
+            L = self.grid.length
+            scene.frame(atom_bounds(np.clip(rec.positions, 0, L), 1.5, (0, L, 0, L, 0, L)), "iso")
         self.output.view.renderer.reset_camera_clipping_range()
         self._camera_fitted = self.session is not None and self.session.current is not None
         if render:

@@ -49,6 +49,7 @@ __all__ = [
     "element_colors",
     "element_symbol",
     "element_radius",
+    "covalent_radius",
     "build_prototypes",
     "write_samples",
     "MAX_ATOMS",
@@ -462,6 +463,19 @@ def element_symbol(Z: int) -> str:
     """Element symbol of atomic number Z (1..118); "X" for anything else."""
     z = int(Z)
     return Element.from_Z(z).symbol if 1 <= z <= 118 else "X"
+
+
+def covalent_radius(Z: int) -> float:
+    """Covalent radius in Å (pymatgen's table, Cordero et al. 2008); the atomic radius when
+    the table has none."""
+    from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
+
+    z = int(Z)
+    if 1 <= z <= 118:
+        r = CovalentRadius.radius.get(Element.from_Z(z).symbol)
+        if r:
+            return float(r)
+    return element_radius(z)
 
 
 def element_radius(Z: int) -> float:

@@ -190,6 +190,20 @@ class CrystalScene:
         """The colour range of the density in units of Z."""
         return self._clim
 
+    def set_max_opacity(self, value: float) -> None:
+        """Opacity of the densest voxels, 0 < value <= 1 (lower shows the atoms through the
+        density); re-applied to the volume in place.
+
+        Raises:
+            ValueError: value outside (0, 1].
+        """
+        if not 0.0 < float(value) <= 1.0:
+            raise ValueError(f"opacity must lie in (0, 1], got {value!r}")
+        self.max_opacity = float(value)
+        if self._lut is not None:
+            self._lut.values[:, 3] = self._opacity_values()
+            self._vol_actor.prop.apply_lookup_table(self._lut)
+
     def set_clim(self, clim: tuple[float, float] | None) -> None:
         """Pin the density colour range to ``clim`` = (low, high) in units of Z, or None:
         back to the default (0, 30) that grows with the fields shown. The colour bar's
@@ -377,6 +391,17 @@ class CrystalScene:
             _set_camera_view(self.renderer, view, bounds)
         if zoom != 1.0:
             self.renderer.camera.zoom(zoom)
+        self.renderer.reset_camera_clipping_range()
+
+    def frame(self, bounds: Sequence[float], view: str = "iso", turn: tuple[float, float] = (18.0, 12.0)) -> None:
+        """Point the camera along ``view``, turn it by ``turn`` = (azimuth, elevation) degrees
+        (off the exact isometric axis, along which a cubic cell's corner hides behind its
+        centre), and fit ``bounds`` (xmin, xmax, ymin, ymax, zmin, zmax; Å)."""
+        _set_camera_view(self.renderer, view, bounds)
+        cam = self.renderer.camera
+        cam.azimuth += turn[0]
+        cam.elevation += turn[1]
+        self.renderer.reset_camera(render=False, bounds=bounds)
         self.renderer.reset_camera_clipping_range()
 
     def clear(self) -> None:
