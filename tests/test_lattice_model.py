@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from crystalstudio.core.checkpoint import load_checkpoint
-from crystalstudio.io.structures import StructureError
 from crystalstudio.session import Session, bundled_checkpoints, default_checkpoint
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"

@@ -721,6 +721,7 @@ class MainWindow(QMainWindow):
             return
         for p in self.panels:
             p.scene.show_atoms(visible)
+            p.overlays.show_legend(visible)
         self.settings.setValue("view/atoms", bool(visible))
         self.render()
 

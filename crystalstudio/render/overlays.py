@@ -81,6 +81,7 @@ class Overlays:
         self.bonds_visible = False
         self.cell_visible = True
         self.n_bonds = 0
+        self.legend_visible = True
         self._legend: list[tuple[str, tuple]] = []
 
     def _remove(self, name: str) -> None:
@@ -121,6 +122,12 @@ class Overlays:
         self.plotter.add_mesh(mesh, scalars="rgb", rgb=True, line_width=4.0, name=self.tag + "-bonds",
                               reset_camera=False, render=False, pickable=False, show_scalar_bar=False)
 
+    def show_legend(self, visible: bool) -> None:
+        """Legend on or off (it follows the atoms)."""
+        self.legend_visible = bool(visible)
+        entries, self._legend = self._legend, None
+        self.set_legend(entries or [])
+
     def set_legend(self, entries: list[tuple[str, tuple]]) -> None:
         """A legend of (element symbol, RGB) in the lower-left corner; empty removes it."""
         if entries == self._legend:
@@ -130,7 +137,7 @@ class Overlays:
             self.plotter.remove_legend(render=False)
         except (AttributeError, TypeError):
             pass
-        if entries:
+        if entries and self.legend_visible:
             self.plotter.add_legend(labels=[[s, c] for s, c in entries], bcolor=None, face="circle",
                                     loc="lower left", size=(0.12, 0.05 * min(len(entries), 8)), border=False)
 
