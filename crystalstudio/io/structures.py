@@ -202,7 +202,9 @@ def _parse_cif(text: str, name: str) -> tuple[list[tuple[str, Structure]], list[
                 s = parser._get_structure(block, primitive=False, symmetrized=False,  # noqa: SLF001
                                           check_occu=True)
             except Exception as exc:  # noqa: BLE001 - one bad block must not hide the others
-                warnings.warn(f"data block {key}: {' '.join(str(exc).split())[:160]}")
+                why = (f"lacks {exc.args[0]}" if isinstance(exc, KeyError) and exc.args
+                       else " ".join(str(exc).split())[:160])
+                warnings.warn(f"data block {key}: {why}")
                 continue
             if s is not None:
                 out.append((key, s))
