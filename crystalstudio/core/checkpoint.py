@@ -99,6 +99,7 @@ def _write(path: Path, state: dict, cfg: ModelConfig, grid: Grid, meta: dict, pr
         raise CheckpointError(f"{path.name}: representation must be one of {REPRESENTATIONS}")
     tmp = path.with_name(path.name + ".tmp")
     save_file({**state, **extra}, str(tmp), metadata={"crystalstudio": json.dumps(info)})
+    os.chmod(tmp, 0o644)  # a shipped file, readable by all (safetensors writes 0600)
     os.replace(tmp, path)
     return path
 
