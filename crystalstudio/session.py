@@ -39,6 +39,38 @@ def lattice_checkpoint() -> Path | None:
     return p if p.is_file() else None
 
 
+def disordered_sites(rec: "Reconstruction", representation: str, grid) -> tuple[np.ndarray, list[str]]:
+    """The mixed or partly vacant sites of a reconstruction's input, for labelling:
+    (positions (K, 3) Å in the cube frame, labels like ``"Al0.50 Nb0.50"`` or ``"Fe0.75 □"``).
+    An ordered input gives no sites."""
+    from .io.structures import element_symbol
+
+    c = rec.crystal
+    if not c.disordered:
+        return np.zeros((0, 3)), []
+    key = np.round(np.mod(c.frac, 1.0) / 1e-4).astype(np.int64) % 10000
+    uniq, inv = np.unique(key, axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    fracs, labels = [], []
+    for s in range(len(uniq)):
+        here = np.flatnonzero(inv == s)
+        occ = c.occupancy[here]
+        if len(here) == 1 and occ[0] >= 1.0:
+            continue
+        parts = [f"{element_symbol(int(z))}{o:.2f}" for z, o in sorted(zip(c.Z[here], occ), key=lambda t: -t[1])]
+        if occ.sum() < 0.999:
+            parts.append(f"vac{1 - occ.sum():.2f}")
+        fracs.append(c.frac[here[0]])
+        labels.append(" ".join(parts))
+    site = Crystal(c.lattice, np.array(fracs), np.ones(len(fracs), np.int64))
+    if representation == "repeating_lattice":
+        pos, idx = lattice_positions(Crystal(c.lattice, np.array(fracs), np.arange(1, len(fracs) + 1)), grid,
+                                     rec.rotation)
+        inside = np.all((pos >= 0) & (pos <= grid.length), axis=1)
+        return pos[inside], [labels[i - 1] for i in idx[inside]]
+    return cell_positions(site, grid, rec.rotation), labels
+
+
 def bundled_checkpoints() -> list[tuple[Path, str]]:
     """The checkpoints shipped in ``assets/`` with a one-line description each (from their
     metadata: representation, conditioning, held-out atoms within 0.5 Å), the default first.

@@ -35,7 +35,8 @@ from ..io.structures import (StructureError, cif_blocks, covalent_radius, elemen
 from ..render.export import ExportCancelled, save_density_npy, save_density_vti
 from ..render.overlays import Overlays, atom_bounds
 from ..render.scene import CrystalScene
-from ..session import Frame, Reconstruction, Session, bundled_checkpoints, lattice_checkpoint, sample_files
+from ..session import (Frame, Reconstruction, Session, bundled_checkpoints, disordered_sites, lattice_checkpoint,
+                       sample_files)
 from .explorer import LatentExplorer
 from .export_dialog import ExportDialog, ExportSpec, run_export
 from .workers import Task
@@ -648,6 +649,7 @@ class MainWindow(QMainWindow):
         n_in, n_out = len(rec.Z), len(rec.atoms)
         self.input.set_crystal(rec.M, grid, rec.positions, rec.Z, f"{rec.crystal.name}, {n_atoms(n_in)}",
                                cell=self._input_cell() if self.cell_action.isChecked() else None)
+        self.input.overlays.set_site_labels(*disordered_sites(rec, self.session.model.representation, grid))
         self.output.title = "Reconstruction"
         self._fit_output_range(rec.M_hat)
         self.output.set_crystal(rec.M_hat, grid, rec.atoms.positions, rec.atoms.Z, f"{n_atoms(n_out)} segmented")

@@ -122,6 +122,15 @@ class Overlays:
         self.plotter.add_mesh(mesh, scalars="rgb", rgb=True, line_width=4.0, name=self.tag + "-bonds",
                               reset_camera=False, render=False, pickable=False, show_scalar_bar=False)
 
+    def set_site_labels(self, positions: np.ndarray, labels: list[str]) -> None:
+        """Text labels at disordered sites (e.g. "Al0.50 Nb0.50"); empty removes them."""
+        self._remove("-sites")
+        if len(labels):
+            self.plotter.add_point_labels(np.asarray(positions, np.float64).reshape(-1, 3), list(labels),
+                                          name=self.tag + "-sites", font_size=11, point_size=1,
+                                          shape_opacity=0.6, always_visible=True, render=False,
+                                          reset_camera=False, text_color="white", shape_color="#404048")
+
     def show_legend(self, visible: bool) -> None:
         """Legend on or off (it follows the atoms)."""
         self.legend_visible = bool(visible)
