@@ -48,11 +48,9 @@ def disordered_sites(rec: "Reconstruction", representation: str, grid) -> tuple[
     c = rec.crystal
     if not c.disordered:
         return np.zeros((0, 3)), []
-    key = np.round(np.mod(c.frac, 1.0) / 1e-4).astype(np.int64) % 10000
-    uniq, inv = np.unique(key, axis=0, return_inverse=True)
-    inv = inv.reshape(-1)
+    first, inv = c.site_index()
     fracs, labels = [], []
-    for s in range(len(uniq)):
+    for s in range(len(first)):
         here = np.flatnonzero(inv == s)
         occ = c.occupancy[here]
         if len(here) == 1 and occ[0] >= 1.0:

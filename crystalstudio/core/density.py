@@ -133,16 +133,20 @@ class Crystal:
         """(N,) float64 Eq. 1 weights: Z x occupancy."""
         return self.Z * (1.0 if self.occupancy is None else self.occupancy)
 
+    def site_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """Entries grouped into sites (within 1e-4 in wrapped fractional coordinates):
+        (first entry of each site (S,), site of each entry (N,)), both int64."""
+        key = np.round(np.mod(self.frac, 1.0) / 1e-4).astype(np.int64) % 10000
+        _, first, inv = np.unique(key, axis=0, return_index=True, return_inverse=True)
+        return first, inv.reshape(-1)
+
     def sites(self) -> tuple[np.ndarray, np.ndarray]:
         """The distinct sites with their dominant occupant: (frac (S, 3), Z (S,)); entries
         within 1e-4 of each other in fractional coordinates are one site, and its species
         is the occupant of largest occupancy (ties: larger Z). An ordered crystal: its atoms."""
         if self.occupancy is None:
             return self.frac.copy(), self.Z.copy()
-        f = np.mod(self.frac, 1.0)
-        key = np.round(f / 1e-4).astype(np.int64) % 10000
-        _, first, inv = np.unique(key, axis=0, return_index=True, return_inverse=True)
-        inv = inv.reshape(-1)
+        first, inv = self.site_index()
         Zs = np.zeros(len(first), np.int64)
         best = np.full(len(first), -1.0)
         for i, s in enumerate(inv):

@@ -311,14 +311,10 @@ def crystal_to_structure(crystal: Crystal) -> Structure:
     a disordered crystal's occupants at one site become one site of mixed occupancy)."""
     if crystal.occupancy is None:
         return Structure(Lattice(crystal.lattice), [Element.from_Z(int(z)) for z in crystal.Z], crystal.frac)
-    f, _ = crystal.sites()
-    key = np.round(np.mod(crystal.frac, 1.0) / 1e-4).astype(np.int64) % 10000
-    fkey = np.round(np.mod(f, 1.0) / 1e-4).astype(np.int64) % 10000
-    species = []
-    for k in fkey:
-        here = np.all(key == k, axis=1)
-        species.append({Element.from_Z(int(z)): float(o) for z, o in zip(crystal.Z[here], crystal.occupancy[here])})
-    return Structure(Lattice(crystal.lattice), species, f)
+    first, inv = crystal.site_index()
+    species = [{Element.from_Z(int(z)): float(o) for z, o in zip(crystal.Z[inv == s], crystal.occupancy[inv == s])}
+               for s in range(len(first))]
+    return Structure(Lattice(crystal.lattice), species, crystal.frac[first])
 
 
 def structure_to_crystal(structure: Structure, name: str | None = None, grid: Grid | None = None,
