@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     pk = sub.add_parser("knobs", help="one-knob-at-a-time fine-tunes measured on the validation split")
     knob_arguments(pk)
 
+    from .curve import add_arguments as curve_arguments
+
+    pc = sub.add_parser("curve", help="learning curves: validation accuracy of each run's checkpoints against "
+                                      "CPU core-hours (JSON + PNG)")
+    curve_arguments(pc)
+
     ps = sub.add_parser("separability", help="atoms that are separate peaks of the true M, per sigma (no model)")
     ps.add_argument("--data", default="data/mp.npz", help="prepared .npz")
     ps.add_argument("--split", default="val", choices=["train", "val", "test"])
@@ -80,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         from .prior import run as run_prior
 
         run_prior(a)
+    elif a.cmd == "curve":
+        from .curve import run as run_curve
+
+        run_curve(a)
     elif a.cmd == "knobs":
         from .knobs import run as run_knobs
 

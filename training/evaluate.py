@@ -95,7 +95,9 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
     """Yield ``(match, mse, true_pos, true_Z, atoms)`` per crystal of ``idx``, in order.
 
     ``atoms``: how the model's atoms are read from M_hat, ``"fit"`` (Eq. 1 least squares,
-    species from the U-Net) or ``"unet"`` (the paper's argmax + connected components).
+    species from the U-Net), ``"unet"`` (the paper's argmax + connected components) or
+    ``"fit-amplitude"`` (the fit alone, Z from its amplitude: a measure of the VAE that does
+    not depend on the U-Net, used by the learning curve of VAE-only runs).
 
     KL per dimension (B, latent) of each batch is appended to ``kls``; when ``voxel`` is
     given, ``[correct, voxels, correct atom voxels, atom voxels]`` of the U-Net's argmax
@@ -128,7 +130,10 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
             tp, tz = P[k][keep], Zp[k][keep]
             unet_atoms = species_map_to_atoms(species[k], grid, Mh_np[k])
             fit_dec = _fit_decoded(Mh_np[k], probs[k], grid, representation) if probs is not None else None
-            found = fit_dec if atoms == "fit" else unet_atoms
+            if atoms == "fit-amplitude":  # the VAE alone: no U-Net vote, Z from the fitted amplitude
+                found = fit_atoms(Mh_np[k], grid, representation, DECODED_FIT)
+            else:
+                found = fit_dec if atoms == "fit" else unet_atoms
             if stages is not None:
                 stages.setdefault("unet_on_decoded_M", []).append(
                     match_atoms(tp, tz, unet_atoms.positions, unet_atoms.Z, tol))

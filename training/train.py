@@ -72,6 +72,8 @@ class TrainConfig:
                                          # (not the decoded one): teaches it sharp peaks early
     vae_only: bool = False               # train the VAE alone (no U-Net forward/backward: ~4x cheaper
                                          # per step at 30^3); atoms are read by the Eq. 1 fit
+    unet_only: bool = False              # train the U-Net alone on the fields of a frozen VAE (its
+                                         # decoded M_hat, and the true M for unet_true_frac of a batch)
     peak_weight: float = 0.0             # peak-weighted MSE: voxel weight 1 + peak_weight * M / max(M)
     snapshot_every_min: float = 0.0      # also keep <out>.step<N>.safetensors this often (learning curve)
     # runtime
@@ -119,11 +121,17 @@ class JointNet(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, M: torch.Tensor, gamma: float, n_true: int = 0, vae_only: bool = False):
-        M_hat, mu, logvar = self.net.vae(M)
-        if vae_only:
-            return M_hat, mu, logvar, None
-        u_in = scale_grad(M_hat, gamma)
+    def forward(self, M: torch.Tensor, gamma: float, n_true: int = 0, vae_only: bool = False,
+                unet_only: bool = False):
+        if unet_only:  # the VAE frozen (no graph): the U-Net learns the fields the app will show it
+            with torch.no_grad():
+                M_hat, mu, logvar = self.net.vae(M)
+            u_in = M_hat.detach()
+        else:
+            M_hat, mu, logvar = self.net.vae(M)
+            if vae_only:
+                return M_hat, mu, logvar, None
+            u_in = scale_grad(M_hat, gamma)
         if n_true > 0:  # the first n_true crystals: the U-Net segments the true field instead
             u_in = torch.cat([M[:n_true, 0].to(u_in.dtype), u_in[n_true:]])
         return M_hat, mu, logvar, self.net.unet(u_in)
@@ -140,14 +148,16 @@ def forward_losses(model: nn.Module, M: torch.Tensor, S: torch.Tensor, cfg: Trai
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     with torch.autocast(M.device.type, dtype=torch.bfloat16, enabled=amp):
-        M_hat, mu, logvar, logits = model(x, cfg.gamma, int(round(cfg.unet_true_frac * len(M))), cfg.vae_only)
+        M_hat, mu, logvar, logits = model(x, cfg.gamma, int(round(cfg.unet_true_frac * len(M))), cfg.vae_only,
+                                          cfg.unet_only)
     ce = (unet_loss(logits.float(), S, cfg.background_weight) if logits is not None
           else torch.zeros((), device=M.device))
     w = None
     if cfg.peak_weight:
         w = 1.0 + cfg.peak_weight * M / M.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
     L = vae_loss(M, M_hat.float(), mu.float(), logvar.float(), None, cfg.beta, cfg.gamma, weight=w)
-    return {"total": L["loss"] + ce, "loss": L["loss"], "recon": L["recon"], "kl": L["kl"], "ce": ce}
+    total = ce if cfg.unet_only else L["loss"] + ce
+    return {"total": total, "loss": L["loss"], "recon": L["recon"], "kl": L["kl"], "ce": ce}
 
 
 # ---------------------------------------------------------------- optimizer state (resume)
@@ -379,7 +389,10 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
         log_note = ""
     if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, **({"fused": True} if cuda else {}))
+    if cfg.unet_only and cfg.vae_only:
+        raise ValueError("--unet-only and --vae-only exclude each other")
+    trained = net.unet if cfg.unet_only else net
+    opt = torch.optim.Adam(trained.parameters(), lr=cfg.lr, **({"fused": True} if cuda else {}))
     if state is not None:
         flags = {k: opt.param_groups[0].get(k) for k in ("foreach", "fused", "capturable", "differentiable")}
         opt.load_state_dict(state)
@@ -436,10 +449,12 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
                 origins = (random_origins(data, b, rots, rng) if cfg.representation == "repeating_lattice" else None)
                 M, S, _, _ = voxelise(data, b, grid, rots, device, cfg.representation, origins)
             model.train()
+            if cfg.unet_only:
+                net.vae.eval()  # running BatchNorm statistics, as the app decodes
             L = forward_losses(model, M, S, cfg, amp, channels_last)
             opt.zero_grad(set_to_none=True)
             L["total"].backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 100.0)
+            torch.nn.utils.clip_grad_norm_(trained.parameters(), 100.0)
             opt.step()
             step += 1
             samples += cfg.batch * world
