@@ -1,4 +1,4 @@
-"""``python -m training {prepare,train,evaluate,fit-prior,knobs,separability} ...``: see ``--help`` of each."""
+"""``python -m training {prepare,train,evaluate,fit-prior,choose-gate,knobs,curve,separability} ...``: see ``--help`` of each."""
 
 from __future__ import annotations
 
@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
                                       "CPU core-hours (JSON + PNG)")
     curve_arguments(pc)
 
+    from .gate import add_arguments as gate_arguments
+
+    pg = sub.add_parser("choose-gate", help="choose the U-Net gate of the fit + U-Net atoms on the validation "
+                                           "split and store it in the checkpoint")
+    gate_arguments(pg)
+
     ps = sub.add_parser("separability", help="atoms that are separate peaks of the true M, per sigma (no model)")
     ps.add_argument("--data", default="data/mp.npz", help="prepared .npz")
     ps.add_argument("--split", default="val", choices=["train", "val", "test"])
@@ -86,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         from .prior import run as run_prior
 
         run_prior(a)
+    elif a.cmd == "choose-gate":
+        from .gate import run as run_gate
+
+        run_gate(a)
     elif a.cmd == "curve":
         from .curve import run as run_curve
 

@@ -120,7 +120,8 @@ def measure(path: str, data, grid, split: str = "val", seed: int = 0, limit: int
         raise ValueError(f"{Path(path).name}: trained on {model.grid}, the data are on {grid}")
     idx = arrays.indices(split)
     idx = idx[:limit] if limit else idx
-    res = evaluate(model.net, arrays, idx, model.grid, seed=seed, representation=model.representation, atoms=atoms)
+    res = evaluate(model.net, arrays, idx, model.grid, seed=seed, representation=model.representation, atoms=atoms,
+                   gate=model.unet_gate)
     out = {k: float(res[k]) for k in MEASURES}
     out["n_crystals"] = int(res["n_crystals"])
     if cache is not None:

@@ -66,7 +66,7 @@ from crystalstudio.core.density import Grid, random_rotations
 from crystalstudio.core.latent import random_latents
 from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import CrystalNet, kl_divergence, max_density
-from crystalstudio.core.fit import DECODED_FIT, DEFAULT_FIT, combine_with_unet, fit_atoms
+from crystalstudio.core.fit import DECODED_FIT, DEFAULT_FIT, UNET_GATE, combine_with_unet, fit_atoms
 from crystalstudio.core.segment import density_peaks, species_map_to_atoms
 
 from .data import SPLITS, CrystalArrays, voxelise
@@ -84,14 +84,15 @@ class HarnessError(ValueError):
     """A one-line reason the harness cannot run (missing data, empty split, ...)."""
 
 
-def _fit_decoded(M_hat: np.ndarray, probs: np.ndarray, grid: Grid, representation: str):
+def _fit_decoded(M_hat: np.ndarray, probs: np.ndarray, grid: Grid, representation: str, gate: float = UNET_GATE):
     """Atoms of a decoded field by the Eq. 1 fit, species and gating by the U-Net (the app's "fit")."""
-    return combine_with_unet(fit_atoms(M_hat, grid, representation, DECODED_FIT), probs, grid)
+    return combine_with_unet(fit_atoms(M_hat, grid, representation, DECODED_FIT), probs, grid, gate)
 
 
 def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, seed: int, batch: int,
                      device, tol: float, kls: list, voxel: np.ndarray | None = None,
-                     representation: str = "unit_cell", stages: dict | None = None, atoms: str = "fit"):
+                     representation: str = "unit_cell", stages: dict | None = None, atoms: str = "fit",
+                     gate: float = UNET_GATE):
     """Yield ``(match, mse, true_pos, true_Z, atoms)`` per crystal of ``idx``, in order.
 
     ``atoms``: how the model's atoms are read from M_hat, ``"fit"`` (Eq. 1 least squares,
@@ -129,7 +130,7 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
             keep = Zp[k] > 0
             tp, tz = P[k][keep], Zp[k][keep]
             unet_atoms = species_map_to_atoms(species[k], grid, Mh_np[k])
-            fit_dec = _fit_decoded(Mh_np[k], probs[k], grid, representation) if probs is not None else None
+            fit_dec = _fit_decoded(Mh_np[k], probs[k], grid, representation, gate) if probs is not None else None
             if atoms == "fit-amplitude":  # the VAE alone: no U-Net vote, Z from the fitted amplitude
                 found = fit_atoms(Mh_np[k], grid, representation, DECODED_FIT)
             else:
@@ -250,7 +251,7 @@ def _table(per: list[dict], mse: list[float], kls: list, latent: int) -> dict:
 @torch.no_grad()
 def evaluate(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, seed: int = 0,
              batch: int = 16, device: str | torch.device = "cpu", tol: float = 0.5,
-             representation: str = "unit_cell", atoms: str = "fit") -> dict:
+             representation: str = "unit_cell", atoms: str = "fit", gate: float = UNET_GATE) -> dict:
     """Sec. 4.1 table over crystals ``idx`` plus the per-dimension mean KL (atoms read by
     ``atoms``: "fit" or "unet", see :func:`_reconstructions`).
 
@@ -264,7 +265,7 @@ def evaluate(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, 
     per, mse, kls = [], [], []
     try:
         for r, e, *_ in _reconstructions(net, data, idx, grid, seed, batch, device, tol, kls,
-                                             representation=representation, atoms=atoms):
+                                             representation=representation, atoms=atoms, gate=gate):
             per.append(r)
             mse.append(e)
     finally:
@@ -278,7 +279,8 @@ def evaluate_model(model: CrystalModel, data: CrystalArrays, split: str = "test"
     idx = data.indices(split)
     if limit:
         idx = idx[:limit]
-    return evaluate(model.net, data, idx, model.grid, seed, device=model.device)
+    return evaluate(model.net, data, idx, model.grid, seed, device=model.device,
+                    representation=model.representation, gate=model.unet_gate)
 
 
 # ----------------------------------------------------------------------------- harness
@@ -329,7 +331,7 @@ def _random_draws(model: CrystalModel, n: int, seed: int, batch: int, method: st
         Mh_np = Mh.float().cpu().numpy()
         if method == "fit":
             probs = torch.softmax(logits, 1).cpu().numpy()
-            found = [_fit_decoded(Mh_np[k], probs[k], model.grid, model.representation) for k in range(len(Mh_np))]
+            found = [_fit_decoded(Mh_np[k], probs[k], model.grid, model.representation, model.unet_gate) for k in range(len(Mh_np))]
         else:
             species = logits.argmax(1).cpu().numpy()
             found = [species_map_to_atoms(species[k], model.grid, Mh_np[k]) for k in range(len(Mh_np))]
@@ -419,7 +421,7 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
     dt, dp, nn_real, nn_rec, zpairs = [], [], [], [], []
     try:
         recs = _reconstructions(net, data, idx, model.grid, seed, batch, model.device, tol, kls, voxel,
-                                model.representation, stages, atoms)
+                                model.representation, stages, atoms, model.unet_gate)
         for i, (r, e, tp, tz, found) in zip(idx, recs):
             per.append(r)
             mse.append(e)
@@ -594,6 +596,7 @@ def run(a: argparse.Namespace) -> dict:
         "tol_A": a.tol,
         "draws": a.draws,
         "atoms_method": a.atoms,
+        "unet_gate": model.unet_gate,
         "n_split": int(len(full)),
         "split_ids_sha1": ids_sha1,
         "split_matches_checkpoint_test_ids": (ids_sha1 == ck_sha1) if (a.split == "test" and ck_sha1) else None,

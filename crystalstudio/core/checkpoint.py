@@ -31,7 +31,7 @@ from .models import CrystalNet, ModelConfig
 from .prior import LatentPrior, PriorError
 from .segment import Atoms, species_map_to_atoms
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "attach_prior", "CrystalModel", "FrozenNet", "FORMAT",
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "attach_prior", "update_metadata", "CrystalModel", "FrozenNet", "FORMAT",
            "MAX_BYTES", "ATOM_METHODS", "DEFAULT_ATOMS_METHOD"]
 
 FORMAT = "crystalstudio-checkpoint"
@@ -120,6 +120,32 @@ def attach_prior(path: str | os.PathLike, prior: LatentPrior | None, out: str | 
     meta = {k: v for k, v in model.info.items()
             if k not in ("format", "version", "model_config", "grid", "classes", "weights_dtype")}
     return _write(Path(out or path), state, model.config, model.grid, meta, prior)
+
+
+def update_metadata(path: str | os.PathLike, updates: dict, out: str | os.PathLike | None = None) -> Path:
+    """Write the checkpoint ``path`` again to ``out`` (default: in place, atomically) with its
+    metadata updated by ``updates`` (JSON-serialisable; a value None removes the key);
+    weights and prior unchanged.
+
+    Raises:
+        CheckpointError: the checkpoint does not load, or ``updates`` touches a structural key
+            (format, version, model_config, grid, classes, weights_dtype, prior, representation).
+    """
+    fixed = {"format", "version", "model_config", "grid", "classes", "weights_dtype", "prior", "representation"}
+    bad = sorted(set(updates) & fixed)
+    if bad:
+        raise _fail(Path(path), f"metadata key(s) {', '.join(bad)} cannot be changed")
+    model = load_checkpoint(path, jit=False)
+    from safetensors.torch import load_file
+
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("prior.")}
+    meta = {k: v for k, v in model.info.items() if k not in fixed - {"representation"}}
+    for k, v in updates.items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    return _write(Path(out or path), state, model.config, model.grid, meta, model.prior)
 
 
 def _fail(path: Path, reason: str) -> CheckpointError:
@@ -309,6 +335,16 @@ class CrystalModel:
         self.atoms_method: str = DEFAULT_ATOMS_METHOD
         self.prior: LatentPrior | None = None
 
+    @property
+    def unet_gate(self) -> float:
+        """The U-Net probability of "an atom" below which a fitted atom is dropped
+        (:func:`~crystalstudio.core.fit.combine_with_unet`): the checkpoint's own
+        ``unet_gate`` (chosen on its validation split by ``python -m training choose-gate``),
+        else :data:`~crystalstudio.core.fit.UNET_GATE`."""
+        from .fit import UNET_GATE
+
+        return float(self.info.get("unet_gate", UNET_GATE))
+
     def _modules(self):
         """(decode(z), unet(M)) to use; call with the lock held."""
         if self.jit and self._frozen is None and self.jit_error is None:
@@ -415,7 +451,8 @@ class CrystalModel:
             if method == "unet":
                 out += [species_map_to_atoms(sp, self.grid, M) for sp, M in zip(species, fields[s:s + batch])]
             else:
-                out += [combine_with_unet(fit_atoms(M, self.grid, self.representation, DECODED_FIT), p, self.grid)
+                out += [combine_with_unet(fit_atoms(M, self.grid, self.representation, DECODED_FIT), p, self.grid,
+                                          self.unet_gate)
                         for p, M in zip(probs, fields[s:s + batch])]
             s += batch
         return out

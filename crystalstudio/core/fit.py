@@ -60,7 +60,10 @@ class FitSettings:
         relative: per round only candidates at least this fraction of the strongest one.
         noise_k: after the first round a residual feature must also exceed this many robust
             standard deviations (1.4826 x median absolute deviation) of its detector.
-        max_iter: Levenberg-Marquardt iterations per round.
+        max_iter: Levenberg-Marquardt iterations of the final refinement of the chosen atoms.
+        round_iter: Levenberg-Marquardt iterations per detection round (a round whose atoms
+            are not all found yet is not worth converging: the next round adds the missing
+            ones, and the chosen state is refined with ``max_iter`` at the end).
         max_atoms: hard cap on fitted atoms (inside and outside the cube).
         outside_sigmas: how far outside the cube (in sigma) an atom may sit. For the unit
             cell representation atoms are kept within ``edge_A`` of the cube.
@@ -81,6 +84,7 @@ class FitSettings:
     noise_k: float = 5.0
     relative: float = 0.25
     max_iter: int = 200
+    round_iter: int = 30
     max_atoms: int = 600
     outside_sigmas: float = 3.5
     edge_A: float = 0.5
@@ -95,7 +99,7 @@ DEFAULT_FIT = FitSettings()
 #: for decoded fields M_hat of a VAE (chosen on the validation split; docs/atom_fit.md):
 #: seeds from maxima of the field only, three rounds, no back-off, an amplitude floor of 6
 DECODED_FIT = FitSettings(min_amplitude=6.0, detect=0.5, max_rounds=3, laplacian=False, backoff=False,
-                          max_iter=20)
+                          max_iter=20, round_iter=20)
 #: species rule for decoded fields (chosen on the validation split): a fitted atom is kept
 #: when the U-Net gives it at least this probability of being an atom
 UNET_GATE = 0.2
@@ -223,8 +227,8 @@ def _refine(F: np.ndarray, P: np.ndarray, A: np.ndarray, c: np.ndarray, sigma: f
         improved = False
         for _try in range(6):
             Hd = H + lam * np.diag(diag)
-            try:
-                delta = np.linalg.solve(Hd, b)
+            try:  # Hd is symmetric positive definite for lam > 0: Cholesky is ~2x an LU solve
+                delta = linalg.cho_solve(linalg.cho_factor(Hd, check_finite=False), b, check_finite=False)
             except np.linalg.LinAlgError:
                 delta = linalg.lstsq(Hd, b, check_finite=False)[0]
             A1 = A + delta[:N]
@@ -469,14 +473,15 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
             break
         P = np.concatenate([P, cand])
         A = _amplitudes(F, P, c, sig)
-        P, A, r, H = _refine(F, P, A, c, sig, lo, hi, settings.max_iter)
+        it = min(settings.round_iter, settings.max_iter)
+        P, A, r, H = _refine(F, P, A, c, sig, lo, hi, it)
         for _ in range(len(A) + 1):  # remove what fell below the floor, refit what is left
             P2, A2 = _prune(P.copy(), A.copy(), settings.min_amplitude, settings.merge_A)
             if len(A2) == len(A):
                 break
             P, A = P2, A2
             if len(A):
-                P, A, r, H = _refine(F, P, A, c, sig, lo, hi, settings.max_iter)
+                P, A, r, H = _refine(F, P, A, c, sig, lo, hi, it)
             else:
                 r, H = F, None
         rss = float(np.vdot(r, r))
@@ -492,6 +497,8 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
         else:
             break
     P, A, r, H, rss = best
+    if len(A) and settings.max_iter > settings.round_iter:  # converge the chosen atoms
+        P, A, r, H = _refine(F, P, A, c, sig, lo, hi, settings.max_iter)
     low = A < settings.min_amplitude  # (a state kept as best is pruned already; belt and braces)
     if low.any():
         P, A = P[~low], A[~low]
@@ -509,10 +516,15 @@ def _amplitude_sigma(H: np.ndarray | None, r: np.ndarray, N: int) -> np.ndarray:
         return np.zeros(N)
     dof = max(r.size - 4 * N, 1)
     s2 = float(np.vdot(r, r)) / dof
-    try:
-        Hinv_diag = np.diag(linalg.pinvh(H))[:N]
+    try:  # the amplitude block of H^-1 by Cholesky; pseudo-inverse if H is singular
+        E = np.eye(4 * N, N)
+        Hinv_diag = np.einsum("ii->i", linalg.cho_solve(linalg.cho_factor(H, check_finite=False), E,
+                                                        check_finite=False)[:N])
     except (linalg.LinAlgError, ValueError):
-        return np.full(N, np.inf)
+        try:
+            Hinv_diag = np.diag(linalg.pinvh(H))[:N]
+        except (linalg.LinAlgError, ValueError):
+            return np.full(N, np.inf)
     return np.sqrt(np.maximum(Hinv_diag, 0.0) * s2)
 
 

@@ -1,0 +1,106 @@
+"""The checkpoint's U-Net gate (``python -m training choose-gate``) and ``update_metadata``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pymatgen.core import Lattice, Structure
+from safetensors.torch import load_file
+
+from crystalstudio.core.checkpoint import CheckpointError, load_checkpoint, read_metadata, update_metadata
+from crystalstudio.core.density import Grid
+from crystalstudio.core.fit import UNET_GATE
+from training.__main__ import main
+from training.data import CrystalArrays, prepare
+from training.evaluate import evaluate
+from training.gate import choose_gate, gate_table
+from training.train import TrainConfig, train
+
+GRID = Grid(n=16, length=10.0)
+TINY = dict(latent=8, enc_channels=(4, 4, 4, 4), bottleneck_channels=4, dec_channels=(4, 4, 4),
+            unet_channels=(4, 8), grid_n=16)
+PROTOTYPES = [("Fm-3m", 5.64, ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+              ("Pm-3m", 4.1, ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+              ("Pm-3m", 3.35, ["Po"], [[0, 0, 0]]),
+              ("Pm-3m", 3.905, ["Sr", "Ti", "O"], [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0]]),
+              ("Im-3m", 2.87, ["Fe"], [[0, 0, 0]]),
+              ("Fm-3m", 4.05, ["Al"], [[0, 0, 0]]),
+              ("Pm-3m", 4.2, ["K", "F"], [[0, 0, 0], [0.5, 0.5, 0.5]]),
+              ("Pm-3m", 3.6, ["Cu"], [[0, 0, 0]])]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("gate")
+    cifs = d / "cifs"
+    cifs.mkdir()
+    for i, (sg, a, species, coords) in enumerate(PROTOTYPES):
+        Structure.from_spacegroup(sg, Lattice.cubic(a), species, coords).to(filename=str(cifs / f"c{i}.cif"))
+    prepare([str(cifs)], str(d / "tiny.npz"), GRID, val=0.4, test=0.2)
+    train(TrainConfig(data=str(d / "tiny.npz"), out=str(d / "m.safetensors"), steps=3, batch=2, eval_every=10**6,
+                      test_n=1, warmup=1, device="cpu", save_every_min=1e6, threads=1, model=TINY,
+                      final_split="val"))
+    return d
+
+
+def test_gate_table_rows_equal_the_harness_with_that_gate(run_dir):
+    model = load_checkpoint(run_dir / "m.safetensors", jit=False)
+    data = CrystalArrays.load(str(run_dir / "tiny.npz"))
+    idx = data.indices("val")
+    table = gate_table(model, data, idx, gates=(0.0, 0.5, 1.0))
+    for row in table:
+        ref = evaluate(model.net, data, idx, model.grid, seed=0, gate=row["gate"])
+        for k in ("atoms_within_tol", "pred_within_tol", "exact_count", "species_accuracy"):
+            assert row[k] == pytest.approx(ref[k], nan_ok=True), (row["gate"], k)
+    # a gate of 1 keeps only atoms the U-Net is certain of: never more found than with no gate
+    assert table[2]["pred_within_tol"] is None or table[2]["atoms_within_tol"] <= table[0]["atoms_within_tol"]
+    with pytest.raises(ValueError, match="gates must lie"):
+        gate_table(model, data, idx, gates=(1.5,))
+
+
+def test_choose_gate_maximises_the_mean_and_ties_to_the_smaller():
+    rows = [{"gate": 0.0, "atoms_within_tol": 0.6, "exact_count": 0.1, "species_accuracy": 0.2},
+            {"gate": 0.1, "atoms_within_tol": 0.5, "exact_count": 0.3, "species_accuracy": 0.2},
+            {"gate": 0.2, "atoms_within_tol": 0.4, "exact_count": 0.4, "species_accuracy": 0.2}]
+    # 0.1 and 0.2 both have mean 1/3: the tie goes to the smaller gate
+    assert choose_gate(rows) == 0.1
+    rows[0]["exact_count"] = 0.5
+    assert choose_gate(rows) == 0.0
+
+
+def test_choose_gate_cli_writes_the_gate_and_the_model_uses_it(run_dir, capsys):
+    ck = run_dir / "w.safetensors"
+    ck.write_bytes((run_dir / "m.safetensors").read_bytes())
+    assert load_checkpoint(ck).unet_gate == UNET_GATE  # no gate stored: the module default
+    before = load_file(str(ck))
+    assert main(["choose-gate", "--checkpoint", str(ck), "--data", str(run_dir / "tiny.npz"),
+                 "--gates", "0,0.3,1", "--write"]) == 0
+    out = capsys.readouterr().out
+    chosen = json.loads(out.strip().splitlines()[-1])["unet_gate"]
+    meta = read_metadata(ck)
+    assert meta["unet_gate"] == chosen and meta["unet_gate_choice"]["split"] == "val"
+    assert [r["gate"] for r in meta["unet_gate_choice"]["table"]] == [0.0, 0.3, 1.0]
+    assert load_checkpoint(ck).unet_gate == chosen
+    after = load_file(str(ck))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # the harness reports the gate it used
+    res = main(["evaluate", "--checkpoint", str(ck), "--data", str(run_dir / "tiny.npz"), "--split", "val",
+                "--draws", "0", "--no-budget", "--json", str(run_dir / "e.json")])
+    assert res == 0 and json.loads((run_dir / "e.json").read_text())["unet_gate"] == chosen
+
+
+def test_update_metadata_refuses_structural_keys_and_removes_none(run_dir):
+    ck = run_dir / "u.safetensors"
+    ck.write_bytes((run_dir / "m.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="u.safetensors: metadata key.*grid"):
+        update_metadata(ck, {"grid": {}})
+    update_metadata(ck, {"note": "x"})
+    assert read_metadata(ck)["note"] == "x"
+    update_metadata(ck, {"note": None})
+    assert "note" not in read_metadata(ck)
+    assert read_metadata(ck)["representation"] == "unit_cell"
+    assert np.isfinite(load_checkpoint(ck).unet_gate)

@@ -1,0 +1,117 @@
+"""``python -m training choose-gate``: choose a checkpoint's U-Net gate on the validation split.
+
+The app's atoms (``--atoms fit``) are the Eq. 1 fit of the decoded field M_hat, each kept
+only where the U-Net gives it a probability of being an atom of at least the *gate*
+(:func:`crystalstudio.core.fit.combine_with_unet`). A low gate keeps every fitted atom
+(more true atoms found, more spurious ones); a high gate trusts the U-Net (fewer spurious
+atoms, exact counts up, true atoms lost). The best gate depends on how good the U-Net is,
+so it belongs to the checkpoint: this command decodes the validation crystals once (the
+harness's rotations), fits each M_hat once, applies every candidate gate to the same fits
+and keeps the one with the highest mean of the three Sec. 4.1 measures (true atoms within
+0.5 Å, crystals with the exact count, species exact), ties to the smaller gate. The test
+split is never read. ``--write`` stores ``unet_gate`` (and the table) in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from crystalstudio.core.checkpoint import CrystalModel, load_checkpoint, update_metadata
+from crystalstudio.core.density import random_rotations
+from crystalstudio.core.fit import DECODED_FIT, combine_with_unet, fit_atoms
+from crystalstudio.core.metrics import aggregate, match_atoms
+from crystalstudio.core.models import max_density
+
+from .data import CrystalArrays, voxelise
+
+__all__ = ["gate_table", "choose_gate", "add_arguments", "run", "GATES", "MEASURES"]
+
+#: candidate gates
+GATES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
+#: the measures whose mean is maximised
+MEASURES = ("atoms_within_tol", "exact_count", "species_accuracy")
+
+
+@torch.no_grad()
+def gate_table(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, gates=GATES, seed: int = 0,
+               tol: float = 0.5, batch: int = 16) -> list[dict]:
+    """Sec. 4.1 measures of the fit + U-Net atoms for each gate, on crystals ``idx``.
+
+    Rotations are the harness's (``random_rotations(len(idx), seed)``), so a row equals
+    ``python -m training evaluate --split ... --seed ...`` of a checkpoint with that gate.
+
+    Returns:
+        one dict per gate: ``gate`` and the :func:`~crystalstudio.core.metrics.aggregate`
+        measures ``atoms_within_tol``, ``pred_within_tol``, ``exact_count``,
+        ``within2_count``, ``species_accuracy``, ``species_within2``.
+    Raises:
+        ValueError: no crystals, or a gate outside [0, 1].
+    """
+    if not len(idx):
+        raise ValueError("no crystals to choose the gate on")
+    if any(not 0.0 <= g <= 1.0 for g in gates):
+        raise ValueError(f"gates must lie in [0, 1], not {list(gates)}")
+    net, grid = model.net.eval(), model.grid
+    rot = random_rotations(len(idx), seed)
+    per = {float(g): [] for g in gates}
+    for s in range(0, len(idx), batch):
+        b = idx[s:s + batch]
+        M, _, P, Zp = voxelise(data, b, grid, rot[s:s + batch], model.device, model.representation)
+        cond = max_density(M) if net.cfg.conditional else None
+        mu, _ = net.vae.encode(M, cond)
+        Mh = net.vae.decode(mu, cond)
+        probs = torch.softmax(net.unet(Mh).float(), 1).cpu().numpy()
+        Mh_np = Mh.float().cpu().numpy()
+        for k in range(len(b)):
+            keep = Zp[k] > 0
+            fitted = fit_atoms(Mh_np[k], grid, model.representation, DECODED_FIT)
+            for g in per:
+                a = combine_with_unet(fitted, probs[k], grid, g)
+                per[g].append(match_atoms(P[k][keep], Zp[k][keep], a.positions, a.Z, tol))
+    keys = ("atoms_within_tol", "pred_within_tol", "exact_count", "within2_count", "species_accuracy",
+            "species_within2")
+    return [{"gate": g, **{k: aggregate(rows).get(k) for k in keys}} for g, rows in per.items()]
+
+
+def choose_gate(table: list[dict]) -> float:
+    """The gate of ``table`` with the highest mean of :data:`MEASURES` (ties: the smaller gate)."""
+    score = [(np.mean([float(r[m] or 0.0) for m in MEASURES]), -r["gate"]) for r in table]
+    return float(table[int(max(range(len(table)), key=lambda i: score[i]))]["gate"])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--checkpoint", required=True, help="crystalstudio .safetensors checkpoint")
+    p.add_argument("--data", default="data/mp.npz", help="prepared .npz")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="never the test split")
+    p.add_argument("--gates", default=",".join(map(str, GATES)), help="comma-separated candidate gates")
+    p.add_argument("--seed", type=int, default=0, help="seed of the rotations (the harness's)")
+    p.add_argument("--limit", type=int, default=0, help="first N crystals of the split (0 = all)")
+    p.add_argument("--write", action="store_true", help="store the chosen gate in the checkpoint")
+    return p
+
+
+def run(a: argparse.Namespace) -> dict:
+    """Print the table (markdown) and the choice; optionally write it into the checkpoint."""
+    model = load_checkpoint(a.checkpoint, jit=False)
+    data = CrystalArrays.load(a.data)
+    idx = data.indices(a.split)
+    idx = idx[: a.limit] if a.limit else idx
+    table = gate_table(model, data, idx, [float(g) for g in a.gates.split(",") if g.strip()], a.seed)
+    best = choose_gate(table)
+    print("| gate | atoms within 0.5 Å | predicted within 0.5 Å | exact count | ±2 atoms | species | species ±2 Z |")
+    print("|---|---|---|---|---|---|---|")
+    for r in table:
+        mark = " (chosen)" if r["gate"] == best else ""
+        print(f"| {r['gate']:g}{mark} | " + " | ".join(f"{100 * (r[k] or 0):.1f}%" for k in (
+            "atoms_within_tol", "pred_within_tol", "exact_count", "within2_count", "species_accuracy",
+            "species_within2")) + " |")
+    res = {"unet_gate": best, "split": a.split, "n_crystals": int(len(idx)), "seed": a.seed, "table": table}
+    if a.write:
+        update_metadata(a.checkpoint, {"unet_gate": best, "unet_gate_choice": res})
+        print(f"unet_gate {best:g} written to {a.checkpoint}")
+    print(json.dumps({"unet_gate": best}))
+    return res
