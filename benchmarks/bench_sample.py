@@ -8,9 +8,13 @@ baseline measured in the same run, and the share of valid draws.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crystalstudio.io.validity import check_draw
 from crystalstudio.session import Session

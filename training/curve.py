@@ -221,10 +221,12 @@ def plot_curve(res: dict, path: str) -> None:
               "species_accuracy": "species exact (matched atoms)", "voxel_mse": "voxel MSE"}
     for i, k in enumerate(MEASURES):
         ax = fig.add_subplot(2, 2, i + 1)
-        for r in res["runs"]:
-            x = [q["cpu_hours"] for q in r["points"]]
+        n = len(res["runs"])
+        for j, r in enumerate(res["runs"]):  # earlier runs drawn wider and on top: a run that
+            x = [q["cpu_hours"] for q in r["points"]]  # continues another must not hide it
             y = [q[k] for q in r["points"]]
-            ax.plot(x, y, "o-", label=r["label"], ms=4)
+            ax.plot(x, y, "o-", label=r["label"], ms=3 + 2.5 * (n - 1 - j), lw=1 + 1.5 * (n - 1 - j),
+                    zorder=2 + n - j, alpha=0.85)
         if k == "voxel_mse":
             ax.set_yscale("log")
         ax.set_title(titles[k])
