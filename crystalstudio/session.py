@@ -244,6 +244,11 @@ class Session:
         """
         model = load_checkpoint(path, self.device)
         model.atoms_method = self.model.atoms_method  # the user's choice survives a model switch
+        return self.set_model(model)
+
+    def set_model(self, model: CrystalModel) -> CrystalModel:
+        """Swap in an already loaded model (see :meth:`load_checkpoint`); observers get
+        ``("model", model)`` and the current reconstruction is redone with it."""
         self.model = model
         self.reset_latent_state()
         self._emit("model", model)
@@ -478,15 +483,33 @@ class Session:
             StructureError: one line naming the file and the problem (also when the cell
                 does not fit and no repeating-lattice checkpoint is available).
         """
+        crystal, model = self.read_for_model(path, block)
+        if model is not None:
+            self.set_model(model)
+        return crystal
+
+    def read_for_model(self, path: str | os.PathLike, block: int | None = None) -> tuple[Crystal, CrystalModel | None]:
+        """What :meth:`read` does, without changing the session (safe in a worker thread):
+        the crystal, and the repeating-lattice model (loaded, the session's atoms method)
+        when the cell does not fit this unit-cell model's cube, else None. The caller swaps
+        the model in (the GUI does so on its own thread).
+
+        Raises:
+            StructureError: as :meth:`read`.
+            CheckpointError: the repeating-lattice checkpoint does not load.
+        """
         from .core.density import fits_in_cube
         from .io.structures import StructureError, read_structure
 
-        crystal = read_structure(path, self.model.grid, require_fit=False, block=block)
-        if self.model.representation == "unit_cell" and not fits_in_cube(crystal, self.model.grid):
-            why = crystal.meta.get("fit_reason", "the cell does not fit the cube")
-            lattice = lattice_checkpoint()
-            if lattice is None:
-                raise StructureError(Path(path).name, f"{why}, and no repeating-lattice checkpoint is available")
-            self.load_checkpoint(lattice)
-            crystal.meta["note"] = f"{why}: switched to the repeating-lattice model {lattice.name}"
-        return crystal
+        model = self.model
+        crystal = read_structure(path, model.grid, require_fit=False, block=block)
+        if model.representation != "unit_cell" or fits_in_cube(crystal, model.grid):
+            return crystal, None
+        why = crystal.meta.get("fit_reason", "the cell does not fit the cube")
+        lattice = lattice_checkpoint()
+        if lattice is None:
+            raise StructureError(Path(path).name, f"{why}, and no repeating-lattice checkpoint is available")
+        other = load_checkpoint(lattice, self.device)
+        other.atoms_method = model.atoms_method
+        crystal.meta["note"] = f"{why}: switched to the repeating-lattice model {lattice.name}"
+        return crystal, other

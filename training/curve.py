@@ -74,6 +74,11 @@ def checkpoint_cost(meta: dict) -> dict:
 def chain_points(costs: list[dict]) -> list[dict]:
     """Cumulative ``cpu_seconds`` and ``samples`` of a run's points (see the module docstring).
 
+    A checkpoint's own cost is its segment's wall seconds x threads (the segment began at step
+    ``steps - segment_steps``, from its ``--init`` or from scratch); it is added to the
+    cumulative cost at the segment's first step: that of the point there, or of the last
+    earlier point plus the missing steps at this segment's average cost per step.
+
     Args:
         costs: :func:`checkpoint_cost` dicts (any order; each may carry other keys).
 
@@ -81,15 +86,16 @@ def chain_points(costs: list[dict]) -> list[dict]:
         The dicts sorted by ``steps``, each with ``cpu_seconds`` (float, core-seconds) and
         ``samples`` (int) added. Points at the same step keep the first.
     """
-    out, prev = [], None
+    out: list[dict] = []
     for c in sorted(costs, key=lambda c: c["steps"]):
-        if prev is not None and c["steps"] == prev["steps"]:
+        if out and c["steps"] == out[-1]["steps"]:
             continue
-        d_steps = c["steps"] - (prev["steps"] if prev else 0)
-        c = {**c, "cpu_seconds": (prev["cpu_seconds"] if prev else 0.0) + d_steps * c["cpu_per_step"],
-             "samples": (prev["samples"] if prev else 0) + d_steps * c["batch"]}
-        out.append(c)
-        prev = c
+        start = max(0, c["steps"] - c["segment_steps"])
+        before = [p for p in out if p["steps"] <= start]
+        p = before[-1] if before else {"steps": 0, "cpu_seconds": 0.0, "samples": 0}
+        base = p["cpu_seconds"] + (start - p["steps"]) * c["cpu_per_step"]
+        samples = p["samples"] + (c["steps"] - p["steps"]) * c["batch"]
+        out.append({**c, "cpu_seconds": base + c["seconds"] * c["threads"], "samples": samples})
     return out
 
 

@@ -488,7 +488,7 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
     metrics["split"] = cfg.final_split
     meta = {**meta_base, "metrics": metrics, "latent_rank": res["latent_rank"], "latent_kl": res["latent_kl"]}
     meta["training"].update(init=cfg.init or None, resumed_at=start_step if cfg.resume else None,
-                            seconds=round(time.time() - t0), device=str(device), world_size=world,
+                            seconds=round(time.time() - t0, 1), device=str(device), world_size=world,
                             amp=amp, channels_last=channels_last, torch=torch.__version__)
     save(net.cpu(), meta)
     print(format_table(metrics), flush=True)

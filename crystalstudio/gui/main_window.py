@@ -29,14 +29,13 @@ from PySide6.QtWidgets import (QDockWidget, QFileDialog, QInputDialog, QLabel, Q
 from pyvistaqt import QtInteractor
 
 from ..core.checkpoint import load_checkpoint
-from ..core.density import Grid, fits_in_cube
+from ..core.density import Grid
 from ..io.structures import (StructureError, cif_blocks, covalent_radius, element_colors, element_radius,
-                             element_symbol, read_structure, write_cif, write_xyz)
+                             element_symbol, write_cif, write_xyz)
 from ..render.export import ExportCancelled, save_density_npy, save_density_vti
 from ..render.overlays import Overlays, atom_bounds
 from ..render.scene import CrystalScene
-from ..session import (Frame, Reconstruction, Session, bundled_checkpoints, disordered_sites, lattice_checkpoint,
-                       sample_files)
+from ..session import (Frame, Reconstruction, Session, bundled_checkpoints, disordered_sites, sample_files)
 from .explorer import LatentExplorer
 from .export_dialog import ExportDialog, ExportSpec, run_export
 from .workers import Task
@@ -490,26 +489,17 @@ class MainWindow(QMainWindow):
         if self.session is None:
             self._error("No model", "No model is loaded; use File > Open checkpoint… first.")
             return
-        session, grid = self.session, self.session.grid
+        session = self.session
         block = self._choose_block(path)
         if block is False:
             return  # the user cancelled the data-block choice
-        unit_cell = session.model.representation == "unit_cell"
-        device, method = session.device, session.model.atoms_method
-
         def work():
             try:
-                crystal = read_structure(path, grid, require_fit=False, block=block)
-                if unit_cell and not fits_in_cube(crystal, grid):
-                    # any cell fills the cube of the repeating-lattice model: switch to it
-                    lattice = lattice_checkpoint()
-                    why = crystal.meta.get("fit_reason", "the cell does not fit the cube")
-                    if lattice is None:
-                        raise StructureError(path.name, f"{why}, and no repeating-lattice checkpoint is available")
-                    model = load_checkpoint(lattice, device)
-                    model.atoms_method = method
-                    crystal.meta["note"] = f"{why}: switched to the repeating-lattice model {lattice.name}"
-                    return Session(model=model, device=device).compute(crystal), model
+                # a cell too large for the cube comes with the repeating-lattice model to use;
+                # the swap happens in done(), on the GUI thread
+                crystal, model = session.read_for_model(path, block)
+                if model is not None:
+                    return Session(model=model, device=session.device).compute(crystal), model
                 return session.compute(crystal), None
             except Exception as exc:
                 msg = _one_line(exc)

@@ -72,3 +72,25 @@ def test_large_cell_switches_to_the_lattice_model(tmp_path):
     inside = lattice_positions(Crystal(big.lattice.matrix, big.frac_coords, [14] * 4), s.grid)[0]
     inside = inside[np.all((inside >= 0) & (inside <= s.grid.length), axis=1)]
     assert rec.metrics["n_true"] == len(inside) == len(rec.Z)
+
+
+@pytest.mark.skipif(lattice_checkpoint() is None, reason="no repeating-lattice checkpoint shipped")
+def test_read_for_model_leaves_the_session_alone(tmp_path):
+    big = Structure(Lattice.cubic(14.0), ["Si"] * 4, [[0, 0, 0], [.5, .5, 0], [.5, 0, .5], [0, .5, .5]])
+    path = tmp_path / "big.cif"
+    CifWriter(big).write_file(str(path))
+    s = Session()
+    s.model.atoms_method = "unet"
+    before = s.model
+    crystal, model = s.read_for_model(path)
+    assert s.model is before and s.model.representation == "unit_cell"  # nothing swapped yet
+    assert model.representation == "repeating_lattice" and model.atoms_method == "unet"
+    assert "switched to the repeating-lattice model" in crystal.meta["note"]
+    small = tmp_path / "nacl.cif"
+    CifWriter(Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"],
+                                        [[0, 0, 0], [.5, .5, .5]])).write_file(str(small))
+    crystal, model = s.read_for_model(small)
+    assert model is None and len(crystal.Z) == 8
+    # read() swaps the model in; the user's atoms method survives
+    s.read(path)
+    assert s.model.representation == "repeating_lattice" and s.model.atoms_method == "unet"
