@@ -43,6 +43,11 @@ def _reconstruct(a: argparse.Namespace) -> int:
     try:
         session = Session(a.checkpoint, device=a.device)
         session.model.atoms_method = a.atoms
+        if a.window_origin is not None:
+            try:
+                session.set_window_origin([float(x) for x in a.window_origin.split(",")])
+            except ValueError as exc:
+                return _fail(f"--window-origin {a.window_origin}: {exc}")
         rec = session.reconstruct(session.read(a.file, block=a.block))
     except (StructureError, CheckpointError) as exc:
         return _fail(str(exc))
@@ -51,7 +56,7 @@ def _reconstruct(a: argparse.Namespace) -> int:
              checkpoint=str(session.model.path) if session.model.path else None,
              representation=session.model.representation, warnings=meta.get("warnings", []),
              block=meta.get("block"), n_blocks=meta.get("n_blocks", 1), disorder=meta.get("disorder"),
-             note=meta.get("note"))
+             note=meta.get("note"), window_origin=[float(x) for x in rec.window_origin])
     if rec.atoms.amplitude is not None:
         m["atoms"] = [{"Z": int(z), "position_A": [round(float(x), 4) for x in p], "amplitude": round(float(amp), 3),
                        "amplitude_sigma": round(float(sd), 3)}
@@ -405,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     r.add_argument("--block", type=int, default=None, metavar="N",
                    help="the Nth structure (0-based) of a CIF with several data blocks (default the first)")
+    r.add_argument("--window-origin", default=None, metavar="U,V,W",
+                   help="repeating-lattice model: fractional coordinates of the cell at the cube's corner "
+                        "(which 10 Å window of the lattice; default 0,0,0)")
     _add_atoms_arg(r)
 
     i = sub.add_parser("interpolate", help="render the latent interpolation between two crystals to MP4/GIF")

@@ -109,6 +109,8 @@ class Reconstruction:
         mu, logvar: (latent,) float32 posterior of z.
         atoms: segmented atoms of ``M_hat``.
         metrics: the Sec. 4.1 measures for this crystal (see :func:`summarise`).
+        window_origin: (3,) fractional coordinates of the cell at the cube's corner
+            (repeating-lattice model; zeros for the unit-cell model).
     """
 
     crystal: Crystal
@@ -121,6 +123,7 @@ class Reconstruction:
     M_hat: np.ndarray
     atoms: Atoms
     metrics: dict = field(default_factory=dict)
+    window_origin: np.ndarray = field(default_factory=lambda: np.zeros(3))
 
 
 @dataclass
@@ -213,6 +216,8 @@ class Session:
         self.device = device
         self.model: CrystalModel = model or load_checkpoint(checkpoint or default_checkpoint(), device)
         self.current: Reconstruction | None = None
+        #: repeating-lattice window: fractional point of the cell at the cube's corner
+        self.window_origin = np.zeros(3)
         # Latent-space state of the explorer (plain data; the GUI and scripts share it).
         self.z: np.ndarray | None = None  # the latent vector being explored
         self.endpoints: dict[str, Endpoint | None] = {"A": None, "B": None}
@@ -315,18 +320,29 @@ class Session:
             self.reconstruct(self.current.crystal, self.current.rotation)
 
     # ------------------------------------------------------------------ work
-    def compute(self, crystal: Crystal, rotation: np.ndarray | None = None) -> Reconstruction:
-        """Encode, decode and segment ``crystal`` (representation 1); no state change, thread-safe."""
+    def compute(self, crystal: Crystal, rotation: np.ndarray | None = None,
+                window_origin: np.ndarray | None = None) -> Reconstruction:
+        """Encode, decode and segment ``crystal``; no state change, thread-safe.
+
+        Args:
+            crystal: the input. rotation: (3, 3) applied to the lattice (default identity).
+            window_origin: repeating-lattice model only: (3,) fractional coordinates of the
+                cell that sit at the cube's corner (default :attr:`window_origin`): which
+                10 Å window of the lattice is shown and reconstructed.
+        """
         grid = self.model.grid
         R = np.eye(3) if rotation is None else np.asarray(rotation, np.float64)
+        uvw = np.asarray(self.window_origin if window_origin is None else window_origin, np.float64).reshape(3)
         # a disordered crystal: M from every occupant (Z x occupancy), compared with its
         # sites and their dominant species
         sites = Crystal(crystal.lattice, *crystal.sites(), name=crystal.name) if crystal.disordered else crystal
         if self.model.representation == "repeating_lattice":
-            # the cube filled with the lattice from the cell origin; compare with the atoms inside
-            allpos, allZ, occ = lattice_positions(crystal, grid, R, occupancy=True)
+            # the cube filled with the lattice, fractional point uvw at its corner; compare with
+            # the atoms inside
+            origin = -(uvw @ (crystal.lattice @ R.T))
+            allpos, allZ, occ = lattice_positions(crystal, grid, R, origin=origin, occupancy=True)
             M, _ = density_field(allpos, allZ, grid, species=False, occupancy=occ)
-            spos, sZ = lattice_positions(sites, grid, R) if sites is not crystal else (allpos, allZ)
+            spos, sZ = lattice_positions(sites, grid, R, origin=origin) if sites is not crystal else (allpos, allZ)
             inside = np.all((spos >= 0) & (spos <= grid.length), axis=1)
             pos, Z = spos[inside], sZ[inside]
         else:
@@ -337,8 +353,25 @@ class Session:
         mu, logvar = self.model.encode(M, cond)
         M_hat = self.model.decode(mu, cond)
         atoms = self.model.segment(M_hat)
+        lattice_model = self.model.representation == "repeating_lattice"
         return Reconstruction(crystal, R, pos, Z, M, mu, logvar, M_hat, atoms,
-                              summarise(pos, Z, atoms, M, M_hat))
+                              summarise(pos, Z, atoms, M, M_hat), uvw.copy() if lattice_model else np.zeros(3))
+
+    def set_window_origin(self, uvw) -> Reconstruction | None:
+        """Move the repeating-lattice window: the cell's fractional point ``uvw`` (3,) goes to
+        the cube's corner (wrapped into [0, 1)); the current crystal is reconstructed again
+        when the model is a repeating-lattice one (returned), else None.
+
+        Raises:
+            ValueError: ``uvw`` is not three finite numbers.
+        """
+        uvw = np.asarray(uvw, np.float64).reshape(-1)
+        if uvw.shape != (3,) or not np.all(np.isfinite(uvw)):
+            raise ValueError(f"the window origin must be three finite fractional coordinates, not {uvw.tolist()}")
+        self.window_origin = np.mod(uvw, 1.0)
+        if self.current is not None and self.model.representation == "repeating_lattice":
+            return self.reconstruct(self.current.crystal, self.current.rotation)
+        return None
 
     def set_current(self, rec: Reconstruction) -> None:
         """Make ``rec`` the current reconstruction; the explored z becomes its ``mu``."""

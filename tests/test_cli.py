@@ -188,3 +188,24 @@ def test_sample_prior_and_report(capsys, tmp_path):
         assert "structurally valid" in text and 0 <= rep["structural_valid"] <= 1
         z = model.prior.sample(3, 5) if used == "aggregate" else random_latents(3, model.latent, 5)
         np.testing.assert_allclose(np.load(out / "sample_001.npy"), model.decode(z[1]), atol=1e-5)
+
+
+def test_reconstruct_window_origin(capsys, tmp_path):
+    from pymatgen.core import Lattice, Structure
+    from pymatgen.io.cif import CifWriter
+
+    from crystalstudio.session import lattice_checkpoint
+
+    if lattice_checkpoint() is None:
+        pytest.skip("no repeating-lattice checkpoint shipped")
+    path = tmp_path / "big.cif"
+    CifWriter(Structure(Lattice.cubic(13.0), ["Fe", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])).write_file(str(path))
+    runs = {}
+    for uvw in ("0,0,0", "0.25,0,0"):
+        assert main(["reconstruct", str(path), "--json", "--window-origin", uvw]) == 0
+        runs[uvw] = json.loads(capsys.readouterr().out)
+    assert runs["0.25,0,0"]["representation"] == "repeating_lattice"
+    assert runs["0.25,0,0"]["window_origin"] == [0.25, 0.0, 0.0] and runs["0,0,0"]["window_origin"] == [0, 0, 0]
+    assert main(["reconstruct", str(path), "--window-origin", "0.1,x"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--window-origin 0.1,x" in err[0]

@@ -311,6 +311,9 @@ class MainWindow(QMainWindow):
         self.fit_range_action.setToolTip("Spread the colour map over the decoded field's own range "
                                          "(weak fields stay visible; frames are no longer comparable)")
         v.addAction(self.fit_range_action)
+        self.window_origin_action = action("Lattice &window origin…", self._ask_window_origin, "Ctrl+Shift+W")
+        self.window_origin_action.setToolTip("Which 10 Å window of the lattice the repeating-lattice model shows")
+        v.addAction(self.window_origin_action)
         v.addSeparator()
         v.addAction(self.explorer_dock.toggleViewAction())
         v.addAction(self.slices_dock.toggleViewAction())
@@ -369,6 +372,12 @@ class MainWindow(QMainWindow):
         self.atoms_action.setChecked(True)
         self.density_action.setChecked(s.value("view/density", True, type=bool))
         self.atoms_action.setChecked(s.value("view/atoms", True, type=bool))
+        uvw = s.value("view/window_origin")
+        if self.session is not None and uvw is not None:
+            try:
+                self.session.window_origin = np.mod(np.asarray([float(x) for x in uvw], np.float64).reshape(3), 1.0)
+            except (TypeError, ValueError):
+                pass  # a damaged setting: keep the default window
 
     # ------------------------------------------------------------------ properties
     @property
@@ -428,6 +437,25 @@ class MainWindow(QMainWindow):
             if not Path(path).suffix:
                 path += ".xyz" if chosen.startswith("XYZ") else ".cif"
             self.save_reconstruction(path)
+
+    def _ask_window_origin(self) -> None:
+        from .window_origin import WindowOriginDialog
+
+        if self.session is None:
+            return
+        dialog = WindowOriginDialog(self.session.window_origin, self)
+        if dialog.exec():
+            self.set_window_origin(dialog.value())
+
+    def set_window_origin(self, uvw) -> None:
+        """Move the repeating-lattice window (fractional ``uvw`` of the cell at the cube's
+        corner), remembered; the current crystal is reconstructed again with a lattice model."""
+        try:
+            self.session.set_window_origin(uvw)
+        except ValueError as exc:
+            self._error("Lattice window origin", str(exc))
+            return
+        self.settings.setValue("view/window_origin", [float(x) for x in self.session.window_origin])
 
     def _ask_screenshot(self) -> None:
         name = self.session.current.crystal.name if self.session and self.session.current else "crystalstudio"
@@ -755,7 +783,7 @@ class MainWindow(QMainWindow):
             return None
         L = rec.crystal.lattice @ np.asarray(rec.rotation, np.float64).T
         if self.session.model.representation == "repeating_lattice":
-            return np.zeros(3), L  # the cube starts at the cell origin
+            return -(np.asarray(rec.window_origin, np.float64) @ L), L  # uvw of the cell at the corner
         return 0.5 * self.grid.length - 0.5 * L.sum(axis=0), L  # the cell centred in the cube
 
     def reset_camera(self, render: bool = True, whole_cube: bool = False) -> None:

@@ -94,3 +94,32 @@ def test_read_for_model_leaves_the_session_alone(tmp_path):
     # read() swaps the model in; the user's atoms method survives
     s.read(path)
     assert s.model.representation == "repeating_lattice" and s.model.atoms_method == "unet"
+
+
+@pytest.mark.skipif(lattice_checkpoint() is None, reason="no repeating-lattice checkpoint shipped")
+def test_window_origin_picks_the_lattice_window(tmp_path):
+    big = Structure(Lattice.cubic(14.0), ["Si"] * 4, [[0, 0, 0], [.5, .5, 0], [.5, 0, .5], [0, .5, .5]])
+    path = tmp_path / "big.cif"
+    CifWriter(big).write_file(str(path))
+    s = Session()
+    crystal = s.read(path)
+    rec0 = s.reconstruct(crystal)
+    # a lattice translation of the motif (F-centring) shows the same window
+    same = s.compute(crystal, window_origin=[0.5, 0.5, 0.0])
+    np.testing.assert_allclose(same.M, rec0.M, atol=5e-4 * rec0.M.max())  # images cut at 4 sigma: exp(-8)
+    # a quarter cell along a: the input atoms move by -3.5 Å, the field changes
+    rec = s.set_window_origin([0.25, 0.0, 1.0])  # 1.0 wraps to 0
+    assert np.allclose(s.window_origin, [0.25, 0, 0]) and np.allclose(rec.window_origin, [0.25, 0, 0])
+    frac = (rec.positions + np.array([3.5, 0, 0])) / 14.0
+    assert np.allclose(frac - np.round(frac * 2) / 2, 0, atol=1e-6)
+    assert np.abs(rec.M - rec0.M).max() > 0.1 * rec0.M.max()
+    # the field is Eq. 1 of the shifted lattice: a direct float64 sum over its images
+    from crystalstudio.core.density import lattice_positions
+
+    P, Zs = lattice_positions(crystal, s.grid, origin=np.array([-3.5, 0.0, 0.0]))
+    c = s.grid.centres()
+    X = np.stack(np.meshgrid(c, c, c, indexing="ij"), -1)
+    ref = sum(z * np.exp(-((X - p) ** 2).sum(-1) / (2 * s.grid.sigma ** 2)) for p, z in zip(P, Zs))
+    np.testing.assert_allclose(rec.M * s.grid.peak_scale, ref, atol=1e-4 * ref.max())
+    with pytest.raises(ValueError, match="three finite"):
+        s.set_window_origin([0.1, 0.2])

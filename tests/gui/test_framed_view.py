@@ -105,3 +105,23 @@ def test_large_cell_switches_model_and_says_why(qtbot, window, tmp_path):
     assert window.session.model.representation == "repeating_lattice"
     assert "switched to the repeating-lattice model" in window.notes_label.text()
     assert window.notes_label.isVisible() and not window.errors
+
+
+@pytest.mark.skipif(lattice_checkpoint() is None, reason="no repeating-lattice checkpoint shipped")
+def test_lattice_window_origin_moves_the_window_and_is_remembered(qtbot, window, tmp_path):
+    big = Structure(Lattice.cubic(13.0), ["Fe", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    path = tmp_path / "big.cif"
+    CifWriter(big).write_file(str(path))
+    rec0 = open_and_wait(qtbot, window, path)
+    before = render_frame(window.input.view)
+    with qtbot.waitSignal(window.reconstruction_shown, timeout=WAIT_MS):
+        window.set_window_origin([0.25, 0.0, 0.0])
+    rec = window.session.current
+    assert rec is not rec0 and np.allclose(rec.window_origin, [0.25, 0, 0])
+    # the window moved by a quarter cell along a: the input atoms moved by -3.25 Å (mod 13 Å)
+    frac = (rec.positions + np.array([3.25, 0, 0])) / 13.0
+    assert np.allclose(frac - np.round(frac * 2) / 2, 0, atol=1e-6)
+    assert changed(before, render_frame(window.input.view)) > 0.01
+    assert [float(x) for x in window.settings.value("view/window_origin")] == [0.25, 0.0, 0.0]
+    window.set_window_origin([float("nan"), 0, 0])  # refused with a message, nothing changes
+    assert window.errors and np.allclose(window.session.window_origin, [0.25, 0, 0])
