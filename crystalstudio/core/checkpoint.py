@@ -114,12 +114,25 @@ def attach_prior(path: str | os.PathLike, prior: LatentPrior | None, out: str | 
     model = load_checkpoint(path, jit=False)
     if prior is not None and prior.latent != model.latent:
         raise _fail(Path(path), f"the prior is for a {prior.latent}-dimensional latent, the model has {model.latent}")
+    return _rewrite(model, Path(path), Path(out or path), {}, prior)
+
+
+#: metadata keys that describe the weights themselves (never copied or changed by a rewrite)
+_STRUCTURAL = frozenset({"format", "version", "model_config", "grid", "classes", "weights_dtype"})
+
+
+def _rewrite(model: "CrystalModel", path: Path, out: Path, updates: dict, prior: LatentPrior | None) -> Path:
+    """``path``'s weights written to ``out`` with its metadata plus ``updates`` (None removes a key)."""
     from safetensors.torch import load_file
 
     state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("prior.")}
-    meta = {k: v for k, v in model.info.items()
-            if k not in ("format", "version", "model_config", "grid", "classes", "weights_dtype")}
-    return _write(Path(out or path), state, model.config, model.grid, meta, prior)
+    meta = {k: v for k, v in model.info.items() if k not in _STRUCTURAL}
+    for k, v in updates.items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    return _write(out, state, model.config, model.grid, meta, prior)
 
 
 def update_metadata(path: str | os.PathLike, updates: dict, out: str | os.PathLike | None = None) -> Path:
@@ -131,21 +144,11 @@ def update_metadata(path: str | os.PathLike, updates: dict, out: str | os.PathLi
         CheckpointError: the checkpoint does not load, or ``updates`` touches a structural key
             (format, version, model_config, grid, classes, weights_dtype, prior, representation).
     """
-    fixed = {"format", "version", "model_config", "grid", "classes", "weights_dtype", "prior", "representation"}
-    bad = sorted(set(updates) & fixed)
+    bad = sorted(set(updates) & (_STRUCTURAL | {"prior", "representation"}))
     if bad:
         raise _fail(Path(path), f"metadata key(s) {', '.join(bad)} cannot be changed")
     model = load_checkpoint(path, jit=False)
-    from safetensors.torch import load_file
-
-    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("prior.")}
-    meta = {k: v for k, v in model.info.items() if k not in fixed - {"representation"}}
-    for k, v in updates.items():
-        if v is None:
-            meta.pop(k, None)
-        else:
-            meta[k] = v
-    return _write(Path(out or path), state, model.config, model.grid, meta, model.prior)
+    return _rewrite(model, Path(path), Path(out or path), updates, model.prior)
 
 
 def _fail(path: Path, reason: str) -> CheckpointError:

@@ -375,7 +375,7 @@ class MainWindow(QMainWindow):
         uvw = s.value("view/window_origin")
         if self.session is not None and uvw is not None:
             try:
-                self.session.window_origin = np.mod(np.asarray([float(x) for x in uvw], np.float64).reshape(3), 1.0)
+                self.session.set_window_origin([float(x) for x in uvw])
             except (TypeError, ValueError):
                 pass  # a damaged setting: keep the default window
 

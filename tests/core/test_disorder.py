@@ -22,6 +22,15 @@ def direct_sum(pos, w, grid):
 
 
 @pytest.fixture
+def big_cell(tmp_path):
+    """An F-centred 14 Å Si cell (too large for the 10 Å cube) and its CIF."""
+    big = Structure(Lattice.cubic(14.0), ["Si"] * 4, [[0, 0, 0], [.5, .5, 0], [.5, 0, .5], [0, .5, .5]])
+    path = tmp_path / "big.cif"
+    CifWriter(big).write_file(str(path))
+    return big, path
+
+
+@pytest.fixture
 def ca_al_nb_o3(tmp_path):
     s = Structure(Lattice.cubic(3.9), ["Ca", {"Al": 0.5, "Nb": 0.5}, "O", "O", "O"],
                   [[0, 0, 0], [.5, .5, .5], [.5, .5, 0], [.5, 0, .5], [0, .5, .5]])
@@ -58,10 +67,8 @@ def test_session_compares_with_dominant_sites(ca_al_nb_o3):
 
 
 @pytest.mark.skipif(lattice_checkpoint() is None, reason="no repeating-lattice checkpoint shipped")
-def test_large_cell_switches_to_the_lattice_model(tmp_path):
-    big = Structure(Lattice.cubic(14.0), ["Si"] * 4, [[0, 0, 0], [.5, .5, 0], [.5, 0, .5], [0, .5, .5]])
-    path = tmp_path / "big.cif"
-    CifWriter(big).write_file(str(path))
+def test_large_cell_switches_to_the_lattice_model(big_cell):
+    big, path = big_cell
     s = Session()
     assert s.model.representation == "unit_cell"
     rec = s.open(path)
@@ -75,10 +82,8 @@ def test_large_cell_switches_to_the_lattice_model(tmp_path):
 
 
 @pytest.mark.skipif(lattice_checkpoint() is None, reason="no repeating-lattice checkpoint shipped")
-def test_read_for_model_leaves_the_session_alone(tmp_path):
-    big = Structure(Lattice.cubic(14.0), ["Si"] * 4, [[0, 0, 0], [.5, .5, 0], [.5, 0, .5], [0, .5, .5]])
-    path = tmp_path / "big.cif"
-    CifWriter(big).write_file(str(path))
+def test_read_for_model_leaves_the_session_alone(big_cell, tmp_path):
+    big, path = big_cell
     s = Session()
     s.model.atoms_method = "unet"
     before = s.model
@@ -97,10 +102,8 @@ def test_read_for_model_leaves_the_session_alone(tmp_path):
 
 
 @pytest.mark.skipif(lattice_checkpoint() is None, reason="no repeating-lattice checkpoint shipped")
-def test_window_origin_picks_the_lattice_window(tmp_path):
-    big = Structure(Lattice.cubic(14.0), ["Si"] * 4, [[0, 0, 0], [.5, .5, 0], [.5, 0, .5], [0, .5, .5]])
-    path = tmp_path / "big.cif"
-    CifWriter(big).write_file(str(path))
+def test_window_origin_picks_the_lattice_window(big_cell):
+    big, path = big_cell
     s = Session()
     crystal = s.read(path)
     rec0 = s.reconstruct(crystal)
