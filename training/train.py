@@ -80,7 +80,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0                     # torch CPU threads (0 = torch default)
     seed: int = 0
-    eval_every: int = 250
+    eval_every: int = 250                # steps between validation logs; 0 = never
     eval_n: int = 48                     # validation crystals per periodic check
     test_n: int = 0                      # crystals for the final table (0 = all of final_split)
     final_split: str = "test"            # split of the final table: "test" (shipping) or "val" (tuning)
@@ -459,7 +459,7 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
             step += 1
             samples += cfg.batch * world
             log.add(step, time.time() - t0, lr, L)
-            if master and step % cfg.eval_every == 0 and len(val_idx):
+            if master and cfg.eval_every > 0 and step % cfg.eval_every == 0 and len(val_idx):
                 log.flush(val=evaluate(net, data, val_idx[: cfg.eval_n], grid, seed=1, device=device,
                                                   representation=cfg.representation))
             elif step % 25 == 0:

@@ -19,6 +19,13 @@ module inverts Eq. 1 by sparse-in-atoms nonlinear least squares:
    the floor ``min_amplitude`` are removed; two atoms closer than ``merge_A`` are merged.
    Repeat until a round no longer lowers the residual energy by more than a BIC penalty
    (ln(voxels) noise variances per new parameter), at most ``max_rounds`` rounds.
+4. **Verify**: converge the chosen atoms (``max_iter``) and look at the residual again;
+   where it still holds atoms, go back to 3 (``verify_passes`` times at most).
+
+Amplitudes of fixed positions are solved linearly (Eq. 1 is linear in them), as a
+non-negative least-squares problem where the plain solution has a negative weight: seeds
+crowded in a dense field (a hydroxide's hydrogens, a lattice's images at the faces) otherwise
+swing to amplitudes of +-10^4 and the fit never recovers.
 
 The noise level is estimated from the residual, ``s^2 = RSS / (n^3 - 4 N)``, and each
 amplitude's standard error is ``s sqrt([(J^T J)^-1]_AA)`` (white-noise approximation; a
@@ -75,6 +82,10 @@ class FitSettings:
             shoulders of a true field; on a decoded field it mostly finds wiggles).
         backoff: after a round that did not pay, retry from the best state with half as
             many candidates (robust on true fields, slower).
+        verify_passes: after the chosen state is converged (``max_iter``), look at its
+            residual again and run more rounds when it still holds atoms, at most this many
+            times (a round's decision was made on a state converged only ``round_iter``
+            iterations; the converged residual is the fair judge).
     """
 
     min_amplitude: float = 0.5
@@ -92,6 +103,7 @@ class FitSettings:
     width_scale: float = 1.0
     laplacian: bool = True
     backoff: bool = True
+    verify_passes: int = 2
 
 
 #: for true (noise-free) fields and the tests: hydrogen (Z = 1) is found
@@ -333,9 +345,21 @@ def _amplitudes(F: np.ndarray, P: np.ndarray, c: np.ndarray, sigma: float) -> np
     b = (np.einsum("ijm,mj->mi", T, g[1]) * g[0]).sum(1)
     G[np.diag_indices(N)] += 1e-9 * max(float(G.diagonal().max()), 1e-300)
     try:
-        return np.linalg.solve(G, b)
+        A = np.linalg.solve(G, b)
     except np.linalg.LinAlgError:
-        return linalg.lstsq(G, b, check_finite=False)[0]
+        A = linalg.lstsq(G, b, check_finite=False)[0]
+    if A.min() >= 0:
+        return A
+    # Eq. 1 weights are positive: crowded seeds make the unconstrained solution swing to large
+    # negative and positive amplitudes, so solve the non-negative problem instead
+    # (min |R A - d| with G = R^T R, R^T d = b, by scipy's NNLS)
+    from scipy.optimize import nnls
+
+    try:
+        R = linalg.cholesky(G, check_finite=False)
+        return nnls(R, linalg.solve_triangular(R, b, trans="T", check_finite=False))[0]
+    except (linalg.LinAlgError, RuntimeError):
+        return np.maximum(A, 0.0)
 
 
 def _prune(P: np.ndarray, A: np.ndarray, floor: np.ndarray, merge_A: float):
@@ -454,19 +478,47 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
     else:
         raise ValueError(f"unknown representation {representation!r}")
     P, A = np.zeros((0, 3)), np.zeros(0)
-    r, H = F, None
-    thresh = 0.5 * settings.min_amplitude
-    if F.max() <= thresh:
+    if F.max() <= 0.5 * settings.min_amplitude:
         return _result(P, A, np.zeros(0), L, keep_outside)
-    rss = float(np.vdot(F, F))
-    best = (P, A, r, H, rss)
+    state = (P, A, F, None, float(np.vdot(F, F)))
+    for _pass in range(settings.verify_passes + 1):
+        found = _rounds(F, grid, settings, state, c, lo, hi, first=_pass == 0)
+        if found is None:  # the converged state's residual holds no atom: done
+            break
+        P, A, r, H, rss = found
+        if len(A) and settings.max_iter > settings.round_iter:  # converge the chosen atoms
+            P, A, r, H = _refine(F, P, A, c, sig, lo, hi, settings.max_iter)
+            rss = float(np.vdot(r, r))
+        state = (P, A, r, H, rss)
+    P, A, r, H, rss = state
+    low = A < settings.min_amplitude  # (a state kept as best is pruned already; belt and braces)
+    if low.any():
+        P, A = P[~low], A[~low]
+        r = F - field_model(P, A, grid) if len(A) else F
+    if len(A):
+        gb, dgb = _basis(P, c, sig)
+        H, _ = _normal_equations(r, A, gb, dgb)
+    sigA = _amplitude_sigma(H, r, len(A))
+    return _result(P, A, sigA, L, keep_outside, settings.z_max)
+
+
+def _rounds(F: np.ndarray, grid: Grid, settings: FitSettings, state: tuple, c: np.ndarray, lo: float, hi: float,
+            first: bool):
+    """Detection rounds (add candidates, refine ``round_iter`` iterations, prune) from ``state``
+    = (P, A, residual, H, rss); returns the best state by the BIC rule, or None when no round
+    improved on ``state`` (so a converged ``state`` is final)."""
+    sig = grid.sigma
+    P, A, r, H, rss = state
+    best, improved = state, False
+    thresh = 0.5 * settings.min_amplitude
     limit = settings.max_atoms  # candidates per round; halved after a round that did not pay
     for _round in range(settings.max_rounds):
-        cand, strength = (_candidates(r, grid, thresh, 0.0, settings.laplacian) if _round == 0 else
+        initial = first and _round == 0
+        cand, strength = (_candidates(r, grid, thresh, 0.0, settings.laplacian) if initial else
                           _candidates(r, grid, settings.detect * settings.min_amplitude, settings.noise_k,
                                       settings.laplacian))
         if len(cand):
-            keep = strength >= (settings.relative if _round else 0.0) * strength[0]  # strongest first
+            keep = strength >= (0.0 if initial else settings.relative) * strength[0]  # strongest first
             cand = _dedupe(cand[keep], P, settings.merge_A)
         cand = cand[:max(min(limit, settings.max_atoms - len(P)), 0)]
         if not len(cand):
@@ -490,24 +542,13 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
         s2 = rss / max(r.size - 4 * len(A), 1)
         extra = 4 * max(len(A) - len(best[1]), 1)
         if rss < best[4] - extra * np.log(r.size) * s2 and rss < best[4] * (1 - 1e-6):
-            best = (P, A, r, H, rss)
+            best, improved = (P, A, r, H, rss), True
         elif len(cand) > 1 and settings.backoff:  # back to the best state; fewer, stronger candidates
             P, A, r, H, rss = best
             limit = max(1, len(cand) // 2)
         else:
             break
-    P, A, r, H, rss = best
-    if len(A) and settings.max_iter > settings.round_iter:  # converge the chosen atoms
-        P, A, r, H = _refine(F, P, A, c, sig, lo, hi, settings.max_iter)
-    low = A < settings.min_amplitude  # (a state kept as best is pruned already; belt and braces)
-    if low.any():
-        P, A = P[~low], A[~low]
-        r = F - field_model(P, A, grid) if len(A) else F
-    if len(A):
-        gb, dgb = _basis(P, c, sig)
-        H, _ = _normal_equations(r, A, gb, dgb)
-    sigA = _amplitude_sigma(H, r, len(A))
-    return _result(P, A, sigA, L, keep_outside, settings.z_max)
+    return best if (improved or first) else None
 
 
 def _amplitude_sigma(H: np.ndarray | None, r: np.ndarray, N: int) -> np.ndarray:

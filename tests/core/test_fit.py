@@ -123,3 +123,23 @@ def test_repeating_lattice_atoms_in_the_cube_and_images_outside():
     assert m["species_correct"] >= 0.99 * inside.sum()
     everything = fit_atoms(M, grid, "repeating_lattice", keep_outside=True)
     assert len(everything) > len(atoms)  # atoms outside the cube were fitted too
+
+
+def test_crowded_seeds_get_the_non_negative_least_squares_amplitudes():
+    # seeds 0.4 Å apart beside a field's two atoms: the plain linear solve swings to weights
+    # of both signs (47, -32, 12); Eq. 1 weights are positive, so the fit's solve must equal
+    # NNLS on the explicit design matrix (direct float64 sums, one column per seed)
+    from scipy.optimize import nnls
+
+    from crystalstudio.core.fit import _amplitudes
+
+    P_true = np.array([[5.0, 5.0, 5.0], [6.4, 5.0, 5.0]])
+    F = direct_field(P_true, np.array([26, 1]), GRID) * GRID.peak_scale
+    seeds = np.array([[5.2, 5.0, 5.0], [5.6, 5.0, 5.0], [6.0, 5.0, 5.0]])
+    X = np.stack([direct_field(p[None], np.array([1.0]), GRID).ravel() * GRID.peak_scale for p in seeds], 1)
+    plain = np.linalg.lstsq(X, F.ravel(), rcond=None)[0]
+    assert plain.min() < 0  # the case the constraint is for
+    ref = nnls(X, F.ravel())[0]
+    A = _amplitudes(F, seeds, GRID.centres(), GRID.sigma)
+    assert A.min() >= 0
+    np.testing.assert_allclose(A, ref, atol=1e-6 * ref.max())
