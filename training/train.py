@@ -88,6 +88,7 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # ModelConfig overrides
     init: str = ""                       # start from this checkpoint's weights (resume / fine-tune)
     resume: bool = False                 # also restore optimizer + step from <init or out>.optim.safetensors
+    init_optimizer: bool = False         # fine-tune: restore only the Adam moments of --init (new schedule, step 0)
     # speed (None = on for CUDA, off for CPU)
     amp: bool | None = None              # bf16 autocast (losses in float32)
     channels_last: bool | None = None    # channels-last-3d memory format
@@ -353,7 +354,11 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
     master, world = dinfo.master, dinfo.world_size
     out = Path(cfg.out)
     source = cfg.init or (str(out) if cfg.resume else "")
+    if cfg.init_optimizer and (cfg.resume or not cfg.init):
+        raise ValueError("--init-optimizer needs --init and excludes --resume")
     state, saved = (load_train_state(source) if cfg.resume else (None, {}))
+    if cfg.init_optimizer:  # the moments only: the step count, schedule and budgets start afresh
+        state = load_train_state(cfg.init)[0]
     start_step = int(saved.get("step", 0))
     rng, torch_seed = _seed(cfg, dinfo.rank, start_step)
     torch.manual_seed(torch_seed)

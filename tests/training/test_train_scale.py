@@ -196,6 +196,28 @@ def test_resume_continues_the_step_count(npz, tmp_path):
         train(tiny_cfg(npz, tmp_path / "none.safetensors", resume=True))
 
 
+def test_init_optimizer_keeps_the_moments_and_restarts_the_schedule(npz, tmp_path):
+    """A fine-tune with --init-optimizer starts at step 0 of its own schedule with the Adam
+    moments of the run it starts from (Adam's own step counter goes on), not fresh ones."""
+    first = tmp_path / "a.safetensors"
+    train(tiny_cfg(npz, first, steps=2))
+    moments, _ = load_train_state(first)
+    second = tmp_path / "b.safetensors"
+    train(tiny_cfg(npz, second, steps=1, init=str(first), init_optimizer=True))
+    state, info = load_train_state(second)
+    assert info["step"] == 1 and info["prior_steps"] == 2
+    assert all(float(s["step"]) == 3 for s in state["state"].values())
+    assert csv_rows(tmp_path / "b.csv")[0]["lr"] == f"{_lr_at(tiny_cfg(npz, second, steps=1), 0, 0.0):.2e}"
+    # the second moments after one more step: beta2 * v_old + (1 - beta2) g^2 >= beta2 * v_old
+    for pid, st in state["state"].items():
+        assert torch.all(st["exp_avg_sq"] >= 0.999 * moments["state"][pid]["exp_avg_sq"] * (1 - 1e-6))
+    plain = tmp_path / "c.safetensors"
+    train(tiny_cfg(npz, plain, steps=1, init=str(first)))
+    assert all(float(s["step"]) == 1 for s in load_train_state(plain)[0]["state"].values())
+    with pytest.raises(ValueError, match="--init-optimizer"):
+        train(tiny_cfg(npz, tmp_path / "d.safetensors", init_optimizer=True))
+
+
 # ------------------------------------------------------------------------- DDP
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not torch.distributed.is_available(),
