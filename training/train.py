@@ -75,6 +75,7 @@ class TrainConfig:
     unet_only: bool = False              # train the U-Net alone on the fields of a frozen VAE (its
                                          # decoded M_hat, and the true M for unet_true_frac of a batch)
     peak_weight: float = 0.0             # peak-weighted MSE: voxel weight 1 + peak_weight * M / max(M)
+    light_weight: float = 0.0            # light-atom MSE: + light_weight * min(4, (8 / Z)^2) on atom voxels of S
     snapshot_every_min: float = 0.0      # also keep <out>.step<N>.safetensors this often (learning curve)
     # runtime
     device: str = "auto"
@@ -138,6 +139,19 @@ class JointNet(nn.Module):
         return M_hat, mu, logvar, self.net.unet(u_in)
 
 
+def light_atom_weight(S: torch.Tensor, z_ref: float = 8.0, cap: float = 4.0) -> torch.Tensor:
+    """Extra reconstruction weight of the voxels of light atoms: ``min(cap, (z_ref / Z)^2)`` on
+    the atom voxels of the species matrix S (B, n, n, n) int64, 0 on background; float32.
+
+    A Z-weighted field (Eq. 1) makes an atom's squared error scale with Z^2, so the plain MSE
+    hardly sees H (Z = 1) or Li beside Ba: on the validation split of the shipped default the
+    decoded-field fit missed 119 of 123 H atoms and 333 of 605 atoms with Z 3-9, against 27 of
+    355 with Z >= 41. O gets 1, C 1.8, H and Li the cap, Fe about a tenth, Ba 0.02.
+    """
+    Zf = S.float()
+    return torch.where(S > 0, torch.clamp((z_ref / Zf.clamp_min(1.0)) ** 2, max=cap), torch.zeros_like(Zf))
+
+
 def forward_losses(model: nn.Module, M: torch.Tensor, S: torch.Tensor, cfg: TrainConfig, amp: bool = False,
                    channels_last: bool = False) -> dict:
     """One forward pass of :class:`JointNet` (or its DDP wrapper) and the losses in float32.
@@ -156,6 +170,8 @@ def forward_losses(model: nn.Module, M: torch.Tensor, S: torch.Tensor, cfg: Trai
     w = None
     if cfg.peak_weight:
         w = 1.0 + cfg.peak_weight * M / M.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    if cfg.light_weight:
+        w = (1.0 if w is None else w) + cfg.light_weight * light_atom_weight(S)
     L = vae_loss(M, M_hat.float(), mu.float(), logvar.float(), None, cfg.beta, cfg.gamma, weight=w)
     total = ce if cfg.unet_only else L["loss"] + ce
     return {"total": total, "loss": L["loss"], "recon": L["recon"], "kl": L["kl"], "ce": ce}

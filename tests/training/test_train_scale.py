@@ -240,3 +240,35 @@ def test_ddp_two_processes_gloo(npz, tmp_path):
     assert info["steps"] == 2 and info["world_size"] == 2 and info["samples"] == 2 * 2 * 2
     rows = csv_rows(tmp_path / "d.csv")
     assert [int(r["step"]) for r in rows] == [1, 2] and rows[0]["val_atoms_within"] != ""
+
+
+# ------------------------------------------------------------------------- loss weights
+
+def test_light_atom_weight_against_a_direct_float64_sum():
+    """--light-weight adds light_weight * min(4, (8 / Z)^2) to the squared error of each atom
+    voxel of S (on top of the peak weight): checked against an explicit float64 loop."""
+    from training.train import forward_losses
+
+    rng = np.random.default_rng(3)
+    M = torch.tensor(rng.random((2, 4, 4, 4)), dtype=torch.float32)
+    M_hat = torch.tensor(rng.random((2, 4, 4, 4)), dtype=torch.float32)
+    S = torch.tensor(rng.choice([0, 0, 0, 1, 3, 6, 8, 26, 56], (2, 4, 4, 4)), dtype=torch.int64)
+    mu, logvar = torch.zeros(2, 3), torch.zeros(2, 3)
+
+    class Stub(torch.nn.Module):
+        def forward(self, x, gamma, n_true, vae_only, unet_only):
+            return M_hat, mu, logvar, None
+
+    cfg = TrainConfig(peak_weight=1.0, light_weight=4.0, vae_only=True, beta=0.0)
+    got = float(forward_losses(Stub(), M, S, cfg)["recon"])
+    Md, Mhd, Sn = M.double().numpy(), M_hat.double().numpy(), S.numpy()
+    total = 0.0
+    for b in range(2):
+        top = Md[b].max()
+        for idx in np.ndindex(4, 4, 4):
+            z = Sn[b][idx]
+            w = 1.0 + Md[b][idx] / top + (4.0 * min(4.0, (8.0 / z) ** 2) if z > 0 else 0.0)
+            total += w * (Mhd[b][idx] - Md[b][idx]) ** 2
+    assert got == pytest.approx(total / 2, rel=1e-5)
+    plain = float(forward_losses(Stub(), M, S, TrainConfig(peak_weight=1.0, vae_only=True))["recon"])
+    assert plain < got  # the light atoms' voxels count more
