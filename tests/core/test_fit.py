@@ -143,3 +143,38 @@ def test_crowded_seeds_get_the_non_negative_least_squares_amplitudes():
     A = _amplitudes(F, seeds, GRID.centres(), GRID.sigma)
     assert A.min() >= 0
     np.testing.assert_allclose(A, ref, atol=1e-6 * ref.max())
+
+
+def _probs_around(grid: Grid, positions: np.ndarray, classes: list[dict[int, float]], K: int = 95) -> np.ndarray:
+    """U-Net-like class probabilities: background everywhere, the given p(Z) in the 3x3x3
+    voxels around each position."""
+    probs = np.zeros((K, *(grid.n,) * 3))
+    probs[0] = 1.0
+    for pos, pz in zip(positions, classes):
+        i, j, l = np.floor(pos / grid.spacing).astype(int)
+        sl = (slice(i - 1, i + 2), slice(j - 1, j + 2), slice(l - 1, l + 2))
+        probs[(0, *sl)] = 1.0 - sum(pz.values())
+        for z, v in pz.items():
+            probs[(z, *sl)] = v
+    return probs
+
+
+def test_combine_with_unet_reads_species_from_both_the_u_net_and_the_amplitude():
+    """Species rule of decoded fields: the U-Net's p(Z) times the amplitude's likelihood
+    (a fitted amplitude of 15.7 tips a near tie between O and S to S, and 7.6 to O); the
+    vote where the atoms carry no amplitude; atoms under the gate are dropped."""
+    from crystalstudio.core.fit import combine_with_unet
+    from crystalstudio.core.segment import Atoms
+
+    P = np.array([[2.0, 2.0, 2.0], [5.0, 5.0, 5.0], [8.0, 5.0, 2.0], [5.0, 8.0, 8.0]])
+    classes = [{8: 0.40, 16: 0.35}, {8: 0.40, 16: 0.35}, {26: 0.9}, {8: 0.05}]
+    probs = _probs_around(GRID, P, classes)
+    A = np.array([15.7, 7.6, 30.0, 8.0])
+    atoms = Atoms(P, np.rint(A).astype(np.int64), None, A, np.full(4, 0.1))
+    out = combine_with_unet(atoms, probs, GRID, gate=0.2)
+    assert out.Z.tolist() == [16, 8, 26]  # the last atom: P(atom) 0.05 < gate
+    np.testing.assert_array_equal(out.positions, P[:3])
+    np.testing.assert_array_equal(out.amplitude, A[:3])
+    voted = combine_with_unet(Atoms(P, atoms.Z), probs, GRID, gate=0.2)
+    assert voted.Z.tolist() == [8, 8, 26] and voted.amplitude is None
+    assert len(combine_with_unet(atoms, probs, GRID, gate=0.0)) == 4
