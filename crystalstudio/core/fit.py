@@ -151,20 +151,21 @@ def combine_with_unet(atoms: Atoms, probs: np.ndarray, grid: Grid, gate: float =
     n = grid.n
     v = np.clip(np.floor(atoms.positions / grid.spacing).astype(int), 0, n - 1)
     K = probs.shape[0]
-    p = np.zeros((len(v), K))
+    blocks = [probs[:, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2, max(l - 1, 0):l + 2].reshape(K, -1)
+              for i, j, l in v]
+    p = np.stack([blk.mean(1) for blk in blocks])
+    vote = np.ones(len(v), bool)  # atoms whose Z is the U-Net's vote
     Z = np.zeros(len(v), np.int64)
-    for k, (i, j, l) in enumerate(v):
-        blk = probs[:, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2, max(l - 1, 0):l + 2].reshape(K, -1)
-        p[k] = blk.mean(1)
-        labels = blk.argmax(0)
-        labels = labels[labels > 0]
-        Z[k] = np.bincount(labels).argmax() if len(labels) else p[k, 1:].argmax() + 1
     if atoms.amplitude is not None:
         Zc = np.arange(1, K, dtype=np.float64)
         A = np.asarray(atoms.amplitude, np.float64)[:, None]
-        like = np.exp(-0.5 * ((A - Zc) / (SPECIES_AMPLITUDE_REL * Zc + 0.5)) ** 2)
-        post = p[:, 1:] * like
-        Z = np.where(post.max(1) > 0, post.argmax(1) + 1, Z)  # nothing left of either reading: the vote
+        post = p[:, 1:] * np.exp(-0.5 * ((A - Zc) / (SPECIES_AMPLITUDE_REL * Zc + 0.5)) ** 2)
+        vote = post.max(1) <= 0  # nothing left of either reading: the vote
+        Z = post.argmax(1) + 1
+    for k in np.flatnonzero(vote):
+        labels = blocks[k].argmax(0)
+        labels = labels[labels > 0]
+        Z[k] = np.bincount(labels).argmax() if len(labels) else p[k, 1:].argmax() + 1
     keep = (1.0 - p[:, 0]) >= gate
     amp = None if atoms.amplitude is None else atoms.amplitude[keep]
     sig = None if atoms.amplitude_sigma is None else atoms.amplitude_sigma[keep]
