@@ -11,6 +11,10 @@ stopped the X server. Two measures, neither of which changes what a test sees:
    the process exits with pytest's own exit status without running the interpreter's
    teardown again. ``CRYSTALSTUDIO_TEST_FULL_EXIT=1`` keeps the normal exit, to look for
    such crashes on purpose.
+
+For a crash *during* a test (a native abort cuts pytest's own report short), the node id of
+every test is written, as it starts, to the file named by ``CRYSTALSTUDIO_TEST_TRACE``
+(``.ci/run`` sets it and prints the last one when pytest fails).
 """
 
 from __future__ import annotations
@@ -38,6 +42,15 @@ def _close_windows_at_end():
         import pyvista
 
         pyvista.close_all()
+
+
+def pytest_runtest_logstart(nodeid, location):
+    trace = os.environ.get("CRYSTALSTUDIO_TEST_TRACE")
+    if trace:
+        with open(trace, "a") as fh:
+            fh.write(nodeid + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -489,16 +489,18 @@ class MainWindow(QMainWindow):
         """Run ``fn(*args)`` in the worker pool; ``done(result)`` on the GUI thread if still the newest job."""
         self._job += 1
         job = self._job
-        task = Task(fn, *args)
+        task = Task(fn, *args, parent=self)
         task.signals.done.connect(lambda result: self._finish(job, done, result))
         task.signals.failed.connect(lambda exc: self._finish(job, None, exc, title))
         self._tasks[job] = task
         self._busy.setVisible(True)
         self.statusBar().showMessage(message)
-        self._pool.start(task)
+        task.start(self._pool)
 
     def _finish(self, job: int, done: Callable | None, value: Any, title: str = "") -> None:
-        self._tasks.pop(job, None)
+        task = self._tasks.pop(job, None)
+        if task is not None:
+            task.release()
         self._busy.setVisible(bool(self._tasks))
         if self._closed:
             return

@@ -1,8 +1,14 @@
 """Run slow work (reading a file, encode -> decode -> segment) off the GUI thread.
 
-A :class:`Task` is a ``QRunnable`` whose result or exception comes back through Qt
-signals. The signal object is created on the GUI thread, so the connected slots run there
-(queued connection): they may touch widgets and the session.
+A :class:`Task` is ``fn(*args)`` whose result or exception comes back through Qt signals.
+The signal object is created on the GUI thread and owned by a GUI-thread parent, so the
+connected slots run there (queued connection) and may touch widgets and the session.
+
+Lifetimes: the pool is given a plain Python callable (``QThreadPool.start(callable)``),
+never a Python subclass of ``QRunnable``, and that callable holds neither the task nor its
+owner. So whenever the GUI thread drops its last reference to a finished task, nothing
+C++ that the pool thread may still be returning through is deleted, and the signal object
+is destroyed only on the GUI thread (:meth:`Task.release` -> ``deleteLater``).
 
 :class:`LatestRunner` is one worker thread that always runs the newest request: while a
 job runs, a new request only replaces the one waiting (per channel), so a stream of slider
@@ -14,7 +20,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Callable
 
-from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
+from PySide6.QtCore import QObject, QThreadPool, Signal
 
 __all__ = ["Task", "LatestRunner"]
 
@@ -24,27 +30,45 @@ class _Signals(QObject):
     failed = Signal(object)  # the exception it raised
 
 
-class Task(QRunnable):
+class Task:
     """``fn(*args)`` in a thread pool; ``signals.done(result)`` or ``signals.failed(exc)`` on the GUI thread.
 
-    Keep a reference to the task until one of the signals arrived (the window does); the
-    task is not auto-deleted by the pool.
+    Create it on the GUI thread, connect to :attr:`signals`, then :meth:`start` it on a
+    ``QThreadPool``. Call :meth:`release` (GUI thread) once a signal arrived.
+
+    Args:
+        fn: the work; any exception it raises is sent through ``signals.failed``.
+        *args: passed to ``fn``.
+        parent: a GUI-thread ``QObject`` that owns the signal object (so that it is never
+            deleted from the pool's thread); None keeps it owned by Python.
     """
 
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        super().__init__()
-        self.setAutoDelete(False)
+    def __init__(self, fn: Callable[..., Any], *args: Any, parent: QObject | None = None) -> None:
         self.fn = fn
         self.args = args
-        self.signals = _Signals()
+        self.signals = _Signals(parent)
 
-    def run(self) -> None:  # runs in a worker thread
-        try:
-            result = self.fn(*self.args)
-        except Exception as exc:  # noqa: BLE001 - every failure goes back to the GUI as a message
-            self.signals.failed.emit(exc)
-        else:
-            self.signals.done.emit(result)
+    def run(self) -> None:
+        """Run ``fn(*args)`` here and emit the outcome (the pool thread calls this through :meth:`start`)."""
+        _run(self.fn, self.args, self.signals)
+
+    def start(self, pool: QThreadPool) -> None:
+        """Queue the work on ``pool``: a closure over ``fn``, ``args`` and the signal object only."""
+        fn, args, signals = self.fn, self.args, self.signals
+        pool.start(lambda: _run(fn, args, signals))
+
+    def release(self) -> None:
+        """Schedule the signal object for deletion on its own (GUI) thread; call after a signal arrived."""
+        self.signals.deleteLater()
+
+
+def _run(fn: Callable[..., Any], args: tuple, signals: _Signals) -> None:  # runs in a worker thread
+    try:
+        result = fn(*args)
+    except Exception as exc:  # noqa: BLE001 - every failure goes back to the GUI as a message
+        signals.failed.emit(exc)
+    else:
+        signals.done.emit(result)
 
 
 class LatestRunner(QObject):
@@ -115,16 +139,26 @@ class LatestRunner(QObject):
         if self._running is not None or not self._pending or self._closed:
             return
         _, (fn, args, tag) = self._pending.popitem(last=False)
-        task = Task(fn, *args)
-        task.signals.done.connect(lambda result, t=task: self._finished(t, result, None))
-        task.signals.failed.connect(lambda exc, t=task: self._finished(t, None, exc))
+        task = Task(fn, *args, parent=self)
+        task.signals.done.connect(self._on_done)
+        task.signals.failed.connect(self._on_failed)
         self._running, self._running_tag = task, tag
         self.started += 1
-        self._pool.start(task)
+        task.start(self._pool)
 
-    def _finished(self, task: Task, result: Any, exc: BaseException | None) -> None:
-        if task is not self._running:
+    def _on_done(self, result: Any) -> None:
+        self._finished(self.sender(), result, None)
+
+    def _on_failed(self, exc: BaseException) -> None:
+        self._finished(self.sender(), None, exc)
+
+    def _finished(self, sender: QObject | None, result: Any, exc: BaseException | None) -> None:
+        task = self._running
+        if task is None or sender is not task.signals:
+            if sender is not None:
+                sender.deleteLater()
             return
+        task.release()
         tag = self._running_tag
         self._running, self._running_tag = None, None
         if self._closed:
