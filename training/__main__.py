@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
                                            "split and store it in the checkpoint")
     gate_arguments(pg)
 
+    from .merge import add_arguments as merge_arguments
+
+    pm = sub.add_parser("merge-unet", help="the VAE (and prior) of one checkpoint with the U-Net of another")
+    merge_arguments(pm)
+
     ps = sub.add_parser("separability", help="atoms that are separate peaks of the true M, per sigma (no model)")
     ps.add_argument("--data", default="data/mp.npz", help="prepared .npz")
     ps.add_argument("--split", default="val", choices=["train", "val", "test"])
@@ -96,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         from .gate import run as run_gate
 
         run_gate(a)
+    elif a.cmd == "merge-unet":
+        from .merge import run as run_merge
+
+        run_merge(a)
     elif a.cmd == "curve":
         from .curve import run as run_curve
 
