@@ -143,7 +143,7 @@ def test_latents(model: CrystalModel, n_random: int = 4) -> list[np.ndarray]:
     from crystalstudio.io.structures import read_structure
 
     s = Session(model=model)
-    zs = [s.compute(read_structure(p, model.grid)).mu for p in sample_files()]
+    zs = [s.compute(read_structure(p, model.grid)).z for p in sample_files()]
     zs += list(np.random.default_rng(0).standard_normal((n_random, model.latent)).astype(np.float32))
     return zs
 

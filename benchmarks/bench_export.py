@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     session = Session(a.checkpoint)
     ra = session.compute(read_structure(ROOT / "assets/samples/NaCl.cif", session.grid))
     rb = session.compute(read_structure(ROOT / "assets/samples/SrTiO3.cif", session.grid))
-    zs = interpolate(ra.mu, rb.mu, T)
+    zs = interpolate(ra.z, rb.z, T)
 
     ts = np.linspace(0.0, 1.0, T)
     prepared = [Frame(z, ((1 - t) * ra.M + t * rb.M).astype(np.float32),

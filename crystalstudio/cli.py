@@ -43,6 +43,8 @@ def _reconstruct(a: argparse.Namespace) -> int:
     try:
         session = Session(a.checkpoint, device=a.device)
         session.model.atoms_method = a.atoms
+        if a.refine_steps is not None:
+            session.model.refine_steps = a.refine_steps
         if a.window_origin is not None:
             try:
                 session.set_window_origin([float(x) for x in a.window_origin.split(",")])
@@ -53,7 +55,7 @@ def _reconstruct(a: argparse.Namespace) -> int:
         return _fail(str(exc))
     meta = rec.crystal.meta
     m = dict(rec.metrics, file=a.file, formula=rec.crystal.name, atoms_method=a.atoms,
-             checkpoint=str(session.model.path) if session.model.path else None,
+             refine_steps=session.model.refine_steps, checkpoint=str(session.model.path) if session.model.path else None,
              representation=session.model.representation, warnings=meta.get("warnings", []),
              block=meta.get("block"), n_blocks=meta.get("n_blocks", 1), disorder=meta.get("disorder"),
              note=meta.get("note"), window_origin=[float(x) for x in rec.window_origin])
@@ -157,6 +159,8 @@ def _session(a: argparse.Namespace):
 
     s = Session(a.checkpoint, device=a.device)
     s.model.atoms_method = getattr(a, "atoms", s.model.atoms_method)
+    if getattr(a, "refine_steps", None) is not None:
+        s.model.refine_steps = a.refine_steps
     return s
 
 
@@ -211,9 +215,9 @@ def _interpolate(a: argparse.Namespace) -> int:
     session = _session(a)
     cond = _cond(a, session)
     ra, rb = session.open(a.a), session.open(a.b)
-    session.set_endpoint("A", ra.crystal.name, ra.mu, ra)
-    session.set_endpoint("B", rb.crystal.name, rb.mu, rb)
-    zs = interpolate(ra.mu, rb.mu, a.frames, a.mode)
+    session.set_endpoint("A", ra.crystal.name, ra.z, ra)
+    session.set_endpoint("B", rb.crystal.name, rb.z, rb)
+    zs = interpolate(ra.z, rb.z, a.frames, a.mode)
     label = f"{ra.crystal.name} -> {rb.crystal.name}"
     titles = [f"{label}   t = {t:.2f}" for t in np.linspace(0.0, 1.0, a.frames)]
     if cond is None:  # a conditional model: A's and B's own largest densities, interpolated
@@ -232,7 +236,7 @@ def _sweep(a: argparse.Namespace) -> int:
         raise _BadInput(f"--dim {a.dim} out of range 0..{session.model.latent - 1}")
     cond = _cond(a, session)
     rec = session.open(a.file)
-    zs = sweep(rec.mu, a.dim, a.frames, a.lo, a.hi)
+    zs = sweep(rec.z, a.dim, a.frames, a.lo, a.hi)
     titles = [f"{rec.crystal.name}   z[{a.dim}] = {v:+.2f}" for v in zs[:, a.dim]]
     return _render_video(a, session, zs, out, size, titles, session.natural_cond() if cond is None else cond)
 
@@ -382,6 +386,23 @@ def _add_atoms_arg(sp: argparse.ArgumentParser) -> None:
                          f"default {DEFAULT_ATOMS_METHOD}")
 
 
+def _steps(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text!r}")
+    return n
+
+
+def _add_refine_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--refine-steps", type=_steps, default=None, metavar="N",
+                    help="Adam steps polishing the encoder's latent so that the decoder reproduces the input "
+                         "(semi-amortised inference; 0 = the encoder alone, the paper's path; default: the "
+                         "checkpoint's choice, 50)")
+
+
 def _add_video_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--out", required=True, help="output video: .mp4 (H.264) or .gif")
     sp.add_argument("--frames", type=int, default=60, help="number of frames (default 60)")
@@ -414,18 +435,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="repeating-lattice model: fractional coordinates of the cell at the cube's corner "
                         "(which 10 Å window of the lattice; default 0,0,0)")
     _add_atoms_arg(r)
+    _add_refine_arg(r)
 
     i = sub.add_parser("interpolate", help="render the latent interpolation between two crystals to MP4/GIF")
     i.add_argument("a", metavar="A.cif", help="start crystal")
     i.add_argument("b", metavar="B.cif", help="end crystal")
     i.add_argument("--mode", choices=("linear", "spherical"), default="linear", help="interpolation (default linear)")
     _add_video_args(i)
+    _add_refine_arg(i)
     w = sub.add_parser("sweep", help="render one latent dimension swept from -3 to 3 around a crystal")
     w.add_argument("file", help="CIF (or POSCAR / pymatgen JSON) file")
     w.add_argument("--dim", type=int, required=True, metavar="K", help="latent dimension to sweep")
     w.add_argument("--range", type=float, nargs=2, default=(-3.0, 3.0), metavar=("LO", "HI"), dest="range_",
                    help="values of z[K] at the first and last frame (default -3 3)")
     _add_video_args(w)
+    _add_refine_arg(w)
     s = sub.add_parser("sample", help="decode random latent draws to CIF, PNG and NPY")
     s.add_argument("--n", type=int, default=8, help="number of draws (default 8)")
     s.add_argument("--prior", choices=("aggregate", "standard"), default="aggregate",
@@ -442,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", required=True, help="output field: .vti or .npy")
     e.add_argument("--input", action="store_true", help="write the input field M instead of the decoded one")
     _add_common_args(e)
+    _add_refine_arg(e)
 
     a = p.parse_args(argv)
     if a.cmd == "reconstruct":

@@ -106,7 +106,9 @@ class Reconstruction:
         rotation: (3, 3) rotation applied to the centred cell (identity by default).
         positions: (N, 3) float64 Å, input atoms in the cube frame; ``Z`` (N,) int64.
         M: (n, n, n) float32 input density field (Eq. 1); ``M_hat`` the decoded one.
-        mu, logvar: (latent,) float32 posterior of z.
+        mu, logvar: (latent,) float32 posterior of z (the encoder's guess).
+        z: (latent,) float32 latent that made ``M_hat``: mu polished by latent refinement
+            (:meth:`CrystalModel.refine`), or mu itself when refinement is off.
         atoms: segmented atoms of ``M_hat``.
         metrics: the Sec. 4.1 measures for this crystal (see :func:`summarise`).
         window_origin: (3,) fractional coordinates of the cell at the cube's corner
@@ -124,6 +126,11 @@ class Reconstruction:
     atoms: Atoms
     metrics: dict = field(default_factory=dict)
     window_origin: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    z: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.z is None:
+            self.z = np.asarray(self.mu, np.float32).copy()
 
 
 @dataclass
@@ -248,7 +255,8 @@ class Session:
             CheckpointError: nothing changes in the session when loading fails.
         """
         model = load_checkpoint(path, self.device)
-        model.atoms_method = self.model.atoms_method  # the user's choice survives a model switch
+        model.atoms_method = self.model.atoms_method  # the user's choices survive a model switch
+        model.refine_steps = self.model.refine_steps
         return self.set_model(model)
 
     def set_model(self, model: CrystalModel) -> CrystalModel:
@@ -319,16 +327,42 @@ class Session:
         if self.current is not None:
             self.reconstruct(self.current.crystal, self.current.rotation)
 
+    @property
+    def refine_steps(self) -> int:
+        """Adam steps of latent refinement after encoding (0: the encoder's mean alone, the
+        paper's path); see :mod:`crystalstudio.core.refine`."""
+        return self.model.refine_steps
+
+    def set_refine_steps(self, steps: int) -> None:
+        """Set :attr:`refine_steps`; the current reconstruction is redone with it and
+        observers get ``("refine_steps", steps)``.
+
+        Raises:
+            ValueError: a negative or non-integer number of steps.
+        """
+        if isinstance(steps, bool) or int(steps) != steps or steps < 0:
+            raise ValueError(f"refine steps must be a whole number >= 0, not {steps!r}")
+        steps = int(steps)
+        if steps == self.model.refine_steps:
+            return
+        self.model.refine_steps = steps
+        self._emit("refine_steps", steps)
+        if self.current is not None:
+            self.reconstruct(self.current.crystal, self.current.rotation)
+
     # ------------------------------------------------------------------ work
     def compute(self, crystal: Crystal, rotation: np.ndarray | None = None,
-                window_origin: np.ndarray | None = None) -> Reconstruction:
-        """Encode, decode and segment ``crystal``; no state change, thread-safe.
+                window_origin: np.ndarray | None = None, progress=None) -> Reconstruction:
+        """Encode (then refine the latent, :attr:`refine_steps`), decode and segment
+        ``crystal``; no state change, thread-safe.
 
         Args:
             crystal: the input. rotation: (3, 3) applied to the lattice (default identity).
             window_origin: repeating-lattice model only: (3,) fractional coordinates of the
                 cell that sit at the cube's corner (default :attr:`window_origin`): which
                 10 Å window of the lattice is shown and reconstructed.
+            progress: ``progress(done, steps)`` during latent refinement; True stops it
+                early (the best latent so far is used).
         """
         grid = self.model.grid
         R = np.eye(3) if rotation is None else np.asarray(rotation, np.float64)
@@ -351,11 +385,12 @@ class Session:
             pos, Z = cell_positions(sites, grid, R), sites.Z.copy()
         cond = float(M.max()) if self.model.config.conditional else None  # Sec. 4.5: its own maximum
         mu, logvar = self.model.encode(M, cond)
-        M_hat = self.model.decode(mu, cond)
+        z = self.model.refine(M, mu, cond, progress=progress)  # mu itself when refinement is off
+        M_hat = self.model.decode(z, cond)
         atoms = self.model.segment(M_hat)
         lattice_model = self.model.representation == "repeating_lattice"
         return Reconstruction(crystal, R, pos, Z, M, mu, logvar, M_hat, atoms,
-                              summarise(pos, Z, atoms, M, M_hat), uvw.copy() if lattice_model else np.zeros(3))
+                              summarise(pos, Z, atoms, M, M_hat), uvw.copy() if lattice_model else np.zeros(3), z)
 
     def set_window_origin(self, uvw) -> Reconstruction | None:
         """Move the repeating-lattice window: the cell's fractional point ``uvw`` (3,) goes to
@@ -376,7 +411,7 @@ class Session:
     def set_current(self, rec: Reconstruction) -> None:
         """Make ``rec`` the current reconstruction; the explored z becomes its ``mu``."""
         self.current = rec
-        self.z = np.array(rec.mu, np.float32)
+        self.z = np.array(rec.z, np.float32)
         self._emit("reconstruction", rec)
 
     # ------------------------------------------------------------------ latent state

@@ -66,6 +66,7 @@ from crystalstudio.core.density import Grid, random_rotations
 from crystalstudio.core.latent import random_latents
 from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import CrystalNet, kl_divergence, max_density
+from crystalstudio.core.refine import frozen, refine_latent
 from crystalstudio.core.fit import DECODED_FIT, DEFAULT_FIT, UNET_GATE, combine_with_unet, fit_atoms
 from crystalstudio.core.segment import density_peaks, species_map_to_atoms
 
@@ -92,8 +93,13 @@ def _fit_decoded(M_hat: np.ndarray, probs: np.ndarray, grid: Grid, representatio
 def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, seed: int, batch: int,
                      device, tol: float, kls: list, voxel: np.ndarray | None = None,
                      representation: str = "unit_cell", stages: dict | None = None, atoms: str = "fit",
-                     gate: float = UNET_GATE):
+                     gate: float = UNET_GATE, refine_steps: int = 0):
     """Yield ``(match, mse, true_pos, true_Z, atoms)`` per crystal of ``idx``, in order.
+
+    ``refine_steps`` > 0: the model's M_hat is decoded from the encoder's mu refined by that
+    many Adam steps (:func:`~crystalstudio.core.refine.refine_latent`, as the app does); the
+    error budget then keeps the encoder-only rows (``*_on_decoded_M``) and adds
+    ``*_on_refined_M``.
 
     ``atoms``: how the model's atoms are read from M_hat, ``"fit"`` (Eq. 1 least squares,
     species from the U-Net), ``"unet"`` (the paper's argmax + connected components) or
@@ -113,7 +119,12 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
         cond = max_density(M) if net.cfg.conditional else None  # Sec. 4.5: the input's own maximum
         mu, logvar = net.vae.encode(M, cond)
         kls.append(kl_divergence(mu, logvar).cpu())
-        Mh = net.vae.decode(mu, cond)
+        Mh = Mh_enc = net.vae.decode(mu, cond)
+        if refine_steps > 0:
+            with frozen(net.vae):
+                z = refine_latent(lambda zz: net.vae.decode(zz, cond), M.reshape(len(b), *(grid.n,) * 3), mu,
+                                  refine_steps)
+            Mh = net.vae.decode(z, cond)
         logits = net.unet(Mh)
         species_t = logits.argmax(1)
         probs = torch.softmax(logits.float(), 1).cpu().numpy() if (atoms == "fit" or stages is not None) else None
@@ -126,6 +137,11 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
         if stages is not None:
             M_np = M.float().cpu().numpy().reshape(len(b), *(grid.n,) * 3)
             species_true_M = net.unet(M.reshape(len(b), *(grid.n,) * 3)).argmax(1).cpu().numpy()
+            if refine_steps > 0:  # the encoder-only rows beside the refined ones
+                logits_enc = net.unet(Mh_enc)
+                species_enc = logits_enc.argmax(1).cpu().numpy()
+                probs_enc = torch.softmax(logits_enc.float(), 1).cpu().numpy()
+                Mh_enc_np = Mh_enc.float().cpu().numpy()
         for k in range(len(b)):
             keep = Zp[k] > 0
             tp, tz = P[k][keep], Zp[k][keep]
@@ -136,6 +152,13 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
             else:
                 found = fit_dec if atoms == "fit" else unet_atoms
             if stages is not None:
+                if refine_steps > 0:
+                    stages.setdefault("unet_on_refined_M", []).append(
+                        match_atoms(tp, tz, unet_atoms.positions, unet_atoms.Z, tol))
+                    stages.setdefault("fit_on_refined_M", []).append(
+                        match_atoms(tp, tz, fit_dec.positions, fit_dec.Z, tol))
+                    unet_atoms = species_map_to_atoms(species_enc[k], grid, Mh_enc_np[k])
+                    fit_dec = _fit_decoded(Mh_enc_np[k], probs_enc[k], grid, representation, gate)
                 stages.setdefault("unet_on_decoded_M", []).append(
                     match_atoms(tp, tz, unet_atoms.positions, unet_atoms.Z, tol))
                 stages.setdefault("fit_on_decoded_M", []).append(match_atoms(tp, tz, fit_dec.positions, fit_dec.Z, tol))
@@ -159,7 +182,10 @@ STAGES = {
     "fit_on_true_M": "the Eq. 1 least-squares fit of the true M, Z from the amplitude (the atom fit alone)",
     "fit_on_true_M_0.1A": "the same, atoms matched within 0.1 Å instead of tol",
     "unet_on_decoded_M": "the U-Net segmenting the decoded M_hat (the paper's path: encode, decode, segment)",
-    "fit_on_decoded_M": "the Eq. 1 fit of the decoded M_hat, species and gating by the U-Net (the app's default)",
+    "fit_on_decoded_M": "the Eq. 1 fit of the decoded M_hat, species and gating by the U-Net (encoder's mu alone)",
+    "unet_on_refined_M": "the U-Net segmenting M_hat decoded from the refined latent (encode, refine z, decode)",
+    "fit_on_refined_M": "the Eq. 1 fit of M_hat decoded from the refined latent, species by the U-Net "
+                        "(the app's default)",
     "full": "the model as evaluated (the --atoms method on the decoded M_hat)",
 }
 
@@ -225,7 +251,9 @@ def error_budget(stages: dict, full: list[dict]) -> dict:
     """
     out = {}
     for name, what in STAGES.items():
-        per = full if name == "full" else stages.get(name, [])
+        if name != "full" and name not in stages:
+            continue  # e.g. the refined rows of a run without refinement
+        per = full if name == "full" else stages[name]
         agg = aggregate(per)
         row = {"what": what, **{k: agg.get(k) for k in ("atoms_within_tol", "pred_within_tol", "exact_count",
                                                           "species_accuracy", "median_error_A")}}
@@ -406,7 +434,8 @@ def draws_block(model: CrystalModel, data: CrystalArrays, test_idx: np.ndarray, 
 
 @torch.no_grad()
 def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int = 0, draws: int = 200,
-            tol: float = 0.5, batch: int = 16, atoms: str = "fit", budget: bool = True) -> dict:
+            tol: float = 0.5, batch: int = 16, atoms: str = "fit", budget: bool = True,
+            refine_steps: int = 0) -> dict:
     """All measures of the module docstring over crystals ``idx`` (no run metadata).
 
     Deterministic for a given seed: rotations are ``random_rotations(len(idx), seed)`` and
@@ -421,7 +450,7 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
     dt, dp, nn_real, nn_rec, zpairs = [], [], [], [], []
     try:
         recs = _reconstructions(net, data, idx, model.grid, seed, batch, model.device, tol, kls, voxel,
-                                model.representation, stages, atoms, model.unet_gate)
+                                model.representation, stages, atoms, model.unet_gate, refine_steps)
         for i, (r, e, tp, tz, found) in zip(idx, recs):
             per.append(r)
             mse.append(e)
@@ -559,6 +588,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--atoms", choices=("fit", "unet"), default="fit",
                    help="how the model's atoms are read from M_hat (default fit; the error budget has both)")
     p.add_argument("--no-budget", action="store_true", help="skip the error budget (faster)")
+    p.add_argument("--refine-steps", type=int, default=None, metavar="N",
+                   help="Adam steps refining the encoder's latent before decoding, as the app does "
+                        "(default: the checkpoint's, as CrystalModel.refine_steps; 0 = the encoder alone)")
     p.add_argument("--val", type=float, default=0.05, help="validation fraction given to prepare (CSV input)")
     p.add_argument("--test", type=float, default=0.10, help="test fraction given to prepare (CSV input)")
     p.add_argument("--json", default="", help="write the measures to this JSON file")
@@ -576,6 +608,9 @@ def run(a: argparse.Namespace) -> dict:
     if a.limit < 0 or a.draws < 0 or a.batch < 1 or not a.tol > 0:
         raise HarnessError("--limit and --draws must be >= 0, --batch >= 1, --tol > 0")
     model = load_checkpoint(a.checkpoint, a.device)
+    refine_steps = model.refine_steps if getattr(a, "refine_steps", None) is None else a.refine_steps
+    if refine_steps < 0:
+        raise HarnessError("--refine-steps must be >= 0")
     data = load_data(a.data, model.grid, a.val, a.test)
     full = data.indices(a.split)
     idx = full[: a.limit] if a.limit else full
@@ -597,10 +632,12 @@ def run(a: argparse.Namespace) -> dict:
         "draws": a.draws,
         "atoms_method": a.atoms,
         "unet_gate": model.unet_gate,
+        "refine_steps": refine_steps,
         "n_split": int(len(full)),
         "split_ids_sha1": ids_sha1,
         "split_matches_checkpoint_test_ids": (ids_sha1 == ck_sha1) if (a.split == "test" and ck_sha1) else None,
-        **harness(model, data, idx, a.seed, a.draws, a.tol, a.batch, a.atoms, not a.no_budget),
+        **harness(model, data, idx, a.seed, a.draws, a.tol, a.batch, a.atoms, not a.no_budget,
+                   refine_steps),
     }
     res = _clean(res)
     print(format_table(res), flush=True)

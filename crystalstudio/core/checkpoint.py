@@ -29,6 +29,7 @@ import torch
 from .density import REPRESENTATIONS, Grid
 from .models import CrystalNet, ModelConfig
 from .prior import LatentPrior, PriorError
+from .refine import REFINE_STEPS
 from .segment import Atoms, species_map_to_atoms
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "attach_prior", "update_metadata", "CrystalModel", "FrozenNet", "FORMAT",
@@ -337,6 +338,10 @@ class CrystalModel:
         #: how atoms are read from a decoded field: "fit" (Eq. 1 least squares) or "unet"
         self.atoms_method: str = DEFAULT_ATOMS_METHOD
         self.prior: LatentPrior | None = None
+        #: Adam steps of latent refinement after encoding a field (:meth:`refine`); 0: the
+        #: encoder's mean alone (the paper's path)
+        #: (the checkpoint's own ``refine_steps`` when its metadata has one)
+        self.refine_steps: int = int(info.get("refine_steps", REFINE_STEPS))
 
     @property
     def unet_gate(self) -> float:
@@ -379,6 +384,33 @@ class CrystalModel:
             c = None if cond is None else self._t([cond])
             mu, logvar = self.net.vae.encode(self._t(M)[None], c)
         return mu[0].cpu().numpy(), logvar[0].cpu().numpy()
+
+    def refine(self, M: np.ndarray, z0: np.ndarray, cond: float | None = None, steps: int | None = None,
+               progress=None) -> np.ndarray:
+        """The encoder's latent polished so that the decoder reproduces ``M``
+        (:func:`~crystalstudio.core.refine.refine_latent`, semi-amortised inference).
+
+        Args:
+            M: (n, n, n) float32 field (Eq. 1 units); z0: (latent,) start (the encoder's mu).
+            cond: a conditional model's largest density (Eq. 1 units); None: its reference.
+            steps: Adam steps; None takes :attr:`refine_steps`; 0 returns z0.
+            progress: ``progress(done, steps)`` after each step; True stops early.
+
+        Returns:
+            (latent,) float32. The decoder's weights are not changed.
+        """
+        from .refine import frozen, refine_latent
+
+        steps = self.refine_steps if steps is None else int(steps)
+        z0 = np.asarray(z0, np.float32).reshape(-1)
+        if steps <= 0:
+            return z0.copy()
+        vae = self.net.vae
+        c = None if (cond is None or not self.config.conditional) else self._t([cond])
+        with self._lock, frozen(vae):
+            z = refine_latent(lambda zz: vae.decode(zz, c), self._t(M)[None], self._t(z0)[None], steps,
+                              progress=progress)
+        return z[0].cpu().numpy()
 
     @torch.no_grad()
     def decode(self, z: np.ndarray, cond: float | None = None) -> np.ndarray:

@@ -573,7 +573,7 @@ class LatentExplorer(QWidget):
         if rec is None:
             self.status_label.setText("Nothing encoded yet: open a structure first.")
             return
-        self.set_z(rec.mu, f"{rec.crystal.name} μ")
+        self.set_z(rec.z, f"{rec.crystal.name} {'μ' if np.array_equal(rec.z, rec.mu) else 'z*'}")
 
     def _sync_prior(self) -> None:
         """Show the session's prior choice and whether the model has an aggregate prior."""
@@ -645,7 +645,7 @@ class LatentExplorer(QWidget):
             return
         rec = self.session.current
         z = self.z.copy()
-        if rec is not None and np.array_equal(z, rec.mu):
+        if rec is not None and np.array_equal(z, rec.z):
             name, r = rec.crystal.name, rec
         else:
             name, r = self._source, None
@@ -769,7 +769,7 @@ class LatentExplorer(QWidget):
             if tag["model_epoch"] != self._model_epoch:
                 return
             rec: Reconstruction = result
-            self.session.set_endpoint(tag["which"], rec.crystal.name, rec.mu, rec)
+            self.session.set_endpoint(tag["which"], rec.crystal.name, rec.z, rec)
             self._endpoint_changed(tag["which"])
             return
         if tag["epoch"] != self._epoch:
@@ -808,12 +808,12 @@ class LatentExplorer(QWidget):
         self._debounce.stop()
         self.runner.cancel("decode")
         self.play(False)
-        self._last_request = (np.asarray(rec.mu, np.float32).tobytes(), None, True)
+        self._last_request = (np.asarray(rec.z, np.float32).tobytes(), None, True)
         self._source = f"{rec.crystal.name} μ"
-        if self.session is not None and (self.session.z is None or not np.array_equal(self.session.z, rec.mu)):
-            self.session.set_latent(rec.mu)
+        if self.session is not None and (self.session.z is None or not np.array_equal(self.session.z, rec.z)):
+            self.session.set_latent(rec.z)
         self._refresh_rows()
-        self.frame = Frame(np.asarray(rec.mu, np.float32), rec.M_hat, rec.atoms, {})
+        self.frame = Frame(np.asarray(rec.z, np.float32), rec.M_hat, rec.atoms, {})
         self.segmented = True
         from ..session import readouts
 

@@ -159,6 +159,7 @@ class MainWindow(QMainWindow):
     frame_shown = Signal(object, bool)
     failed = Signal(str)
     _session_event = Signal(str, object)
+    _progress = Signal(int, int)  # (done, total) of latent refinement, from the worker thread
 
     def __init__(self, session: Session | None, settings: QSettings | None = None,
                  parent: QWidget | None = None) -> None:
@@ -198,6 +199,7 @@ class MainWindow(QMainWindow):
         self._busy.setMaximumWidth(120)
         self._busy.setVisible(False)
         self.statusBar().addPermanentWidget(self._busy)
+        self._progress.connect(self._on_progress)
         #: notes about the open file (model switched, disorder, pymatgen warnings in the tooltip)
         self.notes_label = QLabel("", self)
         self.notes_label.setStyleSheet("color: #a60;")
@@ -346,6 +348,14 @@ class MainWindow(QMainWindow):
             self.atoms_method_group.addAction(a)
             a.triggered.connect(lambda _=False, k=key: self.set_atoms_method(k))
             self.atoms_method_actions[key] = a
+        self.refine_action = self.model_menu.addAction("&Refine the latent after encoding")
+        self.refine_action.setCheckable(True)
+        self.refine_action.setShortcut(QKeySequence("Ctrl+Shift+L"))
+        self.refine_action.setToolTip("Polish the encoder's z so that the decoder reproduces the input "
+                                      "(semi-amortised inference, a few seconds); off: the encoder alone (paper)")
+        self.refine_action.setChecked(self.refine_enabled())
+        self.addAction(self.refine_action)
+        self.refine_action.triggered.connect(self.set_refine_enabled)
 
         h = self.menuBar().addMenu("&Help")
         h.addAction(action("&About model", self._show_about_model))
@@ -493,9 +503,21 @@ class MainWindow(QMainWindow):
         task.signals.done.connect(lambda result: self._finish(job, done, result))
         task.signals.failed.connect(lambda exc: self._finish(job, None, exc, title))
         self._tasks[job] = task
+        self._busy.setRange(0, 0)  # indeterminate until a step count is reported
         self._busy.setVisible(True)
         self.statusBar().showMessage(message)
         task.start(self._pool)
+
+    def _report_progress(self, done: int, total: int) -> bool:
+        """Progress callback for work in the pool (any thread): drives the status-bar bar;
+        True (stop) once the window is closed."""
+        self._progress.emit(int(done), int(total))
+        return self._closed
+
+    def _on_progress(self, done: int, total: int) -> None:
+        if self._tasks and not self._closed:
+            self._busy.setRange(0, max(1, total))
+            self._busy.setValue(min(done, total))
 
     def _finish(self, job: int, done: Callable | None, value: Any, title: str = "") -> None:
         task = self._tasks.pop(job, None)
@@ -520,6 +542,7 @@ class MainWindow(QMainWindow):
             self._error("No model", "No model is loaded; use File > Open checkpoint… first.")
             return
         session = self.session
+        progress = self._report_progress
         block = self._choose_block(path)
         if block is False:
             return  # the user cancelled the data-block choice
@@ -529,8 +552,10 @@ class MainWindow(QMainWindow):
                 # the swap happens in done(), on the GUI thread
                 crystal, model = session.read_for_model(path, block)
                 if model is not None:
-                    return Session(model=model, device=session.device).compute(crystal), model
-                return session.compute(crystal), None
+                    model.refine_steps = session.model.refine_steps
+                    return (Session(model=model, device=session.device).compute(crystal, progress=progress),
+                            model)
+                return session.compute(crystal, progress=progress), None
             except Exception as exc:
                 msg = _one_line(exc)
                 if not msg.startswith(path.name):  # StructureError messages already name the file
@@ -593,13 +618,48 @@ class MainWindow(QMainWindow):
         self.session.model.atoms_method = method
         current = self.session.current
         session = self.session
-        if current is None or (session.z is not None and not np.array_equal(session.z, current.mu)):
+        if current is None or (session.z is not None and not np.array_equal(session.z, current.z)):
             # the explorer is elsewhere in latent space: re-read its frame, keep its z
             self.explorer._last_request = None
             self.explorer.request(segment=True)
             return
-        self._start("Reading atoms…", lambda: session.compute(current.crystal, current.rotation),
+        self._start("Reading atoms…", lambda: session.compute(current.crystal, current.rotation,
+                                                               progress=self._report_progress),
                     done=session.set_current, title="Cannot read atoms")
+
+    def refine_enabled(self) -> bool:
+        """The remembered choice of latent refinement after encoding (default on)."""
+        v = self.settings.value("model/refine", True)
+        return v if isinstance(v, bool) else str(v).lower() in ("true", "1")
+
+    def _refine_steps(self) -> int:
+        from ..core.refine import REFINE_STEPS
+
+        if not self.refine_enabled():
+            return 0
+        model = self.session.model if self.session is not None else None
+        steps = int(model.info.get("refine_steps", REFINE_STEPS)) if model is not None else REFINE_STEPS
+        return steps or REFINE_STEPS
+
+    def set_refine_enabled(self, on: bool) -> None:
+        """Refine the latent after encoding (on) or use the encoder's mean alone (off);
+        remembered; the current crystal is reconstructed again in the background."""
+        on = bool(on)
+        self.settings.setValue("model/refine", on)
+        if self.refine_action.isChecked() != on:
+            self.refine_action.setChecked(on)
+        if self.session is None:
+            return
+        steps = self._refine_steps()
+        if self.session.model.refine_steps == steps:
+            return
+        self.session.model.refine_steps = steps
+        current, session = self.session.current, self.session
+        if current is None:
+            return
+        self._start("Reconstructing…", lambda: session.compute(current.crystal, current.rotation,
+                                                                progress=self._report_progress),
+                    done=session.set_current, title="Cannot reconstruct")
 
     def open_checkpoint(self, path: str | Path) -> None:
         """Load another model in the background; the current crystal is reconstructed with it."""
@@ -607,11 +667,16 @@ class MainWindow(QMainWindow):
         device = self.session.device if self.session is not None else "cpu"
         current = self.session.current if self.session is not None else None
         method = self.atoms_method()
+        refine = self.refine_enabled()
 
         def work():
             model = load_checkpoint(path, device)
             model.atoms_method = method
-            rec = Session(model=model, device=device).compute(current.crystal, current.rotation) if current else None
+            if not refine:
+                model.refine_steps = 0
+            rec = (Session(model=model, device=device).compute(current.crystal, current.rotation,
+                                                               progress=self._report_progress)
+                   if current else None)
             return model, rec
 
         def done(result) -> None:
@@ -643,6 +708,8 @@ class MainWindow(QMainWindow):
         self.session = session
         if session is not None:
             session.model.atoms_method = self.atoms_method()
+            if not self.refine_enabled():
+                session.model.refine_steps = 0
             prior = str(self.settings.value("sample/prior", "aggregate"))
             session.set_prior(prior if prior in ("aggregate", "standard") else "aggregate")
         if hasattr(self, "atoms_method_actions"):

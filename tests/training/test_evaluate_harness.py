@@ -76,7 +76,8 @@ def files(tmp_path_factory):
 
 def _args(files, out: Path, data=None, *extra) -> list[str]:
     return ["--checkpoint", str(files["ckpt"]), "--data", str(data or files["npz"]), "--split", "test",
-            "--json", str(out), "--draws", "12", "--batch", "4", *extra]
+            "--json", str(out), "--draws", "12", "--batch", "4",
+            *(() if "--refine-steps" in extra else ("--refine-steps", "0")), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -336,8 +337,10 @@ def test_error_budget_stages(files, result):
 
     res = json.loads(result[0].read_text())
     eb = res["error_budget"]
-    assert list(eb) == list(ev.STAGES) == ["true_field_peaks", "unet_on_true_M", "fit_on_true_M", "fit_on_true_M_0.1A",
-                                          "unet_on_decoded_M", "fit_on_decoded_M", "full"]
+    # no refinement in this run: the refined rows are left out
+    assert list(eb) == [k for k in ev.STAGES if "refined" not in k] == [
+        "true_field_peaks", "unet_on_true_M", "fit_on_true_M", "fit_on_true_M_0.1A", "unet_on_decoded_M",
+        "fit_on_decoded_M", "full"]
     for k in ("atoms_within_tol", "pred_within_tol", "exact_count", "species_accuracy"):
         assert eb["full"][k] == pytest.approx(res[k])
     assert eb["true_field_peaks"]["species_accuracy"] is None
@@ -411,3 +414,22 @@ def test_fit_prior_then_draws_block(files, tmp_path):
     for k in ("standard", "aggregate", "midpoints"):
         assert d[k]["n"] == (6 if k != "midpoints" else 2)  # 4 test crystals: 2 pairs
         assert 0 <= d[k]["structural_valid"] <= 1
+
+
+def test_refined_run_keeps_the_encoder_rows(files, result, tmp_path):
+    """With --refine-steps the model's atoms come from the refined latent: the budget gains
+    the refined rows (the 'full' row is the refined fit) and keeps the encoder-only rows."""
+    out = tmp_path / "refined.json"
+    assert ev.main(_args(files, out, None, "--draws", "0", "--refine-steps", "3")) == 0
+    res = json.loads(out.read_text())
+    assert res["refine_steps"] == 3
+    eb = res["error_budget"]
+    assert list(eb) == ["true_field_peaks", "unet_on_true_M", "fit_on_true_M", "fit_on_true_M_0.1A",
+                        "unet_on_decoded_M", "fit_on_decoded_M", "unet_on_refined_M", "fit_on_refined_M", "full"]
+    assert eb["fit_on_refined_M"] == {**eb["full"], "what": eb["fit_on_refined_M"]["what"]}
+    plain = json.loads(result[0].read_text())  # the encoder-only rows do not depend on refinement
+    for stage in ("unet_on_decoded_M", "fit_on_decoded_M", "fit_on_true_M"):
+        assert eb[stage] == plain["error_budget"][stage]
+    with pytest.raises(SystemExit):
+        ev.main(_args(files, out, None, "--refine-steps", "x"))
+    assert ev.main(_args(files, out, None, "--refine-steps", "-1")) == 2

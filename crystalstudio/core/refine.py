@@ -1,0 +1,126 @@
+"""Latent refinement: the encoder's z polished by gradient descent through the decoder.
+
+The encoder E of the beta-VAE is *amortised*: one forward pass guesses the latent of any
+field, and on the CPU-trained checkpoints that guess is far from the best latent the decoder
+has for a given crystal (the amortisation gap; Cremer et al. 2018, "Inference Suboptimality
+in Variational Autoencoders"). Semi-amortised inference (Kim et al. 2018, "Semi-Amortized
+Variational Autoencoders"; Marino et al. 2018) closes it: start from the encoder's mean and
+take a few optimiser steps on z alone, the decoder frozen,
+
+    z* = argmin_z  sum_v w_v (D(z)_v - M_v)^2  +  (lambda / 2) ||z||^2,        z_0 = mu(M),
+
+the first term being Eq. 2's reconstruction term with the peak weights of the CPU recipe
+(``w = 1 + peak_weight * M / max M``, voxels near atoms count more), the second the
+log-density of the prior p(z) = N(0, I) scaled by ``prior_weight`` (a MAP estimate of z that
+keeps it where the decoder was trained). The reconstruction is then D(z*): still a field the
+decoder makes from one latent vector, so sliders, interpolation and export work on z* as on
+mu. Only reconstruction of a *given* field uses it; decoding a latent (sliders, draws) does not.
+
+On the first 40 crystals of the validation split (the 2026-12-04 default checkpoint, seed 0
+rotations), the Eq. 1 fit of M_hat found 71.4% of the atoms within 0.5 Å from the encoder's mu
+and, after refinement, 87.8% (30 steps, lr 0.2), 88.4% (50 steps, lr 0.1, the default), 87.8%
+(100 steps, lr 0.05 or 0.1) and 90.0% (300 steps, lr 0.05); the voxel MSE fell from 1.9e-3 to
+6.1e-4 at the default (docs/refine.md).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+
+__all__ = ["REFINE_STEPS", "REFINE_LR", "PRIOR_WEIGHT", "refine_latent", "refine_objective", "frozen"]
+
+#: default number of Adam steps (chosen on the validation split, docs/refine.md)
+REFINE_STEPS = 50
+#: default Adam learning rate on z (latent units)
+REFINE_LR = 0.1
+#: weight of the N(0, I) log-prior on z (the training beta, 0.01)
+PRIOR_WEIGHT = 0.01
+
+
+@contextmanager
+def frozen(module: torch.nn.Module):
+    """Within the block the parameters of ``module`` take no gradient (so that refining z
+    leaves no ``.grad`` on the decoder); their ``requires_grad`` flags are restored after."""
+    params = list(module.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield module
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+def refine_objective(M_hat: torch.Tensor, M: torch.Tensor, z: torch.Tensor, peak_weight: float = 1.0,
+                     prior_weight: float = PRIOR_WEIGHT) -> torch.Tensor:
+    """Per-field objective of :func:`refine_latent`, (B,) float32.
+
+    Args:
+        M_hat, M: (B, n, n, n) decoded and target density fields (Eq. 1 units).
+        z: (B, latent) latent vectors that made M_hat.
+        peak_weight: w = 1 + peak_weight * M / max M per voxel (0: the plain squared error).
+        prior_weight: lambda of the (lambda / 2) ||z||^2 term.
+    """
+    peak = M.flatten(1).amax(1).clamp_min(1e-6).view(-1, *([1] * (M.dim() - 1)))
+    w = 1.0 + peak_weight * M / peak
+    return (w * (M_hat - M) ** 2).flatten(1).sum(1) + 0.5 * prior_weight * z.pow(2).sum(1)
+
+
+def refine_latent(decode: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor, z0: torch.Tensor,
+                  steps: int = REFINE_STEPS, lr: float = REFINE_LR, peak_weight: float = 1.0,
+                  prior_weight: float = PRIOR_WEIGHT,
+                  progress: Callable[[int, int], bool | None] | None = None) -> torch.Tensor:
+    """Polish latent vectors so that the decoder reproduces the given fields (semi-amortised
+    inference; see the module docstring for the objective and its sources).
+
+    Args:
+        decode: z (B, latent) -> M_hat (B, n, n, n), differentiable in z (the eager decoder in
+            eval mode; its parameters are not changed). For a conditional model, close over
+            the condition.
+        M: (B, n, n, n) float32 target fields (Eq. 1 units).
+        z0: (B, latent) float32 start, the encoder's mean.
+        steps: Adam steps (0 returns ``z0``).
+        lr: Adam learning rate.
+        peak_weight, prior_weight: see :func:`refine_objective`.
+        progress: called as ``progress(done, steps)`` after each step; returning True stops
+            early (the best z so far is returned).
+
+    Returns:
+        (B, latent) float32, detached: per field the z of lowest objective seen, z0 included,
+        so the result is never worse than the encoder's guess by the objective.
+
+    Raises:
+        ValueError: shapes that do not match, or a non-finite M.
+    """
+    if M.dim() != 4 or z0.dim() != 2 or len(M) != len(z0):
+        raise ValueError(f"refine_latent needs M (B, n, n, n) and z0 (B, latent), got {tuple(M.shape)} "
+                         f"and {tuple(z0.shape)}")
+    if not torch.isfinite(M).all():
+        raise ValueError("refine_latent: the field holds NaN or infinite values")
+    z0 = z0.detach().float()
+    M = M.detach().float()
+    best = z0.clone()
+    if steps <= 0:
+        return best
+    best_f = torch.full((len(z0),), float("inf"), device=z0.device)
+    z = z0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    with torch.enable_grad():
+        for i in range(steps + 1):
+            opt.zero_grad(set_to_none=True)
+            f = refine_objective(decode(z), M, z, peak_weight, prior_weight)
+            with torch.no_grad():  # f belongs to the z before this step: keep the best one
+                better = f < best_f
+                best_f = torch.where(better, f, best_f)
+                best[better] = z[better]
+            if i == steps:
+                break
+            f.sum().backward()
+            opt.step()
+            if progress is not None and progress(i + 1, steps):
+                break
+    return best.detach()
