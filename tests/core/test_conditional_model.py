@@ -46,12 +46,12 @@ def test_scaling_changes_magnitude_not_geometry(session):
     for crystal in crystals(session):
         rec = session.compute(crystal)
         c0 = float(rec.M.max())
-        M0 = model.decode(rec.mu, c0)
+        M0 = model.decode(rec.z, c0)
         np.testing.assert_allclose(M0, rec.M_hat, rtol=1e-5, atol=1e-6)  # the reconstruction is at c0
         assert len(density_peaks(M0, grid, 0.3)) > 0, crystal.name
         maxima = []
         for k in SCALES:
-            Mk = model.decode(rec.mu, k * c0)
+            Mk = model.decode(rec.z, k * c0)
             maxima.append(float(Mk.max()))
             # geometry: each strong peak (> 0.3 max) of either field to the nearest peak of the other
             for A, B in ((M0, Mk), (Mk, M0)):

@@ -115,3 +115,26 @@ def test_frozen_restores_flags_after_an_error():
             assert not any(p.requires_grad for p in lin.parameters())
             raise RuntimeError("boom")
     assert lin.weight.requires_grad and not lin.bias.requires_grad
+
+
+def test_session_refines_by_default_and_the_choice_is_validated():
+    from crystalstudio.io.structures import read_structure
+    from crystalstudio.session import ASSETS, Session
+
+    s = Session()
+    events = []
+    s.subscribe(lambda e, v: events.append((e, v)))
+    crystal = read_structure(ASSETS / "samples" / "NaCl.cif", s.grid)
+    steps0 = s.refine_steps
+    assert steps0 > 0
+    rec = s.reconstruct(crystal)
+    assert not np.array_equal(rec.z, rec.mu)
+    np.testing.assert_allclose(rec.M_hat, s.model.decode(rec.z), atol=1e-5)
+    s.set_refine_steps(0)
+    assert ("refine_steps", 0) in events
+    assert np.array_equal(s.current.z, s.current.mu)  # redone with the encoder alone
+    np.testing.assert_allclose(s.current.M_hat, s.model.decode(s.current.mu), atol=1e-5)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="whole number"):
+            s.set_refine_steps(bad)
+    assert s.refine_steps == 0

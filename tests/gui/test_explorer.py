@@ -63,7 +63,7 @@ def test_slider_changes_decoded_field_and_right_view(qtbot, window, model):
     ex = window.explorer
     assert window.explorer_dock.isVisible() and window.slices_dock.isVisible()
     rec = open_and_wait(qtbot, window, NACL)
-    np.testing.assert_array_equal(window.session.z, rec.mu)  # the explorer starts at the encoded z
+    np.testing.assert_array_equal(window.session.z, rec.z)  # the explorer starts at the encoded (refined) z
     window.fit_range_action.trigger()
     before = render_frame(window.output.view)
 
@@ -75,7 +75,7 @@ def test_slider_changes_decoded_field_and_right_view(qtbot, window, model):
     assert (row.slider.minimum(), row.slider.maximum()) == (-300, 300)
     frame = frame_of(qtbot, ex, lambda: row.slider.setValue(300))
     assert frame.z[d0] == pytest.approx(3.0)
-    np.testing.assert_array_equal(np.delete(frame.z, d0), np.delete(rec.mu, d0))
+    np.testing.assert_array_equal(np.delete(frame.z, d0), np.delete(rec.z, d0))
     assert np.any(frame.M_hat != rec.M_hat), "decoded field did not change with z"
     after = render_frame(window.output.view)
     assert changed(before, after, tol=2) > 0.001, "right view did not change"
@@ -92,9 +92,9 @@ def test_slider_changes_decoded_field_and_right_view(qtbot, window, model):
     assert ex.rows[0].dim == rank[0] and ex.rows[0].slider.value() == 300
 
     # Reset to encoded: z = mu again, the reconstruction's field comes back.
-    frame = frame_of(qtbot, ex, ex.reset_button.click, z=rec.mu)
+    frame = frame_of(qtbot, ex, ex.reset_button.click, z=rec.z)
     np.testing.assert_allclose(frame.M_hat, rec.M_hat)
-    assert ex.rows[0].slider.value() == int(round(np.clip(rec.mu[rank[0]], -3, 3) * 100))
+    assert ex.rows[0].slider.value() == int(round(np.clip(rec.z[rank[0]], -3, 3) * 100))
     assert "Atoms" in ex.readout_label.text() and "vs NaCl input" in ex.readout_label.text()
 
 
@@ -280,13 +280,13 @@ def test_conditioning_control_scales_density_keeps_geometry(qtbot, window):
     assert ex.cond_group.isEnabled()
     rec = open_and_wait(qtbot, window, SRTIO3)
     c0 = float(rec.M.max())
-    np.testing.assert_allclose(rec.M_hat, window.session.model.decode(rec.mu, c0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rec.M_hat, window.session.model.decode(rec.z, c0), rtol=1e-5, atol=1e-6)
     window.fit_range_action.setChecked(False)
-    base = frame_of(qtbot, ex, lambda: ex.cond_group.setChecked(True), z=rec.mu)
+    base = frame_of(qtbot, ex, lambda: ex.cond_group.setChecked(True), z=rec.z)
     assert ex.cond_spin.value() == pytest.approx(c0, abs=1e-3)  # starts at the crystal's own maximum
     np.testing.assert_allclose(base.M_hat, rec.M_hat, rtol=1e-3, atol=1e-4)
     before = render_frame(window.output.view)
-    up = frame_of(qtbot, ex, lambda: ex.cond_spin.setValue(1.25 * c0), z=rec.mu)
+    up = frame_of(qtbot, ex, lambda: ex.cond_spin.setValue(1.25 * c0), z=rec.z)
     assert up.M_hat.max() > 1.05 * base.M_hat.max()
     assert up.readouts["max_density"] == pytest.approx(float(up.M_hat.max()))
     assert f"{up.readouts['max_density_Z']:.1f}" in ex.readout_label.text()
