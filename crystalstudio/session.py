@@ -387,7 +387,8 @@ class Session:
         mu, logvar = self.model.encode(M, cond)
         z = self.model.refine(M, mu, cond, progress=progress)  # mu itself when refinement is off
         M_hat = self.model.decode(z, cond)
-        atoms = self.model.segment(M_hat)
+        # a field refined to the input's Eq. 1 heights: Z from the fitted amplitudes
+        atoms = self.model.segment(M_hat, refined=not np.array_equal(z, mu))
         lattice_model = self.model.representation == "repeating_lattice"
         return Reconstruction(crystal, R, pos, Z, M, mu, logvar, M_hat, atoms,
                               summarise(pos, Z, atoms, M, M_hat), uvw.copy() if lattice_model else np.zeros(3), z)

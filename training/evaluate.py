@@ -67,7 +67,7 @@ from crystalstudio.core.latent import random_latents
 from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import CrystalNet, kl_divergence, max_density
 from crystalstudio.core.refine import frozen, refine_latent
-from crystalstudio.core.fit import DECODED_FIT, DEFAULT_FIT, UNET_GATE, combine_with_unet, fit_atoms
+from crystalstudio.core.fit import DECODED_FIT, DEFAULT_FIT, REFINED_GATE, UNET_GATE, combine_with_unet, fit_atoms
 from crystalstudio.core.segment import density_peaks, species_map_to_atoms
 
 from .data import SPLITS, CrystalArrays, voxelise
@@ -85,9 +85,13 @@ class HarnessError(ValueError):
     """A one-line reason the harness cannot run (missing data, empty split, ...)."""
 
 
-def _fit_decoded(M_hat: np.ndarray, probs: np.ndarray, grid: Grid, representation: str, gate: float = UNET_GATE):
-    """Atoms of a decoded field by the Eq. 1 fit, species and gating by the U-Net (the app's "fit")."""
-    return combine_with_unet(fit_atoms(M_hat, grid, representation, DECODED_FIT), probs, grid, gate)
+def _fit_decoded(M_hat: np.ndarray, probs: np.ndarray, grid: Grid, representation: str, gate: float = UNET_GATE,
+                 refined: bool = False):
+    """Atoms of a decoded field by the Eq. 1 fit, species and gating by the U-Net (the app's "fit");
+    ``refined``: a field decoded from a refined latent (Z from the amplitude, gate REFINED_GATE),
+    as :meth:`CrystalModel.segment_batch`."""
+    return combine_with_unet(fit_atoms(M_hat, grid, representation, DECODED_FIT), probs, grid,
+                             REFINED_GATE if refined else gate, amplitude_species=refined)
 
 
 def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, seed: int, batch: int,
@@ -146,7 +150,8 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
             keep = Zp[k] > 0
             tp, tz = P[k][keep], Zp[k][keep]
             unet_atoms = species_map_to_atoms(species[k], grid, Mh_np[k])
-            fit_dec = _fit_decoded(Mh_np[k], probs[k], grid, representation, gate) if probs is not None else None
+            fit_dec = (_fit_decoded(Mh_np[k], probs[k], grid, representation, gate, refine_steps > 0)
+                       if probs is not None else None)
             if atoms == "fit-amplitude":  # the VAE alone: no U-Net vote, Z from the fitted amplitude
                 found = fit_atoms(Mh_np[k], grid, representation, DECODED_FIT)
             else:

@@ -444,12 +444,12 @@ class CrystalModel:
             _, unet = self._modules()
             return unet(self._t(M_hat)[None])[0].float().cpu().numpy()
 
-    def segment(self, M_hat: np.ndarray, method: str | None = None) -> Atoms:
+    def segment(self, M_hat: np.ndarray, method: str | None = None, refined: bool = False) -> Atoms:
         """Atoms of a decoded field by ``method`` (default :attr:`atoms_method`): see
         :meth:`segment_batch`."""
-        return self.segment_batch(np.asarray(M_hat)[None], method)[0]
+        return self.segment_batch(np.asarray(M_hat)[None], method, refined)[0]
 
-    def segment_batch(self, fields: np.ndarray, method: str | None = None) -> list[Atoms]:
+    def segment_batch(self, fields: np.ndarray, method: str | None = None, refined: bool = False) -> list[Atoms]:
         """Atoms of each decoded field: (B, n, n, n) float32 -> B :class:`Atoms`.
 
         ``method`` (default :attr:`atoms_method`):
@@ -457,7 +457,9 @@ class CrystalModel:
         * ``"fit"``: least-squares fit of Eq. 1 (:func:`~crystalstudio.core.fit.fit_atoms`
           with :data:`~crystalstudio.core.fit.DECODED_FIT`), species and gating by the
           U-Net's probabilities (:func:`~crystalstudio.core.fit.combine_with_unet`); atoms
-          carry their fitted amplitude and its standard error.
+          carry their fitted amplitude and its standard error. With ``refined=True`` (fields
+          decoded from a refined latent, :meth:`refine`) Z is the rounded amplitude and the
+          U-Net only gates, at :data:`~crystalstudio.core.fit.REFINED_GATE`.
         * ``"unet"``: the paper's path (Sec. 4.2.2): U-Net argmax, connected components,
           majority vote, density-weighted centre of mass.
 
@@ -466,7 +468,7 @@ class CrystalModel:
         Raises:
             ValueError: an unknown method.
         """
-        from .fit import DECODED_FIT, combine_with_unet, fit_atoms
+        from .fit import DECODED_FIT, REFINED_GATE, combine_with_unet, fit_atoms
 
         method = method or self.atoms_method
         if method not in ATOM_METHODS:
@@ -486,8 +488,9 @@ class CrystalModel:
             if method == "unet":
                 out += [species_map_to_atoms(sp, self.grid, M) for sp, M in zip(species, fields[s:s + batch])]
             else:
+                gate = REFINED_GATE if refined else self.unet_gate
                 out += [combine_with_unet(fit_atoms(M, self.grid, self.representation, DECODED_FIT), p, self.grid,
-                                          self.unet_gate)
+                                          gate, amplitude_species=refined)
                         for p, M in zip(probs, fields[s:s + batch])]
             s += batch
         return out

@@ -178,3 +178,23 @@ def test_combine_with_unet_reads_species_from_both_the_u_net_and_the_amplitude()
     voted = combine_with_unet(Atoms(P, atoms.Z), probs, GRID, gate=0.2)
     assert voted.Z.tolist() == [8, 8, 26] and voted.amplitude is None
     assert len(combine_with_unet(atoms, probs, GRID, gate=0.0)) == 4
+
+
+def test_combine_with_unet_on_refined_fields_takes_z_from_the_amplitude():
+    """The refined-field rule: Z is the rounded fitted amplitude whatever the U-Net prefers
+    (15.7 -> S although the U-Net leans to O; 30.0 -> Zn although it says Fe); the U-Net
+    still drops atoms below the gate; atoms without an amplitude keep the vote."""
+    from crystalstudio.core.fit import REFINED_GATE, combine_with_unet
+    from crystalstudio.core.segment import Atoms
+
+    P = np.array([[2.0, 2.0, 2.0], [5.0, 5.0, 5.0], [8.0, 5.0, 2.0], [5.0, 8.0, 8.0]])
+    classes = [{8: 0.40, 16: 0.35}, {8: 0.40, 16: 0.35}, {26: 0.9}, {8: 0.01}]
+    probs = _probs_around(GRID, P, classes)
+    A = np.array([15.7, 7.6, 30.0, 8.0])
+    atoms = Atoms(P, np.zeros(4, np.int64), None, A, np.full(4, 0.1))
+    out = combine_with_unet(atoms, probs, GRID, gate=REFINED_GATE, amplitude_species=True)
+    assert out.Z.tolist() == [16, 8, 30]  # the last atom: P(atom) 0.01 < 0.05
+    np.testing.assert_array_equal(out.amplitude, A[:3])
+    assert combine_with_unet(atoms, probs, GRID, gate=0.0, amplitude_species=True).Z.tolist() == [16, 8, 30, 8]
+    voted = combine_with_unet(Atoms(P, atoms.Z), probs, GRID, gate=0.2, amplitude_species=True)
+    assert voted.Z.tolist() == [8, 8, 26]
