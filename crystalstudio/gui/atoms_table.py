@@ -35,12 +35,18 @@ class AtomsTable(QWidget):
         self.caption = QLabel("No reconstruction yet.", self)
         self.caption.setWordWrap(True)
         self.table = QTableWidget(0, len(COLUMNS), self)
+        # our own header object: asking the table for its built-in one can hand back a stale
+        # Python wrapper of a deleted Qt object at the same address (seen once under the
+        # test suite: a QOffscreenSurface), so the header is created and held here
+        self.header = QHeaderView(Qt.Orientation.Horizontal, self.table)
+        self.header.setSectionsClickable(True)
+        self.table.setHorizontalHeader(self.header)
         self.table.setHorizontalHeaderLabels(COLUMNS)
         self.table.verticalHeader().setVisible(False)
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.table.setSortingEnabled(True)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.table.horizontalHeader().setStretchLastSection(True)
+        self.header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.header.setStretchLastSection(True)
         lay.addWidget(self.caption)
         lay.addWidget(self.table)
 
