@@ -78,7 +78,8 @@ def test_curve_cli_measures_every_snapshot(run_dir, capsys):
     steps = [p["steps"] for p in r["points"]]
     assert steps == sorted(set(steps)) and steps[-1] == 3
     cpu = [p["cpu_seconds"] for p in r["points"]]
-    assert all(b >= a for a, b in zip(cpu, cpu[1:])) and cpu[-1] > 0  # time only adds up
+    # time only adds up (a 3-step run on a fast, idle machine may round to 0.0 s: >= 0, not > 0)
+    assert all(b >= a for a, b in zip(cpu, cpu[1:])) and cpu[-1] >= 0
     # a from-scratch checkpoint costs exactly its wall seconds x threads
     last = read_metadata(r["points"][-1]["file"])["training"]
     assert cpu[-1] == pytest.approx(last["seconds"] * 1, abs=0.05)  # threads = 1
