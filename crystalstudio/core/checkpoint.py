@@ -341,7 +341,7 @@ class CrystalModel:
         #: Adam steps of latent refinement after encoding a field (:meth:`refine`); 0: the
         #: encoder's mean alone (the paper's path)
         #: (the checkpoint's own ``refine_steps`` when its metadata has one)
-        self.refine_steps: int = int(info.get("refine_steps", REFINE_STEPS))
+        self.refine_steps: int = self.default_refine_steps
 
     @property
     def unet_gate(self) -> float:
@@ -363,6 +363,12 @@ class CrystalModel:
         if self.jit and self._frozen is not None:
             return self._frozen.decode, self._frozen.unet
         return self.net.vae.decode, self.net.unet
+
+    @property
+    def default_refine_steps(self) -> int:
+        """Refinement steps this checkpoint asks for: its metadata's ``refine_steps``, else
+        :data:`~crystalstudio.core.refine.REFINE_STEPS` (what "refinement on" means)."""
+        return int(self.info.get("refine_steps", REFINE_STEPS)) or REFINE_STEPS
 
     @property
     def representation(self) -> str:

@@ -623,23 +623,12 @@ class MainWindow(QMainWindow):
             self.explorer._last_request = None
             self.explorer.request(segment=True)
             return
-        self._start("Reading atoms…", lambda: session.compute(current.crystal, current.rotation,
-                                                               progress=self._report_progress),
-                    done=session.set_current, title="Cannot read atoms")
+        self._recompute_current("Reading atoms…", "Cannot read atoms")
 
     def refine_enabled(self) -> bool:
         """The remembered choice of latent refinement after encoding (default on)."""
         v = self.settings.value("model/refine", True)
         return v if isinstance(v, bool) else str(v).lower() in ("true", "1")
-
-    def _refine_steps(self) -> int:
-        from ..core.refine import REFINE_STEPS
-
-        if not self.refine_enabled():
-            return 0
-        model = self.session.model if self.session is not None else None
-        steps = int(model.info.get("refine_steps", REFINE_STEPS)) if model is not None else REFINE_STEPS
-        return steps or REFINE_STEPS
 
     def set_refine_enabled(self, on: bool) -> None:
         """Refine the latent after encoding (on) or use the encoder's mean alone (off);
@@ -650,16 +639,19 @@ class MainWindow(QMainWindow):
             self.refine_action.setChecked(on)
         if self.session is None:
             return
-        steps = self._refine_steps()
+        steps = self.session.model.default_refine_steps if on else 0
         if self.session.model.refine_steps == steps:
             return
         self.session.model.refine_steps = steps
+        if self.session.current is not None:
+            self._recompute_current("Reconstructing…", "Cannot reconstruct")
+
+    def _recompute_current(self, message: str, title: str) -> None:
+        """Reconstruct the current crystal again in the background (after a change of how)."""
         current, session = self.session.current, self.session
-        if current is None:
-            return
-        self._start("Reconstructing…", lambda: session.compute(current.crystal, current.rotation,
-                                                                progress=self._report_progress),
-                    done=session.set_current, title="Cannot reconstruct")
+        self._start(message, lambda: session.compute(current.crystal, current.rotation,
+                                                     progress=self._report_progress),
+                    done=session.set_current, title=title)
 
     def open_checkpoint(self, path: str | Path) -> None:
         """Load another model in the background; the current crystal is reconstructed with it."""
