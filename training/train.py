@@ -84,7 +84,8 @@ class TrainConfig:
     eval_every: int = 250                # steps between validation logs; 0 = never
     eval_n: int = 48                     # validation crystals per periodic check
     test_n: int = 0                      # crystals for the final table (0 = all of final_split)
-    final_split: str = "test"            # split of the final table: "test" (shipping) or "val" (tuning)
+    final_split: str = "val"             # split of the final table: "val" (the default: a run never sees
+                                         # test numbers unasked; shipped tables come from `evaluate`) or "test"
     save_every_min: float = 5.0
     model: dict = field(default_factory=dict)  # ModelConfig overrides
     init: str = ""                       # start from this checkpoint's weights (resume / fine-tune)

@@ -109,7 +109,7 @@ def test_batcher_sample_and_rotations(npz):
 
 
 def test_gpu_batcher_flag_trains_on_cpu(npz, tmp_path):
-    m = train(tiny_cfg(npz, tmp_path / "b.safetensors", gpu_batcher=True))
+    m = train(tiny_cfg(npz, tmp_path / "b.safetensors", gpu_batcher=True, final_split="test"))
     assert read_metadata(tmp_path / "b.safetensors")["training"]["steps"] == 2 and m["split"] == "test"
 
 
@@ -160,7 +160,7 @@ def test_amp_and_channels_last_run_on_cpu(npz, tmp_path):
     """bf16 autocast + channels-last also work on the CPU (slow there, so off by default)."""
     m = train(tiny_cfg(npz, tmp_path / "c.safetensors", amp=True, channels_last=True))
     rows = csv_rows(tmp_path / "c.csv")
-    assert len(rows) == 2 and all(np.isfinite(float(r["loss"])) for r in rows) and m["split"] == "test"
+    assert len(rows) == 2 and all(np.isfinite(float(r["loss"])) for r in rows) and m["split"] == "val"
     assert load_checkpoint(tmp_path / "c.safetensors").net.vae.to_stats.weight.dtype == torch.float32
 
 

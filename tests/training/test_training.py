@@ -173,8 +173,8 @@ def test_train_writes_a_loadable_checkpoint(trained):
     assert model.config.n_classes >= 95 and model.config.enc_channels == (4, 4, 4, 4)
     info = read_metadata(ckpt)
     assert info["representation"] == "unit_cell"
-    assert info["metrics"]["split"] == "test"
-    assert info["metrics"]["n_crystals"] == min(2, len(data.indices("test")))
+    assert info["metrics"]["split"] == "val"  # the default: a run's own table never reads the test split
+    assert info["metrics"]["n_crystals"] == min(2, len(data.indices("val")))
     for k in ("atoms_within_tol", "exact_count", "species_accuracy", "voxel_mse"):
         assert k in info["metrics"]
     assert sorted(info["latent_rank"]) == list(range(8))
