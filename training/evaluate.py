@@ -86,18 +86,18 @@ class HarnessError(ValueError):
 
 
 def _fit_decoded(M_hat: np.ndarray, probs: np.ndarray, grid: Grid, representation: str, gate: float = UNET_GATE,
-                 refined: bool = False):
+                 refined: bool = False, species_prior: np.ndarray | None = None):
     """Atoms of a decoded field by the Eq. 1 fit, species and gating by the U-Net (the app's "fit");
-    ``refined``: a field decoded from a refined latent (Z from the amplitude, gate REFINED_GATE),
-    as :meth:`CrystalModel.segment_batch`."""
+    ``refined``: a field decoded from a refined latent (Z from the amplitude under the
+    checkpoint's ``species_prior``, gate REFINED_GATE), as :meth:`CrystalModel.segment_batch`."""
     return combine_with_unet(fit_atoms(M_hat, grid, representation, DECODED_FIT), probs, grid,
-                             REFINED_GATE if refined else gate, amplitude_species=refined)
+                             REFINED_GATE if refined else gate, amplitude_species=refined, species_prior=species_prior)
 
 
 def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, seed: int, batch: int,
                      device, tol: float, kls: list, voxel: np.ndarray | None = None,
                      representation: str = "unit_cell", stages: dict | None = None, atoms: str = "fit",
-                     gate: float = UNET_GATE, refine_steps: int = 0):
+                     gate: float = UNET_GATE, refine_steps: int = 0, species_prior: np.ndarray | None = None):
     """Yield ``(match, mse, true_pos, true_Z, atoms)`` per crystal of ``idx``, in order.
 
     ``refine_steps`` > 0: the model's M_hat is decoded from the encoder's mu refined by that
@@ -150,7 +150,7 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
             keep = Zp[k] > 0
             tp, tz = P[k][keep], Zp[k][keep]
             unet_atoms = species_map_to_atoms(species[k], grid, Mh_np[k])
-            fit_dec = (_fit_decoded(Mh_np[k], probs[k], grid, representation, gate, refine_steps > 0)
+            fit_dec = (_fit_decoded(Mh_np[k], probs[k], grid, representation, gate, refine_steps > 0, species_prior)
                        if probs is not None else None)
             if atoms == "fit-amplitude":  # the VAE alone: no U-Net vote, Z from the fitted amplitude
                 found = fit_atoms(Mh_np[k], grid, representation, DECODED_FIT)
@@ -455,7 +455,8 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
     dt, dp, nn_real, nn_rec, zpairs = [], [], [], [], []
     try:
         recs = _reconstructions(net, data, idx, model.grid, seed, batch, model.device, tol, kls, voxel,
-                                model.representation, stages, atoms, model.unet_gate, refine_steps)
+                                model.representation, stages, atoms, model.unet_gate, refine_steps,
+                                model.species_prior)
         for i, (r, e, tp, tz, found) in zip(idx, recs):
             per.append(r)
             mse.append(e)
@@ -638,6 +639,7 @@ def run(a: argparse.Namespace) -> dict:
         "atoms_method": a.atoms,
         "unet_gate": model.unet_gate,
         "refine_steps": refine_steps,
+        "species_prior": model.species_prior is not None,
         "n_split": int(len(full)),
         "split_ids_sha1": ids_sha1,
         "split_matches_checkpoint_test_ids": (ids_sha1 == ck_sha1) if (a.split == "test" and ck_sha1) else None,

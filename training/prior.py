@@ -18,13 +18,13 @@ import time
 import numpy as np
 import torch
 
-from crystalstudio.core.checkpoint import MAX_BYTES, CrystalModel, attach_prior, load_checkpoint
+from crystalstudio.core.checkpoint import MAX_BYTES, CrystalModel, attach_prior, load_checkpoint, update_metadata
 from crystalstudio.core.density import random_rotations
 from crystalstudio.core.prior import LatentPrior
 
 from .data import CrystalArrays, random_origins, voxelise
 
-__all__ = ["encode_means", "fit_prior", "add_arguments", "run"]
+__all__ = ["encode_means", "fit_prior", "species_counts", "add_arguments", "run"]
 
 #: candidates tried: (components, covariance type)
 CANDIDATES = tuple((k, c) for c in ("diag", "full") for k in (1, 2, 4, 8, 16, 32))
@@ -56,6 +56,27 @@ def encode_means(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, rota
         mus.append(mu.float().cpu().numpy())
         peaks.append(top.float().cpu().numpy())
     return np.concatenate(mus), np.concatenate(peaks), np.asarray(counts, np.int64), np.asarray(nel, np.int64)
+
+
+def species_counts(data: CrystalArrays, n_classes: int) -> dict:
+    """The species prior of a checkpoint: how often each Z occurs among the atoms of the
+    training split's cells (``species_prior`` metadata, read by
+    :func:`crystalstudio.core.fit.species_from_amplitude`).
+
+    Returns:
+        ``{"counts": [n_classes ints, Z = 0..n_classes - 1], "what": ..., "n_crystals": ...}``.
+
+    Raises:
+        ValueError: the data have no training crystals, or a Z >= n_classes.
+    """
+    tr = data.indices("train")
+    if not len(tr):
+        raise ValueError("the data have no training crystals to count species in")
+    Z = np.concatenate([data.Z[data.offsets[i]:data.offsets[i + 1]] for i in tr]).astype(np.int64)
+    if Z.max() >= n_classes:
+        raise ValueError(f"the training crystals hold Z = {int(Z.max())}, the model has {n_classes} classes")
+    return {"counts": np.bincount(Z, minlength=n_classes).tolist(), "n_crystals": int(len(tr)),
+            "what": "atoms of each Z in the training split's cells (species prior of refined reconstructions)"}
 
 
 def _size_ok(model: CrystalModel, k: int, cov: str) -> bool:
@@ -122,6 +143,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--json", default="", help="also write the candidate table here")
+    p.add_argument("--species-only", action="store_true",
+                   help="only (re)write the species prior (training-split counts of each Z); keep the latent prior")
     return p
 
 
@@ -134,8 +157,14 @@ def run(a: argparse.Namespace) -> dict:
     grid = CrystalArrays.load_grid(a.data)
     if grid != model.grid:
         raise ValueError(f"{a.checkpoint}: trained on {model.grid}, the data are on {grid}")
+    species = species_counts(data, model.config.n_classes)
+    if getattr(a, "species_only", False):
+        path = update_metadata(a.checkpoint, {"species_prior": species}, a.out or None)
+        print(f"species prior of {species['n_crystals']} training crystals written to {path}")
+        return {"species_prior": species}
     prior, rows = fit_prior(model, data, a.rotations, a.seed)
     path = attach_prior(a.checkpoint, prior, a.out or None)
+    update_metadata(path, {"species_prior": species})
     _, meta = prior.to_tensors()
     print(f"prior: {prior.n_components} {prior.covariance_type} Gaussian(s), val log-likelihood "
           f"{meta['val_loglik']:.1f} nats, written to {path}")

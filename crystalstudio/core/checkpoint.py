@@ -231,6 +231,14 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
             raise PriorError(f"prior is for a {prior.latent}-dimensional latent, the model has {cfg.latent}")
     except PriorError as exc:
         raise _fail(path, f"corrupt prior block: {exc}") from None
+    if "species_prior" in info:
+        from .fit import check_species_prior
+
+        try:
+            sp = info["species_prior"]
+            check_species_prior(sp["counts"] if isinstance(sp, dict) else None, cfg.n_classes)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _fail(path, f"corrupt species prior: {exc}") from None
     state = {k: v for k, v in state.items() if not k.startswith("prior.")}
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -353,6 +361,14 @@ class CrystalModel:
 
         return float(self.info.get("unet_gate", UNET_GATE))
 
+    @property
+    def species_prior(self) -> np.ndarray | None:
+        """(n_classes,) float64 counts of each Z among the training crystals' atoms (metadata
+        ``species_prior``, written by ``python -m training fit-prior``), or None. Read by
+        :func:`~crystalstudio.core.fit.species_from_amplitude` for refined fields."""
+        sp = self.info.get("species_prior")
+        return None if sp is None else np.asarray(sp["counts"], np.float64)
+
     def _modules(self):
         """(decode(z), unet(M)) to use; call with the lock held."""
         if self.jit and self._frozen is None and self.jit_error is None:
@@ -464,8 +480,9 @@ class CrystalModel:
           with :data:`~crystalstudio.core.fit.DECODED_FIT`), species and gating by the
           U-Net's probabilities (:func:`~crystalstudio.core.fit.combine_with_unet`); atoms
           carry their fitted amplitude and its standard error. With ``refined=True`` (fields
-          decoded from a refined latent, :meth:`refine`) Z is the rounded amplitude and the
-          U-Net only gates, at :data:`~crystalstudio.core.fit.REFINED_GATE`.
+          decoded from a refined latent, :meth:`refine`) Z is read from the amplitude
+          (:func:`~crystalstudio.core.fit.species_from_amplitude`, with :attr:`species_prior`)
+          and the U-Net only gates, at :data:`~crystalstudio.core.fit.REFINED_GATE`.
         * ``"unet"``: the paper's path (Sec. 4.2.2): U-Net argmax, connected components,
           majority vote, density-weighted centre of mass.
 
@@ -480,6 +497,7 @@ class CrystalModel:
         if method not in ATOM_METHODS:
             raise ValueError(f"unknown atoms method {method!r} (one of {', '.join(ATOM_METHODS)})")
         fields = np.asarray(fields, np.float32)
+        prior = self.species_prior
         out: list[Atoms] = []
         s, n = 0, len(fields)
         while s < n:
@@ -496,7 +514,7 @@ class CrystalModel:
             else:
                 gate = REFINED_GATE if refined else self.unet_gate
                 out += [combine_with_unet(fit_atoms(M, self.grid, self.representation, DECODED_FIT), p, self.grid,
-                                          gate, amplitude_species=refined)
+                                          gate, amplitude_species=refined, species_prior=prior)
                         for p, M in zip(probs, fields[s:s + batch])]
             s += batch
         return out

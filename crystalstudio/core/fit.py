@@ -47,8 +47,8 @@ from .density import Grid
 from .segment import Atoms
 
 __all__ = ["FitSettings", "fit_atoms", "field_model", "FieldError", "DEFAULT_FIT", "DECODED_FIT", "UNET_GATE",
-           "SPECIES_AMPLITUDE_REL", "REFINED_GATE",
-           "combine_with_unet"]
+           "SPECIES_AMPLITUDE_REL", "REFINED_GATE", "SPECIES_PRIOR_SD",
+           "combine_with_unet", "species_from_amplitude", "check_species_prior"]
 
 
 class FieldError(ValueError):
@@ -131,15 +131,72 @@ SPECIES_AMPLITUDE_REL = 0.2
 #: gate of :func:`combine_with_unet` for fields decoded from a refined latent (Z from the
 #: amplitude; chosen on the validation split from 0, 0.03, 0.05, 0.1, docs/refine.md)
 REFINED_GATE = 0.05
+#: width (Z units) of the fitted amplitude's likelihood in :func:`species_from_amplitude`
+#: (chosen on the validation split, refined fields; docs/refine.md)
+SPECIES_PRIOR_SD = 0.5
+
+
+def check_species_prior(counts, n_classes: int) -> np.ndarray:
+    """Validate a species prior: ``n_classes`` finite non-negative counts (Z = 0 .. n_classes - 1),
+    some of them positive for Z >= 1. Returns them as float64.
+
+    Raises:
+        ValueError: one line saying what is wrong.
+    """
+    try:
+        c = np.asarray(counts, np.float64)
+    except (TypeError, ValueError):
+        raise ValueError("species prior counts are not numbers") from None
+    if c.shape != (n_classes,):
+        raise ValueError(f"species prior has {c.size} counts, expected {n_classes} (Z = 0..{n_classes - 1})")
+    if not np.all(np.isfinite(c)) or (c < 0).any():
+        raise ValueError("species prior counts must be finite and non-negative")
+    if c[1:].sum() <= 0:
+        raise ValueError("species prior counts no atom")
+    return c
+
+
+def species_from_amplitude(amplitude: np.ndarray, counts: np.ndarray | None = None,
+                           sd: float = SPECIES_PRIOR_SD, z_max: int = 94) -> np.ndarray:
+    """Z of atoms from their fitted Eq. 1 amplitudes (Eq. 1: the amplitude is Z).
+
+    Without ``counts``: the rounded amplitude, clipped to 1..z_max. With ``counts`` (how often
+    each Z = 0..K-1 occurs among the training crystals' atoms, the checkpoint's
+    ``species_prior``): the maximum a posteriori Z,
+    ``argmax_Z  log((counts[Z] + 1) / sum) - (A - Z)^2 / (2 sd^2)``, Z in 1..min(z_max, K-1):
+    where an amplitude lies between two Z, the element the training crystals hold more often
+    wins (add-one smoothing keeps every Z possible). With ``sd`` = 0.5 an exact amplitude is
+    read as another Z only where that Z is more than e^2 (7.4) times as frequent as its own
+    (in the shipped training split: He, Be, Ne, Ar, Kr, Tc, Xe, Po, Ra). Chosen on the
+    validation split's refined fields (docs/refine.md): species exact 53.6% -> 57.7% of the
+    matched atoms, from O/N/F and Li/Be confusions; widths 0.4-0.7 and prior powers 0.5-1
+    all gave 55-58%.
+
+    Args:
+        amplitude: (N,) float fitted amplitudes (Z units). counts: (K,) or None.
+    Returns:
+        (N,) int64 atomic numbers.
+    """
+    A = np.asarray(amplitude, np.float64).reshape(-1)
+    if counts is None or not len(A):
+        return np.clip(np.rint(A), 1, z_max).astype(np.int64)
+    counts = np.asarray(counts, np.float64)
+    top = min(z_max, len(counts) - 1)
+    Zc = np.arange(1, top + 1, dtype=np.float64)
+    logp = np.log((counts[1:top + 1] + 1.0) / (counts[1:top + 1] + 1.0).sum())
+    score = logp[None, :] - 0.5 * ((A[:, None] - Zc[None, :]) / sd) ** 2
+    return (score.argmax(1) + 1).astype(np.int64)
 
 
 def combine_with_unet(atoms: Atoms, probs: np.ndarray, grid: Grid, gate: float = UNET_GATE,
-                      amplitude_species: bool = False) -> Atoms:
+                      amplitude_species: bool = False, species_prior: np.ndarray | None = None) -> Atoms:
     """Species of fitted atoms from the U-Net (Sec. 3.2) where the checkpoint has one.
 
     ``amplitude_species=True`` is the rule for fields decoded from a *refined* latent
     (:mod:`crystalstudio.core.refine`), whose peaks were fitted to the input's Eq. 1 heights:
-    Z is the fitted amplitude rounded (Eq. 1: the amplitude is Z), and the U-Net only drops
+    Z is read from the fitted amplitude by :func:`species_from_amplitude` (Eq. 1: the
+    amplitude is Z; with ``species_prior``, the checkpoint's training-set frequencies of each
+    Z, the most probable Z under them, else the rounded amplitude), and the U-Net only drops
     atoms it gives less than ``gate`` of being an atom (callers pass :data:`REFINED_GATE`).
     On the validation split (165 crystals, 2026-12-04 default, refined fields) this gave
     77.4% atoms within 0.5 Å, 47.3% exact count and 53.6% species exact, against 74.9 / 43.6 /
@@ -163,6 +220,8 @@ def combine_with_unet(atoms: Atoms, probs: np.ndarray, grid: Grid, gate: float =
     Args:
         atoms: :func:`fit_atoms` output. probs: (K, n, n, n) float class probabilities
             (softmax of the U-Net logits on the same field). grid: its grid.
+        species_prior: (K,) counts of each Z in the training crystals, or None; used only
+            with ``amplitude_species``.
     Returns:
         :class:`Atoms` (a subset of ``atoms``, Z replaced).
     """
@@ -179,7 +238,7 @@ def combine_with_unet(atoms: Atoms, probs: np.ndarray, grid: Grid, gate: float =
     Z = np.zeros(len(v), np.int64)
     if amplitude_species and atoms.amplitude is not None:
         vote[:] = False
-        Z = np.clip(np.rint(np.asarray(atoms.amplitude, np.float64)), 1, K - 1).astype(np.int64)
+        Z = species_from_amplitude(atoms.amplitude, species_prior, z_max=K - 1)
     elif atoms.amplitude is not None:
         Zc = np.arange(1, K, dtype=np.float64)
         A = np.asarray(atoms.amplitude, np.float64)[:, None]

@@ -198,3 +198,62 @@ def test_combine_with_unet_on_refined_fields_takes_z_from_the_amplitude():
     assert combine_with_unet(atoms, probs, GRID, gate=0.0, amplitude_species=True).Z.tolist() == [16, 8, 30, 8]
     voted = combine_with_unet(Atoms(P, atoms.Z), probs, GRID, gate=0.2, amplitude_species=True)
     assert voted.Z.tolist() == [8, 8, 26]
+
+
+def _map_z_reference(a: float, counts: np.ndarray, sd: float) -> int:
+    """The maximum a posteriori Z by a direct loop in float64 (the reference)."""
+    best, arg = -np.inf, None
+    total = float(np.sum(counts[1:] + 1.0))
+    for z in range(1, len(counts)):
+        s = np.log((counts[z] + 1.0) / total) - (a - z) ** 2 / (2 * sd * sd)
+        if s > best:
+            best, arg = s, z
+    return arg
+
+
+def test_species_from_amplitude_weighs_the_training_frequencies():
+    """Without a prior Z is the rounded amplitude; with one it is the most probable Z (a direct
+    loop as reference): an amplitude of 7.6 between N and O goes to the element the training
+    crystals hold more often, and an exact amplitude stays itself unless its neighbour is
+    more than e^2 times as frequent."""
+    from crystalstudio.core.fit import SPECIES_PRIOR_SD, combine_with_unet, species_from_amplitude
+    from crystalstudio.core.segment import Atoms
+
+    A = np.array([7.6, 7.4, 8.0, 7.0, 26.2, 0.2, 120.0])
+    assert species_from_amplitude(A).tolist() == [8, 7, 8, 7, 26, 1, 94]
+    o_rich = np.ones(95)
+    o_rich[8] = 400.0
+    n_rich = np.ones(95)
+    n_rich[7] = 400.0
+    rng = np.random.default_rng(3)
+    random = rng.integers(0, 300, 95).astype(float)
+    for counts in (o_rich, n_rich, random):
+        got = species_from_amplitude(A, counts)
+        want = [_map_z_reference(a, counts, SPECIES_PRIOR_SD) for a in A]
+        assert got.tolist() == want
+    assert species_from_amplitude(A, o_rich)[:4].tolist() == [8, 8, 8, 8]  # 7.0 too: 400/2 > e^2
+    assert species_from_amplitude(A, n_rich)[:4].tolist() == [7, 7, 7, 7]
+    few = np.ones(95)
+    few[8] = 5.0  # less than e^2 times the others: exact amplitudes keep their own Z
+    assert species_from_amplitude(np.arange(1.0, 95.0), few).tolist() == list(range(1, 95))
+    # through the refined-field rule of combine_with_unet
+    P = np.array([[2.0, 2.0, 2.0], [5.0, 5.0, 5.0]])
+    probs = _probs_around(GRID, P, [{8: 0.5, 7: 0.4}, {26: 0.9}])
+    atoms = Atoms(P, np.zeros(2, np.int64), None, np.array([7.4, 26.2]), np.full(2, 0.1))
+    assert combine_with_unet(atoms, probs, GRID, gate=0.05, amplitude_species=True).Z.tolist() == [7, 26]
+    assert combine_with_unet(atoms, probs, GRID, gate=0.05, amplitude_species=True,
+                             species_prior=o_rich).Z.tolist() == [8, 26]
+
+
+@pytest.mark.parametrize("counts, pattern", [
+    ([1.0] * 12, "12 counts, expected 95"),
+    ([1.0] * 94 + [-1.0], "non-negative"),
+    ([1.0] * 94 + [np.nan], "finite"),
+    ([5.0] + [0.0] * 94, "no atom"),
+    ("abc", "not numbers|counts"),
+])
+def test_check_species_prior_refuses_bad_counts(counts, pattern):
+    from crystalstudio.core.fit import check_species_prior
+
+    with pytest.raises(ValueError, match=pattern):
+        check_species_prior(counts, 95)

@@ -153,3 +153,55 @@ def test_session_draws_from_the_chosen_prior(tmp_path):
         s.set_prior("uniform")
     s2 = Session(save_checkpoint(tmp_path / "n.safetensors", net, GRID, META))
     assert s2.prior == "aggregate" and s2.prior_in_use() == "standard"  # no prior stored: N(0, I)
+
+
+@pytest.mark.parametrize("species, pattern", [
+    ({"counts": [1] * 5}, "5 counts, expected 12"),
+    ({"counts": [1] * 11 + [-3]}, "non-negative"),
+    ({"counts": None}, "not numbers|counts"),
+    ([1] * 12, "species prior"),
+])
+def test_corrupt_species_prior_refused_in_one_line(tmp_path, species, pattern):
+    """A checkpoint's species prior (training counts of each Z) is checked on load."""
+    torch.manual_seed(0)
+    net = CrystalNet(ModelConfig(**TINY)).eval()
+    good = save_checkpoint(tmp_path / "good.safetensors", net, GRID, META)
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(good, bad, None, lambda i: i.update(species_prior=species))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(bad, jit=False)
+    msg = str(info.value)
+    assert msg.startswith("bad.safetensors: corrupt species prior: ") and "\n" not in msg
+    assert re.search(pattern, msg), msg
+
+
+def test_species_prior_round_trip_and_refined_species(tmp_path):
+    """update_metadata writes a species prior; the loaded model hands it to the refined-field
+    species rule (a fitted amplitude of 7.45 reads as O under an O-rich prior, N without)."""
+    from crystalstudio.core.checkpoint import update_metadata
+    from crystalstudio.core.density import density_field
+
+    torch.manual_seed(0)
+    net = CrystalNet(ModelConfig(**TINY)).eval()
+    path = save_checkpoint(tmp_path / "m.safetensors", net, GRID, META)
+    plain = load_checkpoint(path, jit=False)
+    assert plain.species_prior is None
+    counts = [0] * 12
+    counts[8], counts[7] = 500, 3
+    update_metadata(path, {"species_prior": {"counts": counts, "what": "test"}})
+    model = load_checkpoint(path, jit=False)
+    np.testing.assert_array_equal(model.species_prior, np.array(counts, float))
+    for k, v in net.state_dict().items():
+        assert torch.equal(model.net.state_dict()[k], v)
+    # a single atom of Eq. 1 height 7.45 in the middle of the cube; the untrained U-Net gates
+    # nothing away at gate 0 (REFINED_GATE is 0.05: use probabilities that say "atom")
+    M7, _ = density_field(np.array([[5.0, 5.0, 5.0]]), np.array([7]), GRID, species=False)
+    M = M7 * (7.45 / 7.0)  # Eq. 1 is linear in the weight
+    from crystalstudio.core.fit import DECODED_FIT, combine_with_unet, fit_atoms
+
+    atoms = fit_atoms(M, GRID, settings=DECODED_FIT)
+    assert len(atoms) == 1 and abs(atoms.amplitude[0] - 7.45) < 1e-3
+    probs = np.zeros((12, *M.shape))
+    probs[8] = 1.0
+    assert combine_with_unet(atoms, probs, GRID, 0.05, True, model.species_prior).Z.tolist() == [8]
+    assert combine_with_unet(atoms, probs, GRID, 0.05, True, plain.species_prior).Z.tolist() == [7]

@@ -406,6 +406,19 @@ def test_fit_prior_then_draws_block(files, tmp_path):
     ref = m.prior.info["reference"]
     assert sum(ref["atom_counts"]) == 2 * 4 and set(ref["formulas"]) == {"NaCl", "CsCl"}
     assert load_checkpoint(files["ckpt"], jit=False).prior is None  # the source is untouched
+    # the species prior: the training split's atoms counted per Z (NaCl and CsCl: 11, 17, 55)
+    from training.data import CrystalArrays
+
+    data = CrystalArrays.load(files["npz"])
+    tr = data.indices("train")
+    want = np.bincount(np.concatenate([data.Z[data.offsets[i]:data.offsets[i + 1]] for i in tr]), minlength=95)
+    np.testing.assert_array_equal(m.species_prior, want)
+    assert m.species_prior[[11, 17, 55]].sum() == m.species_prior.sum() > 0
+    only = tmp_path / "species_only.safetensors"
+    assert training_main(["fit-prior", "--checkpoint", str(files["ckpt"]), "--data", str(files["npz"]),
+                          "--out", str(only), "--species-only"]) == 0
+    s = load_checkpoint(only, jit=False)
+    assert s.prior is None and np.array_equal(s.species_prior, want)
     res = [json.loads(p.read_text()) for p in (tmp_path / "a.json", tmp_path / "b.json")
            if ev.main(["--checkpoint", str(out), "--data", str(files["npz"]), "--split", "test", "--json", str(p),
                        "--draws", "6", "--batch", "4", "--no-budget"]) == 0]
