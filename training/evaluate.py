@@ -67,7 +67,7 @@ from crystalstudio.core.latent import random_latents
 from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import CrystalNet, kl_divergence, max_density
 from crystalstudio.core.refine import frozen, refine_latent
-from crystalstudio.core.fit import DECODED_FIT, DEFAULT_FIT, REFINED_GATE, UNET_GATE, combine_with_unet, fit_atoms
+from crystalstudio.core.fit import DECODED_FIT, DEFAULT_FIT, UNET_GATE, fit_atoms, fit_decoded
 from crystalstudio.core.segment import density_peaks, species_map_to_atoms
 
 from .data import SPLITS, CrystalArrays, voxelise
@@ -83,15 +83,6 @@ CLOSE_A = 0.5  # Fig. 9A: atoms closer than this are unphysical
 
 class HarnessError(ValueError):
     """A one-line reason the harness cannot run (missing data, empty split, ...)."""
-
-
-def _fit_decoded(M_hat: np.ndarray, probs: np.ndarray, grid: Grid, representation: str, gate: float = UNET_GATE,
-                 refined: bool = False, species_prior: np.ndarray | None = None):
-    """Atoms of a decoded field by the Eq. 1 fit, species and gating by the U-Net (the app's "fit");
-    ``refined``: a field decoded from a refined latent (Z from the amplitude under the
-    checkpoint's ``species_prior``, gate REFINED_GATE), as :meth:`CrystalModel.segment_batch`."""
-    return combine_with_unet(fit_atoms(M_hat, grid, representation, DECODED_FIT), probs, grid,
-                             REFINED_GATE if refined else gate, amplitude_species=refined, species_prior=species_prior)
 
 
 def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, seed: int, batch: int,
@@ -150,7 +141,7 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
             keep = Zp[k] > 0
             tp, tz = P[k][keep], Zp[k][keep]
             unet_atoms = species_map_to_atoms(species[k], grid, Mh_np[k])
-            fit_dec = (_fit_decoded(Mh_np[k], probs[k], grid, representation, gate, refine_steps > 0, species_prior)
+            fit_dec = (fit_decoded(Mh_np[k], probs[k], grid, representation, gate, refine_steps > 0, species_prior)
                        if probs is not None else None)
             if atoms == "fit-amplitude":  # the VAE alone: no U-Net vote, Z from the fitted amplitude
                 found = fit_atoms(Mh_np[k], grid, representation, DECODED_FIT)
@@ -163,7 +154,7 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
                     stages.setdefault("fit_on_refined_M", []).append(
                         match_atoms(tp, tz, fit_dec.positions, fit_dec.Z, tol))
                     unet_atoms = species_map_to_atoms(species_enc[k], grid, Mh_enc_np[k])
-                    fit_dec = _fit_decoded(Mh_enc_np[k], probs_enc[k], grid, representation, gate)
+                    fit_dec = fit_decoded(Mh_enc_np[k], probs_enc[k], grid, representation, gate)
                 stages.setdefault("unet_on_decoded_M", []).append(
                     match_atoms(tp, tz, unet_atoms.positions, unet_atoms.Z, tol))
                 stages.setdefault("fit_on_decoded_M", []).append(match_atoms(tp, tz, fit_dec.positions, fit_dec.Z, tol))
@@ -364,7 +355,7 @@ def _random_draws(model: CrystalModel, n: int, seed: int, batch: int, method: st
         Mh_np = Mh.float().cpu().numpy()
         if method == "fit":
             probs = torch.softmax(logits, 1).cpu().numpy()
-            found = [_fit_decoded(Mh_np[k], probs[k], model.grid, model.representation, model.unet_gate) for k in range(len(Mh_np))]
+            found = [fit_decoded(Mh_np[k], probs[k], model.grid, model.representation, model.unet_gate) for k in range(len(Mh_np))]
         else:
             species = logits.argmax(1).cpu().numpy()
             found = [species_map_to_atoms(species[k], model.grid, Mh_np[k]) for k in range(len(Mh_np))]

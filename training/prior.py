@@ -163,8 +163,7 @@ def run(a: argparse.Namespace) -> dict:
         print(f"species prior of {species['n_crystals']} training crystals written to {path}")
         return {"species_prior": species}
     prior, rows = fit_prior(model, data, a.rotations, a.seed)
-    path = attach_prior(a.checkpoint, prior, a.out or None)
-    update_metadata(path, {"species_prior": species})
+    path = attach_prior(a.checkpoint, prior, a.out or None, {"species_prior": species})
     _, meta = prior.to_tensors()
     print(f"prior: {prior.n_components} {prior.covariance_type} Gaussian(s), val log-likelihood "
           f"{meta['val_loglik']:.1f} nats, written to {path}")

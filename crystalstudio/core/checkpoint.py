@@ -105,17 +105,28 @@ def _write(path: Path, state: dict, cfg: ModelConfig, grid: Grid, meta: dict, pr
     return path
 
 
-def attach_prior(path: str | os.PathLike, prior: LatentPrior | None, out: str | os.PathLike | None = None) -> Path:
+def attach_prior(path: str | os.PathLike, prior: LatentPrior | None, out: str | os.PathLike | None = None,
+                 updates: dict | None = None) -> Path:
     """Write the checkpoint ``path`` again to ``out`` (default: in place, atomically) with
-    ``prior`` as its aggregate prior (None removes it); weights and other metadata unchanged.
+    ``prior`` as its aggregate prior (None removes it); weights unchanged, metadata updated
+    by ``updates`` as in :func:`update_metadata` (default: unchanged).
 
     Raises:
-        CheckpointError: the checkpoint does not load, or the prior is for another latent size.
+        CheckpointError: the checkpoint does not load, the prior is for another latent size,
+            or ``updates`` touches a structural key.
     """
+    updates = dict(updates or {})
+    _check_updates(Path(path), updates)
     model = load_checkpoint(path, jit=False)
     if prior is not None and prior.latent != model.latent:
         raise _fail(Path(path), f"the prior is for a {prior.latent}-dimensional latent, the model has {model.latent}")
-    return _rewrite(model, Path(path), Path(out or path), {}, prior)
+    return _rewrite(model, Path(path), Path(out or path), updates, prior)
+
+
+def _check_updates(path: Path, updates: dict) -> None:
+    bad = sorted(set(updates) & (_STRUCTURAL | {"prior", "representation"}))
+    if bad:
+        raise _fail(path, f"metadata key(s) {', '.join(bad)} cannot be changed")
 
 
 #: metadata keys that describe the weights themselves (never copied or changed by a rewrite)
@@ -145,9 +156,7 @@ def update_metadata(path: str | os.PathLike, updates: dict, out: str | os.PathLi
         CheckpointError: the checkpoint does not load, or ``updates`` touches a structural key
             (format, version, model_config, grid, classes, weights_dtype, prior, representation).
     """
-    bad = sorted(set(updates) & (_STRUCTURAL | {"prior", "representation"}))
-    if bad:
-        raise _fail(Path(path), f"metadata key(s) {', '.join(bad)} cannot be changed")
+    _check_updates(Path(path), updates)
     model = load_checkpoint(path, jit=False)
     return _rewrite(model, Path(path), Path(out or path), updates, model.prior)
 
@@ -491,7 +500,7 @@ class CrystalModel:
         Raises:
             ValueError: an unknown method.
         """
-        from .fit import DECODED_FIT, REFINED_GATE, combine_with_unet, fit_atoms
+        from .fit import fit_decoded
 
         method = method or self.atoms_method
         if method not in ATOM_METHODS:
@@ -512,9 +521,7 @@ class CrystalModel:
             if method == "unet":
                 out += [species_map_to_atoms(sp, self.grid, M) for sp, M in zip(species, fields[s:s + batch])]
             else:
-                gate = REFINED_GATE if refined else self.unet_gate
-                out += [combine_with_unet(fit_atoms(M, self.grid, self.representation, DECODED_FIT), p, self.grid,
-                                          gate, amplitude_species=refined, species_prior=prior)
+                out += [fit_decoded(M, p, self.grid, self.representation, self.unet_gate, refined, prior)
                         for p, M in zip(probs, fields[s:s + batch])]
             s += batch
         return out

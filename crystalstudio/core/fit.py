@@ -48,7 +48,7 @@ from .segment import Atoms
 
 __all__ = ["FitSettings", "fit_atoms", "field_model", "FieldError", "DEFAULT_FIT", "DECODED_FIT", "UNET_GATE",
            "SPECIES_AMPLITUDE_REL", "REFINED_GATE", "SPECIES_PRIOR_SD",
-           "combine_with_unet", "species_from_amplitude", "check_species_prior"]
+           "combine_with_unet", "fit_decoded", "species_from_amplitude", "check_species_prior"]
 
 
 class FieldError(ValueError):
@@ -259,6 +259,24 @@ def combine_with_unet(atoms: Atoms, probs: np.ndarray, grid: Grid, gate: float =
     amp = None if atoms.amplitude is None else atoms.amplitude[keep]
     sig = None if atoms.amplitude_sigma is None else atoms.amplitude_sigma[keep]
     return Atoms(atoms.positions[keep], Z[keep].astype(np.int64), None, amp, sig)
+
+
+def fit_decoded(M_hat: np.ndarray, probs: np.ndarray, grid: Grid, representation: str = "unit_cell",
+                gate: float = UNET_GATE, refined: bool = False, species_prior: np.ndarray | None = None) -> Atoms:
+    """Atoms of a decoded field M_hat the way the app reads them: :func:`fit_atoms` with
+    :data:`DECODED_FIT`, then :func:`combine_with_unet`. An encoder-only field (``refined``
+    False) takes the product species rule at ``gate`` (the checkpoint's); a field decoded from
+    a refined latent takes Z from its amplitudes (with ``species_prior``) at
+    :data:`REFINED_GATE`.
+
+    Args:
+        M_hat: (n, n, n) decoded field, Eq. 1 units. probs: (K, n, n, n) U-Net class
+            probabilities on it. grid: its grid.
+    Raises:
+        FieldError: as :func:`fit_atoms`.
+    """
+    return combine_with_unet(fit_atoms(M_hat, grid, representation, DECODED_FIT), probs, grid,
+                             REFINED_GATE if refined else gate, amplitude_species=refined, species_prior=species_prior)
 
 
 def _basis(P: np.ndarray, c: np.ndarray, sigma: float):

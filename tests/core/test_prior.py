@@ -118,14 +118,23 @@ def _rewrite(src, dst, tensors=None, meta=None):
     save_file(state, str(dst), metadata={"crystalstudio": json.dumps(info)})
 
 
-@pytest.mark.parametrize("tensors, meta, pattern", [
-    ({"prior.weights": torch.tensor([0.3, np.nan])}, None, "NaN"),
-    ({"prior.means": torch.zeros(2, 5)}, None, "shape"),
-    (None, lambda i: i.pop("prior"), "without prior metadata"),
-    (None, lambda i: i["prior"].update(kind="flow"), "unknown prior kind"),
-    ({"prior.extra": torch.zeros(2)}, None, "unexpected prior arrays"),
+def _species(value):
+    return lambda i: i.update(species_prior=value)
+
+
+@pytest.mark.parametrize("tensors, meta, what, pattern", [
+    ({"prior.weights": torch.tensor([0.3, np.nan])}, None, "corrupt prior block", "NaN"),
+    ({"prior.means": torch.zeros(2, 5)}, None, "corrupt prior block", "shape"),
+    (None, lambda i: i.pop("prior"), "corrupt prior block", "without prior metadata"),
+    (None, lambda i: i["prior"].update(kind="flow"), "corrupt prior block", "unknown prior kind"),
+    ({"prior.extra": torch.zeros(2)}, None, "corrupt prior block", "unexpected prior arrays"),
+    # the species prior (training counts of each Z) is checked on load too
+    (None, _species({"counts": [1] * 5}), "corrupt species prior", "5 counts, expected 12"),
+    (None, _species({"counts": [1] * 11 + [-3]}), "corrupt species prior", "non-negative"),
+    (None, _species({"counts": None}), "corrupt species prior", "not numbers|counts"),
+    (None, _species([1] * 12), "corrupt species prior", "species prior"),
 ])
-def test_corrupt_prior_block_refused_in_one_line(tmp_path, tensors, meta, pattern):
+def test_corrupt_prior_block_refused_in_one_line(tmp_path, tensors, meta, what, pattern):
     torch.manual_seed(0)
     net = CrystalNet(ModelConfig(**TINY)).eval()
     good = save_checkpoint(tmp_path / "good.safetensors", net, GRID, META, prior=mixture())
@@ -134,7 +143,7 @@ def test_corrupt_prior_block_refused_in_one_line(tmp_path, tensors, meta, patter
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(bad, jit=False)
     msg = str(info.value)
-    assert msg.startswith("bad.safetensors: corrupt prior block: ") and "\n" not in msg
+    assert msg.startswith(f"bad.safetensors: {what}: ") and "\n" not in msg
     assert re.search(pattern, msg), msg
 
 
@@ -153,26 +162,6 @@ def test_session_draws_from_the_chosen_prior(tmp_path):
         s.set_prior("uniform")
     s2 = Session(save_checkpoint(tmp_path / "n.safetensors", net, GRID, META))
     assert s2.prior == "aggregate" and s2.prior_in_use() == "standard"  # no prior stored: N(0, I)
-
-
-@pytest.mark.parametrize("species, pattern", [
-    ({"counts": [1] * 5}, "5 counts, expected 12"),
-    ({"counts": [1] * 11 + [-3]}, "non-negative"),
-    ({"counts": None}, "not numbers|counts"),
-    ([1] * 12, "species prior"),
-])
-def test_corrupt_species_prior_refused_in_one_line(tmp_path, species, pattern):
-    """A checkpoint's species prior (training counts of each Z) is checked on load."""
-    torch.manual_seed(0)
-    net = CrystalNet(ModelConfig(**TINY)).eval()
-    good = save_checkpoint(tmp_path / "good.safetensors", net, GRID, META)
-    bad = tmp_path / "bad.safetensors"
-    _rewrite(good, bad, None, lambda i: i.update(species_prior=species))
-    with pytest.raises(CheckpointError) as info:
-        load_checkpoint(bad, jit=False)
-    msg = str(info.value)
-    assert msg.startswith("bad.safetensors: corrupt species prior: ") and "\n" not in msg
-    assert re.search(pattern, msg), msg
 
 
 def test_species_prior_round_trip_and_refined_species(tmp_path):
