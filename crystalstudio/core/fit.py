@@ -410,8 +410,16 @@ def _local_maxima(v: np.ndarray, threshold: float) -> np.ndarray:
     return np.argwhere((v == mx) & (v > threshold))
 
 
-def _subvoxel(v: np.ndarray, idx: np.ndarray, log: bool) -> np.ndarray:
-    """Sub-voxel maxima: a parabola per axis through ``v`` (or its log) at idx - 1, idx, idx + 1."""
+def _subvoxel(v: np.ndarray, idx: np.ndarray, log: bool, reach: float = 0.0, sigma_vox: float = 1.0) -> np.ndarray:
+    """Sub-voxel maxima: a parabola per axis through ``v`` (or its log) at idx - 1, idx, idx + 1.
+
+    A maximum on a face of the cube has no outer neighbour. With ``reach`` > 0 (voxels; the
+    repeating lattice, whose atoms may sit outside the cube) and ``log``, it is placed where a
+    Gaussian of the known width ``sigma_vox`` (voxels) through the face voxel and its inner
+    neighbour peaks: ``log v`` is a parabola of curvature ``-1 / sigma_vox^2``, so its slope s
+    between them puts the centre at the pair's midpoint + ``sigma_vox^2 s``, at most ``reach``
+    voxels beyond the face. Without ``reach`` a face maximum stays on its voxel.
+    """
     out = idx.astype(np.float64)
     n = v.shape[0]
     top = float(v[tuple(idx.T)].max()) if len(idx) else 1.0
@@ -426,8 +434,14 @@ def _subvoxel(v: np.ndarray, idx: np.ndarray, log: bool) -> np.ndarray:
         curv = a - 2.0 * b + cc
         with np.errstate(divide="ignore", invalid="ignore"):
             off = np.where(curv < 0, 0.5 * (a - cc) / curv, 0.0)
-        edge = (idx[:, ax] == 0) | (idx[:, ax] == n - 1)
-        out[:, ax] += np.where(edge, 0.0, np.clip(np.nan_to_num(off), -0.5, 0.5))
+        first, last = idx[:, ax] == 0, idx[:, ax] == n - 1
+        shift = np.where(first | last, 0.0, np.clip(np.nan_to_num(off), -0.5, 0.5))
+        if reach > 0 and log:
+            # first face: the slope from voxel 1 to 0 is b - cc (<= 0 at a maximum), midpoint +0.5
+            out_first = np.clip(0.5 - sigma_vox**2 * (b - cc), -reach, 0.5)
+            out_last = np.clip(-0.5 + sigma_vox**2 * (b - a), -0.5, reach)
+            shift = np.where(first, out_first, np.where(last, out_last, shift))
+        out[:, ax] += shift
     return out
 
 
@@ -446,14 +460,16 @@ def _noise_gains(grid: Grid) -> tuple[float, float]:
 
 
 def _candidates(r: np.ndarray, grid: Grid, threshold: float, noise_k: float = 5.0,
-                laplacian: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                laplacian: bool = True, reach_A: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Where the residual ``r`` (F units) may hold an atom: ((K, 3) Å, (K,) strength in Z
     units), strongest first.
 
     Two detectors: the 3x3x3 maxima of ``-laplacian(r)`` (a Gaussian of amplitude A peaks
     there at ``3 A / sigma^2`` and turns negative at ``sqrt(3) sigma``, so atoms that are
     shoulders of the field are separate maxima), and the maxima of ``r`` itself (which also
-    catch the tails of atoms outside the cube at its faces).
+    catch the tails of atoms outside the cube at its faces). ``reach_A`` > 0 (the repeating
+    lattice) places a maximum of ``r`` on a face up to that many Å outside the cube, where a
+    Gaussian of width sigma through it peaks (:func:`_subvoxel`).
     """
     h2 = grid.spacing ** 2
     s2 = grid.sigma ** 2
@@ -471,7 +487,7 @@ def _candidates(r: np.ndarray, grid: Grid, threshold: float, noise_k: float = 5.
     i1 = _local_maxima(lap, t1) if laplacian else np.zeros((0, 3), np.int64)
     i2 = _local_maxima(r, t2)
     p1 = _subvoxel(lap, i1, log=False)
-    p2 = _subvoxel(r, i2, log=True)
+    p2 = _subvoxel(r, i2, log=True, reach=reach_A / grid.spacing, sigma_vox=grid.sigma / grid.spacing)
     strength = np.concatenate([lap[tuple(i1.T)], r[tuple(i2.T)]])
     P = (np.concatenate([p1, p2]) + 0.5) * grid.spacing
     order = np.argsort(-strength, kind="stable")
@@ -657,11 +673,12 @@ def _rounds(F: np.ndarray, grid: Grid, settings: FitSettings, state: tuple, c: n
     # without being wrong: a stalled round there still needs its iterations
     stall = settings.round_stall if representation == "unit_cell" else 0.0
     limit = settings.max_atoms  # candidates per round; halved after a round that did not pay
+    reach = settings.outside_sigmas * sig if representation == "repeating_lattice" else 0.0
     for _round in range(settings.max_rounds):
         initial = first and _round == 0
-        cand, strength = (_candidates(r, grid, thresh, 0.0, settings.laplacian) if initial else
+        cand, strength = (_candidates(r, grid, thresh, 0.0, settings.laplacian, reach) if initial else
                           _candidates(r, grid, settings.detect * settings.min_amplitude, settings.noise_k,
-                                      settings.laplacian))
+                                      settings.laplacian, reach))
         if len(cand):
             keep = strength >= (0.0 if initial else settings.relative) * strength[0]  # strongest first
             cand = _dedupe(cand[keep], P, settings.merge_A)

@@ -125,6 +125,22 @@ def test_repeating_lattice_atoms_in_the_cube_and_images_outside():
     assert len(everything) > len(atoms)  # atoms outside the cube were fitted too
 
 
+@pytest.mark.parametrize("outside", [0.4, 1.0, 2.0])
+def test_a_lattice_atom_outside_a_face_is_seeded_where_its_gaussian_peaks(outside):
+    # one atom `outside` Å beyond the x = 0 face: its only trace in the cube is a tail whose
+    # maximum lies on the face; a Gaussian of the known sigma through it points back to the atom
+    from crystalstudio.core.fit import _candidates
+
+    P = np.array([[-outside, 4.3, 6.1]])
+    F = direct_field(P, np.array([40]), GRID) * GRID.peak_scale
+    cand, _ = _candidates(F, GRID, 0.05, 0.0, laplacian=False, reach_A=3.5)
+    assert np.linalg.norm(cand[0] - P[0]) < 0.05
+    on_face, _ = _candidates(F, GRID, 0.05, 0.0, laplacian=False)  # the unit cell: no reach
+    assert on_face[0, 0] == pytest.approx(0.5 * GRID.spacing)
+    atoms = fit_atoms(F / GRID.peak_scale, GRID, "repeating_lattice", keep_outside=True)
+    assert len(atoms) == 1 and np.linalg.norm(atoms.positions[0] - P[0]) < 1e-3 and atoms.Z[0] == 40
+
+
 def test_crowded_seeds_get_the_non_negative_least_squares_amplitudes():
     # seeds 0.4 Å apart beside a field's two atoms: the plain linear solve swings to weights
     # of both signs (47, -32, 12); Eq. 1 weights are positive, so the fit's solve must equal
