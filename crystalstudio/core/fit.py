@@ -65,7 +65,8 @@ class FitSettings:
         max_rounds: add/refine/remove rounds.
         detect: after the first round, residual features down to ``detect * min_amplitude``
             are tried as atoms (a light atom beside a heavy one leaves a small residual).
-        relative: per round only candidates at least this fraction of the strongest one.
+        relative: per round only candidates at least this fraction of the strongest new one (not
+            within merge_A of a fitted atom).
         noise_k: after the first round a residual feature must also exceed this many robust
             standard deviations (1.4826 x median absolute deviation) of its detector.
         max_iter: Levenberg-Marquardt iterations of the final refinement of the chosen atoms.
@@ -542,15 +543,17 @@ def _prune(P: np.ndarray, A: np.ndarray, floor: np.ndarray, merge_A: float):
     return P[alive], A[alive]
 
 
-def _dedupe(cand: np.ndarray, P: np.ndarray, merge_A: float) -> np.ndarray:
-    """Candidates farther than ``merge_A`` from the atoms ``P`` and from a stronger candidate."""
+def _dedupe(cand: np.ndarray, P: np.ndarray, merge_A: float, strength: np.ndarray | None = None):
+    """Candidates (strongest first) farther than ``merge_A`` from the atoms ``P`` and from a
+    stronger candidate; with ``strength`` given, ``(candidates, their strengths)``."""
     from scipy.spatial import cKDTree
 
     if not len(cand):
-        return cand
+        return cand if strength is None else (cand, strength)
     if len(P):
         d, _ = cKDTree(P).query(cand)
         cand = cand[d > merge_A]
+        strength = None if strength is None else strength[d > merge_A]
     keep: list[int] = []
     tree = cKDTree(cand) if len(cand) else None
     taken = np.zeros(len(cand), bool)
@@ -559,7 +562,7 @@ def _dedupe(cand: np.ndarray, P: np.ndarray, merge_A: float) -> np.ndarray:
             continue
         keep.append(i)
         taken[tree.query_ball_point(cand[i], merge_A)] = True
-    return cand[keep]
+    return cand[keep] if strength is None else (cand[keep], strength[keep])
 
 
 def _check_field(M: np.ndarray, grid: Grid) -> np.ndarray:
@@ -680,8 +683,11 @@ def _rounds(F: np.ndarray, grid: Grid, settings: FitSettings, state: tuple, c: n
                           _candidates(r, grid, settings.detect * settings.min_amplitude, settings.noise_k,
                                       settings.laplacian, reach))
         if len(cand):
-            keep = strength >= (0.0 if initial else settings.relative) * strength[0]  # strongest first
-            cand = _dedupe(cand[keep], P, settings.merge_A)
+            # new candidates only (none within merge_A of an atom), then the strongest of those
+            # sets the relative cut: a misfit atom's residual peak must not silence the others
+            cand, strength = _dedupe(cand, P, settings.merge_A, strength)
+            if len(cand):
+                cand = cand[strength >= (0.0 if initial else settings.relative) * strength[0]]
         cand = cand[:max(min(limit, settings.max_atoms - len(P)), 0)]
         if not len(cand):
             break
