@@ -565,6 +565,19 @@ def _dedupe(cand: np.ndarray, P: np.ndarray, merge_A: float, strength: np.ndarra
     return cand[keep] if strength is None else (cand[keep], strength[keep])
 
 
+def _new_candidates(cand: np.ndarray, strength: np.ndarray, P: np.ndarray, merge_A: float,
+                    relative: float) -> np.ndarray:
+    """The candidates (strongest first) a round tries: none within ``merge_A`` of a fitted atom
+    ``P`` or of a stronger candidate, and of those only the ones of at least ``relative`` times
+    the strongest. The cut is taken after the candidates near fitted atoms are dropped: the
+    residual peak of a misfit atom must not silence the light atoms elsewhere (a lattice of
+    CsReF6 on the validation split lost every F that way)."""
+    if not len(cand):
+        return cand
+    cand, strength = _dedupe(cand, P, merge_A, strength)
+    return cand[strength >= relative * strength[0]] if len(cand) else cand
+
+
 def _check_field(M: np.ndarray, grid: Grid) -> np.ndarray:
     M = np.asarray(M)
     if M.shape != (grid.n,) * 3:
@@ -682,12 +695,7 @@ def _rounds(F: np.ndarray, grid: Grid, settings: FitSettings, state: tuple, c: n
         cand, strength = (_candidates(r, grid, thresh, 0.0, settings.laplacian, reach) if initial else
                           _candidates(r, grid, settings.detect * settings.min_amplitude, settings.noise_k,
                                       settings.laplacian, reach))
-        if len(cand):
-            # new candidates only (none within merge_A of an atom), then the strongest of those
-            # sets the relative cut: a misfit atom's residual peak must not silence the others
-            cand, strength = _dedupe(cand, P, settings.merge_A, strength)
-            if len(cand):
-                cand = cand[strength >= (0.0 if initial else settings.relative) * strength[0]]
+        cand = _new_candidates(cand, strength, P, settings.merge_A, 0.0 if initial else settings.relative)
         cand = cand[:max(min(limit, settings.max_atoms - len(P)), 0)]
         if not len(cand):
             break

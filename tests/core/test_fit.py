@@ -141,6 +141,19 @@ def test_a_lattice_atom_outside_a_face_is_seeded_where_its_gaussian_peaks(outsid
     assert len(atoms) == 1 and np.linalg.norm(atoms.positions[0] - P[0]) < 1e-3 and atoms.Z[0] == 40
 
 
+def test_a_misfit_atoms_residual_peak_does_not_silence_new_light_atoms():
+    # the strongest residual peak sits on an atom already fitted (it is not a new atom); the
+    # relative cut must be taken against the strongest *new* candidate, so two F-like peaks stay
+    from crystalstudio.core.fit import _new_candidates
+
+    P = np.array([[5.0, 5.0, 5.0]])
+    cand = np.array([[5.1, 5.0, 5.0], [2.0, 2.0, 2.0], [8.0, 2.0, 6.0], [2.1, 2.0, 2.0], [7.0, 7.0, 7.0]])
+    strength = np.array([60.0, 9.0, 8.5, 8.0, 1.0])
+    new = _new_candidates(cand, strength, P, merge_A=0.5, relative=0.25)
+    np.testing.assert_array_equal(new, cand[[1, 2]])  # not the misfit, not the duplicate, not the weak one
+    assert len(_new_candidates(cand[:1], strength[:1], P, 0.5, 0.25)) == 0
+
+
 def test_crowded_seeds_get_the_non_negative_least_squares_amplitudes():
     # seeds 0.4 Å apart beside a field's two atoms: the plain linear solve swings to weights
     # of both signs (47, -32, 12); Eq. 1 weights are positive, so the fit's solve must equal
