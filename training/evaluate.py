@@ -66,7 +66,7 @@ from crystalstudio.core.density import Grid, random_rotations
 from crystalstudio.core.latent import random_latents
 from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import CrystalNet, kl_divergence, max_density
-from crystalstudio.core.refine import frozen, refine_latent
+from crystalstudio.core.refine import REFINE_LR, frozen, refine_latent
 from crystalstudio.core.fit import DECODED_FIT, DEFAULT_FIT, UNET_GATE, fit_atoms, fit_decoded
 from crystalstudio.core.segment import density_peaks, species_map_to_atoms
 
@@ -88,11 +88,13 @@ class HarnessError(ValueError):
 def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, seed: int, batch: int,
                      device, tol: float, kls: list, voxel: np.ndarray | None = None,
                      representation: str = "unit_cell", stages: dict | None = None, atoms: str = "fit",
-                     gate: float = UNET_GATE, refine_steps: int = 0, species_prior: np.ndarray | None = None):
+                     gate: float = UNET_GATE, refine_steps: int = 0, species_prior: np.ndarray | None = None,
+                     refine_lr: float | tuple[float, ...] = REFINE_LR):
     """Yield ``(match, mse, true_pos, true_Z, atoms)`` per crystal of ``idx``, in order.
 
     ``refine_steps`` > 0: the model's M_hat is decoded from the encoder's mu refined by that
-    many Adam steps (:func:`~crystalstudio.core.refine.refine_latent`, as the app does); the
+    many Adam steps at ``refine_lr`` (one rate or a multi-start,
+    :func:`~crystalstudio.core.refine.refine_latent`, as the app does); the
     error budget then keeps the encoder-only rows (``*_on_decoded_M``) and adds
     ``*_on_refined_M``.
 
@@ -118,7 +120,7 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
         if refine_steps > 0:
             with frozen(net.vae):
                 z = refine_latent(lambda zz: net.vae.decode(zz, cond), M.reshape(len(b), *(grid.n,) * 3), mu,
-                                  refine_steps)
+                                  refine_steps, refine_lr)
             Mh = net.vae.decode(z, cond)
         logits = net.unet(Mh)
         species_t = logits.argmax(1)
@@ -431,11 +433,12 @@ def draws_block(model: CrystalModel, data: CrystalArrays, test_idx: np.ndarray, 
 @torch.no_grad()
 def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int = 0, draws: int = 200,
             tol: float = 0.5, batch: int = 16, atoms: str = "fit", budget: bool = True,
-            refine_steps: int = 0) -> dict:
+            refine_steps: int = 0, refine_lr: float | tuple[float, ...] | None = None) -> dict:
     """All measures of the module docstring over crystals ``idx`` (no run metadata).
 
     Deterministic for a given seed: rotations are ``random_rotations(len(idx), seed)`` and
     draws ``random_latents(draws, latent, seed)``; the ``validity`` block (:func:`draws_block`) draws as many from each prior.
+    ``refine_lr`` None: the model's own (:attr:`CrystalModel.refine_lr`).
     """
     net = model.net
     was_training = net.training
@@ -447,7 +450,7 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
     try:
         recs = _reconstructions(net, data, idx, model.grid, seed, batch, model.device, tol, kls, voxel,
                                 model.representation, stages, atoms, model.unet_gate, refine_steps,
-                                model.species_prior)
+                                model.species_prior, model.refine_lr if refine_lr is None else refine_lr)
         for i, (r, e, tp, tz, found) in zip(idx, recs):
             per.append(r)
             mse.append(e)
@@ -588,6 +591,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--refine-steps", type=int, default=None, metavar="N",
                    help="Adam steps refining the encoder's latent before decoding, as the app does "
                         "(default: the checkpoint's, as CrystalModel.refine_steps; 0 = the encoder alone)")
+    p.add_argument("--refine-lr", default=None, metavar="LR[,LR...]",
+                   help="Adam learning rate(s) of the refinement; several (comma-separated) refine each field "
+                        "from mu once per rate and keep the best (default: the checkpoint's, as CrystalModel.refine_lr)")
     p.add_argument("--val", type=float, default=0.05, help="validation fraction given to prepare (CSV input)")
     p.add_argument("--test", type=float, default=0.10, help="test fraction given to prepare (CSV input)")
     p.add_argument("--json", default="", help="write the measures to this JSON file")
@@ -608,6 +614,14 @@ def run(a: argparse.Namespace) -> dict:
     refine_steps = model.refine_steps if getattr(a, "refine_steps", None) is None else a.refine_steps
     if refine_steps < 0:
         raise HarnessError("--refine-steps must be >= 0")
+    refine_lr = model.refine_lr
+    if getattr(a, "refine_lr", None):
+        try:
+            refine_lr = tuple(float(x) for x in str(a.refine_lr).split(","))
+        except ValueError:
+            refine_lr = ()
+        if not refine_lr or min(refine_lr) <= 0:
+            raise HarnessError(f"--refine-lr must be positive numbers separated by commas, got {a.refine_lr!r}")
     data = load_data(a.data, model.grid, a.val, a.test)
     full = data.indices(a.split)
     idx = full[: a.limit] if a.limit else full
@@ -630,12 +644,13 @@ def run(a: argparse.Namespace) -> dict:
         "atoms_method": a.atoms,
         "unet_gate": model.unet_gate,
         "refine_steps": refine_steps,
+        "refine_lr": list(refine_lr),
         "species_prior": model.species_prior is not None,
         "n_split": int(len(full)),
         "split_ids_sha1": ids_sha1,
         "split_matches_checkpoint_test_ids": (ids_sha1 == ck_sha1) if (a.split == "test" and ck_sha1) else None,
         **harness(model, data, idx, a.seed, a.draws, a.tol, a.batch, a.atoms, not a.no_budget,
-                   refine_steps),
+                   refine_steps, refine_lr),
     }
     res = _clean(res)
     print(format_table(res), flush=True)

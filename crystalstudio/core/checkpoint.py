@@ -29,7 +29,7 @@ import torch
 from .density import REPRESENTATIONS, Grid
 from .models import CrystalNet, ModelConfig
 from .prior import LatentPrior, PriorError
-from .refine import REFINE_STEPS
+from .refine import REFINE_LR, REFINE_STEPS
 from .segment import Atoms, species_map_to_atoms
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "attach_prior", "update_metadata", "CrystalModel", "FrozenNet", "FORMAT",
@@ -359,6 +359,10 @@ class CrystalModel:
         #: encoder's mean alone (the paper's path)
         #: (the checkpoint's own ``refine_steps`` when its metadata has one)
         self.refine_steps: int = self.default_refine_steps
+        #: Adam learning rate(s) of the refinement; several are a multi-start
+        #: (:func:`~crystalstudio.core.refine.refine_latent`): the checkpoint's ``refine_lr``
+        #: metadata (a number or a list) when it has one, else (REFINE_LR,)
+        self.refine_lr: tuple[float, ...] = self.default_refine_lr
 
     @property
     def unet_gate(self) -> float:
@@ -394,6 +398,23 @@ class CrystalModel:
         """Refinement steps this checkpoint asks for: its metadata's ``refine_steps``, else
         :data:`~crystalstudio.core.refine.REFINE_STEPS` (what "refinement on" means)."""
         return int(self.info.get("refine_steps", REFINE_STEPS)) or REFINE_STEPS
+
+    @property
+    def default_refine_lr(self) -> tuple[float, ...]:
+        """Refinement learning rate(s) this checkpoint asks for: its metadata's ``refine_lr``
+        (one number or a list: a multi-start), else (:data:`~crystalstudio.core.refine.REFINE_LR`,).
+
+        Raises:
+            CheckpointError: a ``refine_lr`` that is not positive numbers.
+        """
+        raw = self.info.get("refine_lr", REFINE_LR)
+        try:
+            lrs = tuple(float(x) for x in (raw if isinstance(raw, (list, tuple)) else [raw]))
+        except (TypeError, ValueError):
+            lrs = ()
+        if not lrs or min(lrs) <= 0:
+            raise CheckpointError(f"{self.path}: metadata refine_lr must be positive numbers, got {raw!r}")
+        return lrs
 
     @property
     def representation(self) -> str:
@@ -440,7 +461,7 @@ class CrystalModel:
         c = None if (cond is None or not self.config.conditional) else self._t([cond])
         with self._lock, frozen(vae):
             z = refine_latent(lambda zz: vae.decode(zz, c), self._t(M)[None], self._t(z0)[None], steps,
-                              progress=progress)
+                              self.refine_lr, progress=progress)
         return z[0].cpu().numpy()
 
     @torch.no_grad()
