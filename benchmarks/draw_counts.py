@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crystalstudio.core.checkpoint import load_checkpoint  # noqa: E402
 from crystalstudio.core.density import random_rotations  # noqa: E402
-from crystalstudio.core.fit import DECODED_FIT, combine_with_unet, fit_atoms  # noqa: E402
 from crystalstudio.session import default_checkpoint  # noqa: E402
 from training.data import CrystalArrays, voxelise  # noqa: E402
 from training.evaluate import _reference_fields  # noqa: E402
+from training.gate import atoms_per_gate  # noqa: E402
 
 GATES = (0.05, 0.1, 0.15, 0.2)
 
@@ -40,12 +40,8 @@ GATES = (0.05, 0.1, 0.15, 0.2)
 def counts_of(model, fields: torch.Tensor, gates=GATES) -> dict[float, list[int]]:
     """Atom counts of decoded fields (B, n, n, n) under each gate (one fit per field)."""
     probs = torch.softmax(model.net.unet(fields).float(), 1).numpy()
-    out: dict[float, list[int]] = {g: [] for g in gates}
-    for M, p in zip(fields.float().numpy(), probs):
-        fitted = fit_atoms(M, model.grid, model.representation, DECODED_FIT)
-        for g in gates:
-            out[g].append(len(combine_with_unet(fitted, p, model.grid, g).Z))
-    return out
+    return {g: [len(a.Z) for a in found]
+            for g, found in atoms_per_gate(model, fields.float().numpy(), probs, gates).items()}
 
 
 @torch.no_grad()
@@ -69,11 +65,7 @@ def main(argv=None) -> None:
     vae = model.net.vae
     rows = []
     for tau in [float(t) for t in a.taus.split(",")]:
-        rng = np.random.default_rng(a.seed)
-        k = rng.choice(len(prior.weights), size=a.n, p=prior.weights / prior.weights.sum())
-        eps = rng.standard_normal((a.n, prior.latent))
-        S = prior.scale[k].astype(np.float64)
-        z = prior.means[k] + tau * (np.einsum("nij,nj->ni", S, eps) if S.ndim == 3 else S * eps)
+        z = prior.sample(a.n, a.seed, temperature=tau)
         z = torch.as_tensor(z, dtype=torch.float32)
         per: dict[float, list[int]] = {g: [] for g in GATES}
         for s in range(0, a.n, 16):

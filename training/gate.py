@@ -36,6 +36,25 @@ GATES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 MEASURES = ("atoms_within_tol", "exact_count", "species_accuracy")
 
 
+def atoms_per_gate(model: CrystalModel, M_hat: np.ndarray, probs: np.ndarray, gates=GATES) -> dict[float, list]:
+    """Atoms of decoded fields under each U-Net gate, the Eq. 1 fit run once per field.
+
+    Args:
+        M_hat: (B, n, n, n) float32 decoded fields (Eq. 1 units).
+        probs: (B, classes, n, n, n) float32 U-Net softmax of the same fields.
+        gates: U-Net probabilities of "an atom" (:func:`~crystalstudio.core.fit.combine_with_unet`).
+
+    Returns:
+        ``{gate: [Atoms per field]}``, fields in order.
+    """
+    out: dict[float, list] = {float(g): [] for g in gates}
+    for M, p in zip(M_hat, probs):
+        fitted = fit_atoms(M, model.grid, model.representation, DECODED_FIT)
+        for g in out:
+            out[g].append(combine_with_unet(fitted, p, model.grid, g))
+    return out
+
+
 @torch.no_grad()
 def gate_table(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, gates=GATES, seed: int = 0,
                tol: float = 0.5, batch: int = 16) -> list[dict]:
@@ -65,12 +84,9 @@ def gate_table(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, gates=
         mu, _ = net.vae.encode(M, cond)
         Mh = net.vae.decode(mu, cond)
         probs = torch.softmax(net.unet(Mh).float(), 1).cpu().numpy()
-        Mh_np = Mh.float().cpu().numpy()
-        for k in range(len(b)):
-            keep = Zp[k] > 0
-            fitted = fit_atoms(Mh_np[k], grid, model.representation, DECODED_FIT)
-            for g in per:
-                a = combine_with_unet(fitted, probs[k], grid, g)
+        for g, found in atoms_per_gate(model, Mh.float().cpu().numpy(), probs, per).items():
+            for k, a in enumerate(found):
+                keep = Zp[k] > 0
                 per[g].append(match_atoms(P[k][keep], Zp[k][keep], a.positions, a.Z, tol))
     keys = ("atoms_within_tol", "pred_within_tol", "exact_count", "within2_count", "species_accuracy",
             "species_within2")

@@ -89,15 +89,24 @@ class LatentPrior:
         return "diag" if self.scale.ndim == 2 else "full"
 
     # ------------------------------------------------------------------ use
-    def sample(self, n: int, seed: int | None = 0) -> np.ndarray:
-        """(n, D) float32 draws; the same seed gives the same draws."""
+    def sample(self, n: int, seed: int | None = 0, temperature: float = 1.0) -> np.ndarray:
+        """(n, D) float32 draws; the same seed gives the same draws.
+
+        ``temperature`` tau scales each component's spread: z = mean_k + tau L_k eps (tau = 1
+        is the fitted mixture, what the app draws; tau < 1 draws nearer the components' means).
+
+        Raises:
+            ValueError: a negative or non-finite temperature.
+        """
+        if not (np.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         rng = np.random.default_rng(seed)
         k = rng.choice(self.n_components, size=n, p=self.weights)
         eps = rng.standard_normal((n, self.latent))
         if self.scale.ndim == 2:
-            z = self.means[k] + self.scale[k] * eps
+            z = self.means[k] + temperature * (self.scale[k] * eps)
         else:
-            z = self.means[k] + np.einsum("nij,nj->ni", self.scale[k].astype(np.float64), eps)
+            z = self.means[k] + temperature * np.einsum("nij,nj->ni", self.scale[k].astype(np.float64), eps)
         return z.astype(np.float32)
 
     def sample_cond(self, n: int, seed: int | None = 0) -> np.ndarray | None:

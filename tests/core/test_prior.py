@@ -48,6 +48,23 @@ def test_draws_follow_the_mixture():
     assert np.allclose(np.cov(z.T), cov, atol=0.12)
 
 
+def test_temperature_scales_the_spread_about_each_component():
+    for full in (True, False):
+        p = mixture(full=full)
+        z1 = p.sample(2000, seed=3).astype(np.float64)
+        assert np.array_equal(p.sample(2000, seed=3, temperature=1.0), p.sample(2000, seed=3))
+        z0 = p.sample(2000, seed=3, temperature=0.0).astype(np.float64)
+        # tau = 0: every draw is its component's mean (same components as tau = 1, same seed)
+        d = np.abs(z0[:, None, :] - p.means[None].astype(np.float64)).max(2)
+        assert d.min(1).max() < 1e-5
+        k = d.argmin(1)
+        zh = p.sample(2000, seed=3, temperature=0.5).astype(np.float64)
+        np.testing.assert_allclose(zh - p.means[k], 0.5 * (z1 - p.means[k]), atol=1e-5)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            mixture().sample(3, temperature=bad)
+
+
 def test_log_density_equals_scipy_reference():
     for full in (True, False):
         p = mixture(full=full)
