@@ -413,7 +413,8 @@ class CrystalModel:
         except (TypeError, ValueError):
             lrs = ()
         if not lrs or min(lrs) <= 0:
-            raise CheckpointError(f"{self.path}: metadata refine_lr must be positive numbers, got {raw!r}")
+            where = Path(self.path).name if self.path else "checkpoint"
+            raise CheckpointError(f"{where}: metadata refine_lr must be positive numbers, got {raw!r}")
         return lrs
 
     @property

@@ -160,7 +160,7 @@ def test_multi_start_keeps_per_field_the_best_of_its_single_starts():
             refine_latent(decode, Mt, z0, steps=5, lr=bad)
 
 
-def test_checkpoint_refine_lr_metadata():
+def test_checkpoint_refine_lr_metadata(tmp_path):
     cfg = ModelConfig(grid_n=30, latent=8, enc_channels=(4, 4, 4, 4), bottleneck_channels=4,
                       dec_channels=(4, 4, 4), unet_channels=(4, 8))
     net = CrystalNet(cfg)
@@ -174,3 +174,13 @@ def test_checkpoint_refine_lr_metadata():
     for bad in ("fast", [0.1, -0.1], []):
         with pytest.raises(CheckpointError, match="refine_lr"):
             CrystalModel(net, Grid(), {"representation": "unit_cell", "refine_lr": bad}, jit=False)
+    # in a file: kept through save and load; a corrupt value is refused in one line naming the file
+    from crystalstudio.core.checkpoint import load_checkpoint, save_checkpoint, update_metadata
+
+    path = tmp_path / "ms.safetensors"
+    save_checkpoint(path, net, Grid(), {"representation": "unit_cell", "refine_lr": [0.05, 0.1, 0.2, 0.4]})
+    assert load_checkpoint(path, jit=False).refine_lr == (0.05, 0.1, 0.2, 0.4)
+    update_metadata(path, {"refine_lr": "fast"})
+    with pytest.raises(CheckpointError, match=r"^ms\.safetensors: metadata refine_lr") as err:
+        load_checkpoint(path, jit=False)
+    assert "\n" not in str(err.value)
