@@ -21,6 +21,11 @@ rotations), the Eq. 1 fit of M_hat found 71.4% of the atoms within 0.5 Å from t
 and, after refinement, 87.8% (30 steps, lr 0.2), 88.4% (50 steps, lr 0.1, the default), 87.8%
 (100 steps, lr 0.05 or 0.1) and 90.0% (300 steps, lr 0.05); the voxel MSE fell from 1.9e-3 to
 6.1e-4 at the default (docs/refine.md).
+
+A *multi-start* refines each field from mu once per learning rate, in one batch, and keeps the
+best objective: on the whole validation split (2026-12-05) rates 0.05, 0.1, 0.2 and 0.4 took the
+mean of atoms within 0.5 Å, exact count and species from 0.693 to 0.700 and the voxel MSE from
+7.0e-4 to 5.3e-4 against 0.1 alone; a checkpoint asks for it with its ``refine_lr`` metadata.
 """
 
 from __future__ import annotations
