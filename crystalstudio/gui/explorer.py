@@ -116,9 +116,16 @@ class _SliderRow:
         self.set_value(z)
 
     def set_value(self, z: float) -> None:
+        """Show ``z``; a value beyond the slider's range (a refined latent can go there) pins the
+        slider at its end and is shown in orange, with a tooltip that says so."""
+        lo, hi = SLIDER_RANGE
         with QSignalBlocker(self.slider):
-            self.slider.setValue(int(round(float(np.clip(z, *SLIDER_RANGE)) * SLIDER_STEPS)))
+            self.slider.setValue(int(round(float(np.clip(z, lo, hi)) * SLIDER_STEPS)))
         self.value.setText(f"{z:+.2f}")
+        outside = not lo <= z <= hi
+        self.value.setStyleSheet("color: #e07020; font-weight: bold;" if outside else "")
+        self.value.setToolTip(f"z = {z:+.3f} lies beyond the slider's range ({lo:g} to {hi:g}); "
+                              "moving the slider sets a value inside it" if outside else "")
 
 
 class LatentExplorer(QWidget):

@@ -336,3 +336,31 @@ def test_aggregate_prior_validity_and_search(qtbot, window, model, monkeypatch, 
 
     ex.prior_combo.setCurrentIndex(ex.prior_combo.findData("standard"))
     assert window.settings.value("sample/prior") == "standard"
+
+
+def test_value_beyond_the_slider_range_is_flagged(qtbot):
+    """A refined latent can lie beyond -3..3: the slider pins at its end, the value label shows
+    the true value in orange (pixels) with a tooltip; inside the range the label is plain."""
+    from PySide6.QtWidgets import QGridLayout, QWidget
+
+    from crystalstudio.gui.explorer import _SliderRow
+
+    w = QWidget()
+    qtbot.addWidget(w)
+    row = _SliderRow(w, QGridLayout(w), 0)
+    w.resize(400, 40)
+    w.show()
+    qtbot.waitExposed(w)
+
+    def orange_pixels() -> int:
+        img = row.value.grab().toImage()
+        a = np.array([[img.pixelColor(x, y).getRgb()[:3] for x in range(img.width())] for y in range(img.height())])
+        return int(((a[..., 0] > 150) & (a[..., 0] - a[..., 2] > 100) & (a[..., 1] > 60)).sum())
+
+    row.show(69, 0, -3.98)
+    assert row.slider.value() == -300 and row.value.text() == "-3.98"
+    assert "beyond the slider's range" in row.value.toolTip()
+    assert orange_pixels() > 5
+    row.set_value(1.25)
+    assert row.slider.value() == 125 and row.value.text() == "+1.25" and row.value.toolTip() == ""
+    assert orange_pixels() == 0
