@@ -121,19 +121,22 @@ def refine_latent(decode: Callable[[torch.Tensor], torch.Tensor], M: torch.Tenso
     # K starts per field, start-major: row k * B + b is field b at rate lrs[k]. Each row moves as
     # z = z0 + lr_row * u with Adam at rate 1 on u: Adam's step is invariant to the gradient's
     # scale, so row r takes Adam steps of size lr_row in z (up to eps), all in one optimiser.
-    scale = torch.tensor(lrs, device=z0.device).repeat_interleave(B)[:, None]
     zs, Ms = z0.repeat(K, 1), M.repeat(K, 1, 1, 1)
     best = zs.clone()
     best_f = torch.full((K * B,), float("inf"), device=z0.device)
-    u = torch.zeros_like(zs, requires_grad=True)
-    opt = torch.optim.Adam([u], lr=1.0) if K > 1 else None
-    z_single = zs.clone().requires_grad_(True) if K == 1 else None
-    if K == 1:  # the plain path: Adam on z at rate lr (bit-for-bit the single-start refinement)
-        opt = torch.optim.Adam([z_single], lr=lrs[0])
+    if K == 1:  # the plain path: Adam on z at rate lr
+        param = zs.clone().requires_grad_(True)
+        opt = torch.optim.Adam([param], lr=lrs[0])
+        z_of = lambda: param  # noqa: E731
+    else:
+        scale = torch.tensor(lrs, device=z0.device).repeat_interleave(B)[:, None]
+        param = torch.zeros_like(zs, requires_grad=True)
+        opt = torch.optim.Adam([param], lr=1.0)
+        z_of = lambda: zs + scale * param  # noqa: E731
     with torch.enable_grad():
         for i in range(steps + 1):
             opt.zero_grad(set_to_none=True)
-            z = z_single if K == 1 else zs + scale * u
+            z = z_of()
             f = refine_objective(decode(z), Ms, z, peak_weight, prior_weight)
             with torch.no_grad():  # f belongs to the z before this step: keep the best one
                 better = f < best_f
