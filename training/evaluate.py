@@ -66,7 +66,7 @@ from crystalstudio.core.density import Grid, random_rotations
 from crystalstudio.core.latent import random_latents
 from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import CrystalNet, kl_divergence, max_density
-from crystalstudio.core.refine import REFINE_LR, frozen, refine_latent
+from crystalstudio.core.refine import REFINE_LR, frozen, learning_rates, refine_latent
 from crystalstudio.core.fit import DECODED_FIT, DEFAULT_FIT, UNET_GATE, fit_atoms, fit_decoded
 from crystalstudio.core.segment import density_peaks, species_map_to_atoms
 
@@ -617,11 +617,9 @@ def run(a: argparse.Namespace) -> dict:
     refine_lr = model.refine_lr
     if getattr(a, "refine_lr", None):
         try:
-            refine_lr = tuple(float(x) for x in str(a.refine_lr).split(","))
+            refine_lr = learning_rates(str(a.refine_lr))
         except ValueError:
-            refine_lr = ()
-        if not refine_lr or min(refine_lr) <= 0:
-            raise HarnessError(f"--refine-lr must be positive numbers separated by commas, got {a.refine_lr!r}")
+            raise HarnessError(f"--refine-lr must be positive numbers separated by commas, got {a.refine_lr!r}") from None
     data = load_data(a.data, model.grid, a.val, a.test)
     full = data.indices(a.split)
     idx = full[: a.limit] if a.limit else full

@@ -29,7 +29,7 @@ import torch
 from .density import REPRESENTATIONS, Grid
 from .models import CrystalNet, ModelConfig
 from .prior import LatentPrior, PriorError
-from .refine import REFINE_LR, REFINE_STEPS
+from .refine import REFINE_LR, REFINE_STEPS, learning_rates
 from .segment import Atoms, species_map_to_atoms
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "attach_prior", "update_metadata", "CrystalModel", "FrozenNet", "FORMAT",
@@ -409,13 +409,10 @@ class CrystalModel:
         """
         raw = self.info.get("refine_lr", REFINE_LR)
         try:
-            lrs = tuple(float(x) for x in (raw if isinstance(raw, (list, tuple)) else [raw]))
-        except (TypeError, ValueError):
-            lrs = ()
-        if not lrs or min(lrs) <= 0:
+            return learning_rates(raw)
+        except ValueError:
             where = Path(self.path).name if self.path else "checkpoint"
-            raise CheckpointError(f"{where}: metadata refine_lr must be positive numbers, got {raw!r}")
-        return lrs
+            raise CheckpointError(f"{where}: metadata refine_lr must be positive numbers, got {raw!r}") from None
 
     @property
     def representation(self) -> str:

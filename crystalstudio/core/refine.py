@@ -35,7 +35,8 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["REFINE_STEPS", "REFINE_LR", "PRIOR_WEIGHT", "refine_latent", "refine_objective", "frozen"]
+__all__ = ["REFINE_STEPS", "REFINE_LR", "PRIOR_WEIGHT", "refine_latent", "refine_objective", "frozen",
+           "learning_rates"]
 
 #: default number of Adam steps (chosen on the validation split, docs/refine.md)
 REFINE_STEPS = 50
@@ -75,6 +76,23 @@ def refine_objective(M_hat: torch.Tensor, M: torch.Tensor, z: torch.Tensor, peak
     return (w * (M_hat - M) ** 2).flatten(1).sum(1) + 0.5 * prior_weight * z.pow(2).sum(1)
 
 
+def learning_rates(raw) -> tuple[float, ...]:
+    """Refinement learning rate(s) as a tuple: one number, a sequence of numbers, or a
+    comma-separated string ("0.05,0.1").
+
+    Raises:
+        ValueError: empty, not numbers, or not all positive.
+    """
+    try:
+        parts = raw.split(",") if isinstance(raw, str) else (raw if isinstance(raw, (list, tuple)) else [raw])
+        lrs = tuple(float(x) for x in parts)
+    except (TypeError, ValueError, AttributeError):
+        lrs = ()
+    if not lrs or not min(lrs) > 0:
+        raise ValueError(f"learning rates must be positive numbers, got {raw!r}")
+    return lrs
+
+
 def refine_latent(decode: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor, z0: torch.Tensor,
                   steps: int = REFINE_STEPS, lr: float | Sequence[float] = REFINE_LR, peak_weight: float = 1.0,
                   prior_weight: float = PRIOR_WEIGHT,
@@ -109,9 +127,7 @@ def refine_latent(decode: Callable[[torch.Tensor], torch.Tensor], M: torch.Tenso
                          f"and {tuple(z0.shape)}")
     if not torch.isfinite(M).all():
         raise ValueError("refine_latent: the field holds NaN or infinite values")
-    lrs = [float(lr)] if isinstance(lr, (int, float)) else [float(x) for x in lr]
-    if not lrs or min(lrs) <= 0:
-        raise ValueError(f"refine_latent: learning rates must be positive, got {lr!r}")
+    lrs = learning_rates(lr)
     B = len(z0)
     z0 = z0.detach().float()
     M = M.detach().float()
