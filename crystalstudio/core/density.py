@@ -291,27 +291,58 @@ def density_fields(positions: torch.Tensor, Z: torch.Tensor, grid: Grid, species
     B, N, _ = pos.shape
     n = grid.n
     M = torch.zeros((B, n, n, n), dtype=torch.float32, device=dev)
-    S = torch.zeros((B, n, n, n), dtype=torch.int64, device=dev) if species else None
-    best = torch.full((B, n, n, n), float("inf"), device=dev) if species else None
     norm = 1.0 / grid.peak_scale
-    r2 = grid.species_radius**2
     for s in range(0, N, atom_chunk):
         p = pos[:, s:s + atom_chunk]  # (B, m, 3)
         z = Zf[:, s:s + atom_chunk]
         d = c.view(1, 1, n, 1) - p.unsqueeze(2)  # (B, m, n, 3): per-axis offsets
         g = torch.exp(-(d * d) / (2.0 * grid.sigma**2))  # (B, m, n, 3)
         M += torch.einsum("bm,bmi,bmj,bmk->bijk", z * norm, g[..., 0], g[..., 1], g[..., 2])
-        if species:
-            d2 = d * d
-            dist2 = (d2[..., 0][:, :, :, None, None] + d2[..., 1][:, :, None, :, None]
-                     + d2[..., 2][:, :, None, None, :])  # (B, m, n, n, n)
-            dist2 = torch.where((z > 0).view(B, -1, 1, 1, 1), dist2, torch.full_like(dist2, float("inf")))
-            dmin, arg = dist2.min(dim=1)
-            zsel = torch.gather(Z[:, s:s + atom_chunk].to(dev), 1, arg.view(B, -1)).view(B, n, n, n)
-            upd = (dmin <= r2) & (dmin < best)
-            S = torch.where(upd, zsel, S)
-            best = torch.where(upd, dmin, best)
+    S = _species_matrix(pos, Z.to(dev), Zf > 0, c, grid) if species else None
     return M, S
+
+
+def _species_matrix(pos: torch.Tensor, Z: torch.Tensor, present: torch.Tensor, c: torch.Tensor,
+                    grid: Grid) -> torch.Tensor:
+    """S of :func:`density_fields`: each voxel takes the Z of its nearest atom within
+    ``species_radius`` (ties to the lower atom index), 0 elsewhere.
+
+    Only the K^3 voxels around each atom can lie within the radius (K = ceil(2 r / h) + 2,
+    5 for the default grid), so the cost is B N K^3 instead of B N n^3: a lattice batch of
+    16 cubes with ~400 images each takes milliseconds, not seconds. Distances use the same
+    float32 arithmetic as the voxel centres ``c``, so the result does not depend on chunking.
+
+    Args:
+        pos: (B, N, 3) float32 Å; Z: (B, N) int64; present: (B, N) bool (padding and
+            zero-occupancy entries False); c: (n,) float32 voxel centres.
+    """
+    dev = pos.device
+    B, N, _ = pos.shape
+    n, h, r = grid.n, grid.spacing, grid.species_radius
+    K = int(math.ceil(2.0 * r / h)) + 2
+    lo = torch.floor((pos - r) / h - 0.5).to(torch.int64)  # (B, N, 3): first candidate index
+    idx = lo.unsqueeze(-1) + torch.arange(K, device=dev)  # (B, N, 3, K)
+    inside = (idx >= 0) & (idx < n)
+    idx = idx.clamp_(0, n - 1)
+    d = c[idx] - pos.unsqueeze(-1)  # (B, N, 3, K), as c - p in float32
+    d2 = d * d
+    dist2 = (d2[:, :, 0, :, None, None] + d2[:, :, 1, None, :, None]
+             + d2[:, :, 2, None, None, :])  # (B, N, K, K, K)
+    ok = (inside[:, :, 0, :, None, None] & inside[:, :, 1, None, :, None] & inside[:, :, 2, None, None, :]
+          & (dist2 <= r * r) & present.view(B, N, 1, 1, 1))
+    vox = ((torch.arange(B, device=dev).view(B, 1, 1, 1, 1) * n + idx[:, :, 0, :, None, None]) * n
+           + idx[:, :, 1, None, :, None]) * n + idx[:, :, 2, None, None, :]  # (B, N, K, K, K) flat voxel
+    atom = torch.arange(N, device=dev).view(1, N, 1, 1, 1).expand_as(vox)
+    vox, dist2, atom = vox[ok], dist2[ok], atom[ok]
+    best = torch.full((B * n**3,), float("inf"), device=dev).scatter_reduce(0, vox, dist2, "amin")
+    tie = dist2 == best[vox]
+    first = torch.full((B * n**3,), N, dtype=torch.int64, device=dev).scatter_reduce(
+        0, vox[tie], atom[tie], "amin")
+    has = first < N
+    S = torch.zeros(B * n**3, dtype=torch.int64, device=dev)
+    b_of = torch.arange(B * n**3, device=dev) // n**3
+    S[has] = Z[b_of[has], first[has]]
+    return S.view(B, n, n, n)
 
 
 def density_field(positions: np.ndarray, Z: np.ndarray, grid: Grid, species: bool = True,

@@ -282,3 +282,33 @@ def test_lattice_positions_rotation_keeps_neighbour_distances():
     assert len(pos) == keep.sum()
     with pytest.raises(ValueError):
         lattice_positions(Crystal(np.diag([1.0, 1.0, 0.0]), [[0, 0, 0]], [1]), grid)
+
+
+def test_species_matrix_of_a_lattice_batch_matches_float64_reference():
+    """The local (K^3 voxels per atom) species scatter against the brute-force float64
+    nearest-atom rule, with images outside the cube, atoms on the faces and close pairs."""
+    rng = np.random.default_rng(7)
+    grid = Grid(n=20, length=6.0)
+    pos = [rng.uniform(-1.5, 7.5, (60, 3)), rng.uniform(-0.2, 6.2, (25, 3))]
+    pos[1][1] = pos[1][0] + [0.4, 0.1, 0.0]  # spheres of 0.5 Å that overlap
+    pos[1][2] = [0.0, 3.0, 6.0]  # on two faces
+    Zs = [rng.integers(1, 95, 60), rng.integers(1, 95, 25)]
+    P, Zp = pad_batch(pos, Zs)
+    _, S = density_fields(torch.as_tensor(P), torch.as_tensor(Zp), grid)
+    for b in range(2):
+        Sref, safe = species_reference(pos[b], Zs[b], grid)
+        assert safe.mean() > 0.99 and (Sref > 0).sum() > 100
+        np.testing.assert_array_equal(S[b].numpy()[safe], Sref[safe])
+
+
+def test_species_matrix_ties_go_to_the_first_atom_and_vacancies_are_skipped():
+    grid = Grid(n=10, length=5.0)  # h = 0.5 Å: voxel centres at 0.25, 0.75, ...
+    pos = np.array([[[2.25, 2.25, 1.95], [2.25, 2.25, 2.55], [0.75, 0.75, 0.75]]])
+    Z = np.array([[8, 26, 3]])
+    _, S = density_fields(torch.as_tensor(pos), torch.as_tensor(Z), grid)
+    assert S[0, 4, 4, 4] == 8  # voxel centre (2.25, 2.25, 2.25) is 0.3 Å from both: the first wins
+    _, S2 = density_fields(torch.as_tensor(pos[:, ::-1].copy()), torch.as_tensor(Z[:, ::-1].copy()), grid)
+    assert S2[0, 4, 4, 4] == 26
+    occ = torch.tensor([[1.0, 1.0, 0.0]])
+    _, S3 = density_fields(torch.as_tensor(pos), torch.as_tensor(Z), grid, occupancy=occ)
+    assert S[0, 1, 1, 1] == 3 and S3[0, 1, 1, 1] == 0  # an empty site labels no voxel
