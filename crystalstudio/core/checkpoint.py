@@ -127,6 +127,11 @@ def _check_updates(path: Path, updates: dict) -> None:
     bad = sorted(set(updates) & (_STRUCTURAL | {"prior", "representation"}))
     if bad:
         raise _fail(path, f"metadata key(s) {', '.join(bad)} cannot be changed")
+    if updates.get("refine_lr") is not None:  # refuse here what the loader would refuse later
+        try:
+            learning_rates(updates["refine_lr"])
+        except (TypeError, ValueError):
+            raise _fail(path, f"metadata refine_lr must be positive numbers, got {updates['refine_lr']!r}") from None
 
 
 #: metadata keys that describe the weights themselves (never copied or changed by a rewrite)
@@ -153,8 +158,9 @@ def update_metadata(path: str | os.PathLike, updates: dict, out: str | os.PathLi
     weights and prior unchanged.
 
     Raises:
-        CheckpointError: the checkpoint does not load, or ``updates`` touches a structural key
-            (format, version, model_config, grid, classes, weights_dtype, prior, representation).
+        CheckpointError: the checkpoint does not load, ``updates`` touches a structural key
+            (format, version, model_config, grid, classes, weights_dtype, prior, representation),
+            or gives a ``refine_lr`` the loader would refuse.
     """
     _check_updates(Path(path), updates)
     model = load_checkpoint(path, jit=False)

@@ -180,7 +180,14 @@ def test_checkpoint_refine_lr_metadata(tmp_path):
     path = tmp_path / "ms.safetensors"
     save_checkpoint(path, net, Grid(), {"representation": "unit_cell", "refine_lr": [0.05, 0.1, 0.2, 0.4]})
     assert load_checkpoint(path, jit=False).refine_lr == (0.05, 0.1, 0.2, 0.4)
-    update_metadata(path, {"refine_lr": "fast"})
+    # update_metadata refuses to write what the loader would refuse; the file stays as it was
+    for bad in ("fast", [0.1, 0.0]):
+        with pytest.raises(CheckpointError, match=r"^ms\.safetensors: metadata refine_lr"):
+            update_metadata(path, {"refine_lr": bad})
+    assert load_checkpoint(path, jit=False).refine_lr == (0.05, 0.1, 0.2, 0.4)
+    update_metadata(path, {"refine_lr": [0.2, 0.1]})
+    assert load_checkpoint(path, jit=False).refine_lr == (0.2, 0.1)
+    save_checkpoint(path, net, Grid(), {"representation": "unit_cell", "refine_lr": "fast"})  # written by hand
     with pytest.raises(CheckpointError, match=r"^ms\.safetensors: metadata refine_lr") as err:
         load_checkpoint(path, jit=False)
     assert "\n" not in str(err.value)
