@@ -89,7 +89,7 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
                      device, tol: float, kls: list, voxel: np.ndarray | None = None,
                      representation: str = "unit_cell", stages: dict | None = None, atoms: str = "fit",
                      gate: float = UNET_GATE, refine_steps: int = 0, species_prior: np.ndarray | None = None,
-                     refine_lr: float | tuple[float, ...] = REFINE_LR):
+                     refine_lr: float | tuple[float, ...] = REFINE_LR, true_fit_limit: int = 0):
     """Yield ``(match, mse, true_pos, true_Z, atoms)`` per crystal of ``idx``, in order.
 
     ``refine_steps`` > 0: the model's M_hat is decoded from the encoder's mu refined by that
@@ -106,9 +106,12 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
     KL per dimension (B, latent) of each batch is appended to ``kls``; when ``voxel`` is
     given, ``[correct, voxels, correct atom voxels, atom voxels]`` of the U-Net's argmax
     against S are added to it. When ``stages`` is given, the :data:`STAGES` matches of each
-    crystal are appended to ``stages[name]`` (see :func:`error_budget`).
+    crystal are appended to ``stages[name]`` (see :func:`error_budget`). ``true_fit_limit`` > 0:
+    the Eq. 1 fit of the true M (the ``fit_on_true_M`` stages; 20-100 s per repeating-lattice
+    field) runs on the first that many crystals only.
     """
     rot = random_rotations(len(idx), seed)
+    done = 0
     for s in range(0, len(idx), batch):
         b = idx[s:s + batch]
         # representation 2 is evaluated with the cube starting at the cell origin
@@ -160,16 +163,19 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
                 stages.setdefault("unet_on_decoded_M", []).append(
                     match_atoms(tp, tz, unet_atoms.positions, unet_atoms.Z, tol))
                 stages.setdefault("fit_on_decoded_M", []).append(match_atoms(tp, tz, fit_dec.positions, fit_dec.Z, tol))
-                fit_true = fit_atoms(M_np[k], grid, representation, DEFAULT_FIT)
-                stages.setdefault("fit_on_true_M", []).append(match_atoms(tp, tz, fit_true.positions, fit_true.Z, tol))
-                stages.setdefault("fit_on_true_M_0.1A", []).append(
-                    match_atoms(tp, tz, fit_true.positions, fit_true.Z, 0.1))
+                if not true_fit_limit or done + k < true_fit_limit:
+                    fit_true = fit_atoms(M_np[k], grid, representation, DEFAULT_FIT)
+                    stages.setdefault("fit_on_true_M", []).append(
+                        match_atoms(tp, tz, fit_true.positions, fit_true.Z, tol))
+                    stages.setdefault("fit_on_true_M_0.1A", []).append(
+                        match_atoms(tp, tz, fit_true.positions, fit_true.Z, 0.1))
                 on_true = species_map_to_atoms(species_true_M[k], grid, M_np[k])
                 stages.setdefault("unet_on_true_M", []).append(match_atoms(tp, tz, on_true.positions, on_true.Z, tol))
                 peaks = _field_peaks(M_np[k], grid)
                 stages.setdefault("true_field_peaks", []).append(
                     match_atoms(tp, tz, peaks, np.zeros(len(peaks), np.int64), tol))
             yield match_atoms(tp, tz, found.positions, found.Z, tol), mse[k], tp, tz, found
+        done += len(b)
 
 
 #: the error budget's stages, from the representation to the full model (see error_budget)
@@ -244,8 +250,9 @@ def error_budget(stages: dict, full: list[dict]) -> dict:
 
     Returns:
         ``{stage: {"what", "atoms_within_tol", "pred_within_tol", "exact_count",
-        "species_accuracy", "median_error_A", "n_pred_atoms"}}`` for the :data:`STAGES`; the peaks stage
-        carries no species (``None``).
+        "species_accuracy", "median_error_A", "n_pred_atoms", "n_crystals"}}`` for the
+        :data:`STAGES` (``n_crystals`` is fewer than the run's for the true-M fit under
+        ``--true-fit-limit``); the peaks stage carries no species (``None``).
     """
     out = {}
     for name, what in STAGES.items():
@@ -256,6 +263,7 @@ def error_budget(stages: dict, full: list[dict]) -> dict:
         row = {"what": what, **{k: agg.get(k) for k in ("atoms_within_tol", "pred_within_tol", "exact_count",
                                                           "species_accuracy", "median_error_A")}}
         row["n_pred_atoms"] = int(sum(r["n_pred"] for r in per))
+        row["n_crystals"] = len(per)
         if name == "true_field_peaks":
             row["species_accuracy"] = None
         out[name] = row
@@ -433,12 +441,14 @@ def draws_block(model: CrystalModel, data: CrystalArrays, test_idx: np.ndarray, 
 @torch.no_grad()
 def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int = 0, draws: int = 200,
             tol: float = 0.5, batch: int = 16, atoms: str = "fit", budget: bool = True,
-            refine_steps: int = 0, refine_lr: float | tuple[float, ...] | None = None) -> dict:
+            refine_steps: int = 0, refine_lr: float | tuple[float, ...] | None = None,
+            true_fit_limit: int = 0) -> dict:
     """All measures of the module docstring over crystals ``idx`` (no run metadata).
 
     Deterministic for a given seed: rotations are ``random_rotations(len(idx), seed)`` and
     draws ``random_latents(draws, latent, seed)``; the ``validity`` block (:func:`draws_block`) draws as many from each prior.
-    ``refine_lr`` None: the model's own (:attr:`CrystalModel.refine_lr`).
+    ``refine_lr`` None: the model's own (:attr:`CrystalModel.refine_lr`). ``true_fit_limit`` > 0:
+    the budget's fit of the true M on the first that many crystals only.
     """
     net = model.net
     was_training = net.training
@@ -450,7 +460,8 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
     try:
         recs = _reconstructions(net, data, idx, model.grid, seed, batch, model.device, tol, kls, voxel,
                                 model.representation, stages, atoms, model.unet_gate, refine_steps,
-                                model.species_prior, model.refine_lr if refine_lr is None else refine_lr)
+                                model.species_prior, model.refine_lr if refine_lr is None else refine_lr,
+                                true_fit_limit)
         for i, (r, e, tp, tz, found) in zip(idx, recs):
             per.append(r)
             mse.append(e)
@@ -588,6 +599,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--atoms", choices=("fit", "unet"), default="fit",
                    help="how the model's atoms are read from M_hat (default fit; the error budget has both)")
     p.add_argument("--no-budget", action="store_true", help="skip the error budget (faster)")
+    p.add_argument("--true-fit-limit", type=int, default=0, metavar="N",
+                   help="error budget: fit the true M of the first N crystals only (0 = all; a repeating-lattice "
+                        "field takes 20-100 s)")
     p.add_argument("--refine-steps", type=int, default=None, metavar="N",
                    help="Adam steps refining the encoder's latent before decoding, as the app does "
                         "(default: the checkpoint's, as CrystalModel.refine_steps; 0 = the encoder alone)")
@@ -608,8 +622,8 @@ def run(a: argparse.Namespace) -> dict:
         CheckpointError: unusable checkpoint (one-line message).
         HarnessError: unusable data or options (one-line message).
     """
-    if a.limit < 0 or a.draws < 0 or a.batch < 1 or not a.tol > 0:
-        raise HarnessError("--limit and --draws must be >= 0, --batch >= 1, --tol > 0")
+    if a.limit < 0 or a.draws < 0 or a.batch < 1 or not a.tol > 0 or getattr(a, "true_fit_limit", 0) < 0:
+        raise HarnessError("--limit, --draws and --true-fit-limit must be >= 0, --batch >= 1, --tol > 0")
     model = load_checkpoint(a.checkpoint, a.device)
     refine_steps = model.refine_steps if getattr(a, "refine_steps", None) is None else a.refine_steps
     if refine_steps < 0:
@@ -637,6 +651,7 @@ def run(a: argparse.Namespace) -> dict:
         "split": a.split,
         "seed": a.seed,
         "limit": a.limit or None,
+        "true_fit_limit": getattr(a, "true_fit_limit", 0) or None,
         "tol_A": a.tol,
         "draws": a.draws,
         "atoms_method": a.atoms,
@@ -648,7 +663,7 @@ def run(a: argparse.Namespace) -> dict:
         "split_ids_sha1": ids_sha1,
         "split_matches_checkpoint_test_ids": (ids_sha1 == ck_sha1) if (a.split == "test" and ck_sha1) else None,
         **harness(model, data, idx, a.seed, a.draws, a.tol, a.batch, a.atoms, not a.no_budget,
-                   refine_steps, refine_lr),
+                   refine_steps, refine_lr, getattr(a, "true_fit_limit", 0)),
     }
     res = _clean(res)
     print(format_table(res), flush=True)
@@ -705,7 +720,9 @@ def format_table(res: dict) -> str:
         for name, row in budget.items():
             cells = [("-" if row.get(k) is None else f"{100 * row[k]:.1f}%")
                      for k in ("atoms_within_tol", "exact_count", "species_accuracy")]
-            out.append(f"| {name} | " + " | ".join(cells) + " |")
+            n = row.get("n_crystals")
+            label = name if n in (None, res.get("n_crystals")) else f"{name} (first {n} crystals)"
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

@@ -461,3 +461,24 @@ def test_multi_start_refinement_run(files, tmp_path):
     assert r2["voxel_mse"] < r1["voxel_mse"]
     for bad in ("0.1,x", "0", "-0.2,0.1"):
         assert ev.main(_args(files, one, None, *base, f"--refine-lr={bad}")) == 2
+
+
+@pytest.mark.parametrize("batch", ["1", "4"])
+def test_true_fit_limit_fits_the_first_crystals_only(files, result, tmp_path, capsys, batch):
+    """--true-fit-limit N: the budget's true-M fit covers the first N crystals (whatever the
+    batch), every other stage is the plain run's, and the printed row says so."""
+    out = tmp_path / "limited.json"
+    assert ev.main(_args(files, out, None, "--true-fit-limit", "2", "--batch", batch)) == 0
+    res, plain = json.loads(out.read_text()), json.loads(result[0].read_text())
+    eb = res["error_budget"]
+    assert res["true_fit_limit"] == 2 and plain["true_fit_limit"] is None
+    for stage in ("fit_on_true_M", "fit_on_true_M_0.1A"):
+        assert eb[stage]["n_crystals"] == 2
+        # the fit of a true field is exact here: it predicts the first two crystals' atoms
+        assert eb[stage]["n_pred_atoms"] == sum(r["n_true"] for r in res["per_crystal"][:2])
+        assert eb[stage]["atoms_within_tol"] == 1.0
+    for stage in ("true_field_peaks", "unet_on_true_M", "unet_on_decoded_M", "fit_on_decoded_M", "full"):
+        assert eb[stage]["n_crystals"] == len(TEST_IDS)
+        assert eb[stage]["atoms_within_tol"] == plain["error_budget"][stage]["atoms_within_tol"]
+    assert "| fit_on_true_M (first 2 crystals) |" in capsys.readouterr().out
+    assert ev.main(_args(files, out, None, "--true-fit-limit", "-1")) == 2
