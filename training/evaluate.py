@@ -66,7 +66,7 @@ from crystalstudio.core.density import Grid, random_rotations
 from crystalstudio.core.latent import random_latents
 from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import CrystalNet, kl_divergence, max_density
-from crystalstudio.core.refine import REFINE_LR, frozen, learning_rates, refine_latent
+from crystalstudio.core.refine import REFINE_LR, frozen, learning_rates, refine_latent, repeat_condition
 from crystalstudio.core.fit import DECODED_FIT, DEFAULT_FIT, UNET_GATE, fit_atoms, fit_decoded
 from crystalstudio.core.segment import density_peaks, species_map_to_atoms
 
@@ -122,7 +122,7 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
         Mh = Mh_enc = net.vae.decode(mu, cond)
         if refine_steps > 0:
             with frozen(net.vae):
-                z = refine_latent(lambda zz: net.vae.decode(zz, cond), M.reshape(len(b), *(grid.n,) * 3), mu,
+                z = refine_latent(lambda zz: net.vae.decode(zz, repeat_condition(cond, len(zz))), M.reshape(len(b), *(grid.n,) * 3), mu,
                                   refine_steps, refine_lr)
             Mh = net.vae.decode(z, cond)
         logits = net.unet(Mh)

@@ -455,7 +455,7 @@ class CrystalModel:
         Returns:
             (latent,) float32. The decoder's weights are not changed.
         """
-        from .refine import frozen, refine_latent
+        from .refine import frozen, refine_latent, repeat_condition
 
         steps = self.refine_steps if steps is None else int(steps)
         z0 = np.asarray(z0, np.float32).reshape(-1)
@@ -464,7 +464,7 @@ class CrystalModel:
         vae = self.net.vae
         c = None if (cond is None or not self.config.conditional) else self._t([cond])
         with self._lock, frozen(vae):
-            z = refine_latent(lambda zz: vae.decode(zz, c), self._t(M)[None], self._t(z0)[None], steps,
+            z = refine_latent(lambda zz: vae.decode(zz, repeat_condition(c, len(zz))), self._t(M)[None], self._t(z0)[None], steps,
                               self.refine_lr, progress=progress)
         return z[0].cpu().numpy()
 

@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = ["REFINE_STEPS", "REFINE_LR", "PRIOR_WEIGHT", "refine_latent", "refine_objective", "frozen",
-           "learning_rates"]
+           "learning_rates", "repeat_condition"]
 
 #: default number of Adam steps (chosen on the validation split, docs/refine.md)
 REFINE_STEPS = 50
@@ -93,6 +93,20 @@ def learning_rates(raw) -> tuple[float, ...]:
     return lrs
 
 
+def repeat_condition(cond: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """A (B,) condition (Sec. 4.5's largest density per field) tiled to the ``rows`` =
+    K * B rows of a multi-start :func:`refine_latent` (start-major: row k * B + b is field b).
+
+    Raises:
+        ValueError: ``rows`` is not a multiple of B.
+    """
+    if cond is None:
+        return None
+    if rows % len(cond):
+        raise ValueError(f"{rows} latent rows do not tile a condition of {len(cond)} fields")
+    return cond.repeat(rows // len(cond))
+
+
 def refine_latent(decode: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor, z0: torch.Tensor,
                   steps: int = REFINE_STEPS, lr: float | Sequence[float] = REFINE_LR, peak_weight: float = 1.0,
                   prior_weight: float = PRIOR_WEIGHT,
@@ -101,9 +115,10 @@ def refine_latent(decode: Callable[[torch.Tensor], torch.Tensor], M: torch.Tenso
     inference; see the module docstring for the objective and its sources).
 
     Args:
-        decode: z (B, latent) -> M_hat (B, n, n, n), differentiable in z (the eager decoder in
-            eval mode; its parameters are not changed). For a conditional model, close over
-            the condition.
+        decode: z (R, latent) -> M_hat (R, n, n, n), differentiable in z (the eager decoder in
+            eval mode; its parameters are not changed). It is called with R = B * len(lr) rows,
+            start-major (row k * B + b is field b): a conditional model's decode closes over
+            its (B,) condition tiled to R rows, ``repeat_condition(cond, len(z))``.
         M: (B, n, n, n) float32 target fields (Eq. 1 units).
         z0: (B, latent) float32 start, the encoder's mean.
         steps: Adam steps (0 returns ``z0``).
