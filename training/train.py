@@ -95,6 +95,7 @@ class TrainConfig:
     amp: bool | None = None              # bf16 autocast (losses in float32)
     channels_last: bool | None = None    # channels-last-3d memory format
     conditional: bool = False            # Sec. 4.5: condition the bottleneck on the largest density
+    cond_jitter: float = 0.0             # conditional: scale each field M by exp(U(-j, j)) (Fig. 10B: the target sets the magnitude)
     representation: str = "unit_cell"    # Sec. 3.1: "unit_cell" (1) or "repeating_lattice" (2)
     gpu_batcher: bool | None = None      # whole data set on the device, batches drawn there
     progress: bool | None = None         # tqdm bar (None = when stderr is a terminal)
@@ -413,6 +414,8 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
         net = net.to(memory_format=torch.channels_last_3d)
     if cfg.unet_only and cfg.vae_only:
         raise ValueError("--unet-only and --vae-only exclude each other")
+    if cfg.cond_jitter < 0 or (cfg.cond_jitter > 0 and not net.cfg.conditional):
+        raise ValueError("--cond-jitter must be >= 0 and needs a conditional model (--conditional)")
     trained = net.unet if cfg.unet_only else net
     opt = torch.optim.Adam(trained.parameters(), lr=cfg.lr, **({"fused": True} if cuda else {}))
     if state is not None:
@@ -470,6 +473,9 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
                 rots = random_rotations(len(b), rng)
                 origins = (random_origins(data, b, rots, rng) if cfg.representation == "repeating_lattice" else None)
                 M, S, _, _ = voxelise(data, b, grid, rots, device, cfg.representation, origins)
+            if cfg.cond_jitter > 0:  # the same geometry at another magnitude: the condition must carry it
+                s = np.exp(rng.uniform(-cfg.cond_jitter, cfg.cond_jitter, len(M)))
+                M = M * torch.as_tensor(s, dtype=M.dtype, device=M.device).view(-1, 1, 1, 1)
             model.train()
             if cfg.unet_only:
                 net.vae.eval()  # running BatchNorm statistics, as the app decodes

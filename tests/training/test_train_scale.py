@@ -272,3 +272,27 @@ def test_light_atom_weight_against_a_direct_float64_sum():
     assert got == pytest.approx(total / 2, rel=1e-5)
     plain = float(forward_losses(Stub(), M, S, TrainConfig(peak_weight=1.0, vae_only=True))["recon"])
     assert plain < got  # the light atoms' voxels count more
+
+
+def test_cond_jitter_rescales_each_field_of_a_conditional_model(npz, tmp_path, monkeypatch):
+    """--cond-jitter j: each training field M is the voxelised one times a factor in
+    [exp(-j), exp(j)] (one per field, not all 1); it needs a conditional model."""
+    import training.train as tt
+
+    seen: dict[str, list] = {}
+    real = tt.forward_losses
+
+    def spy(model, M, S, cfg, *a, **k):
+        seen.setdefault(cfg.out, []).append(M.detach().flatten(1).amax(1).clone())
+        return real(model, M, S, cfg, *a, **k)
+
+    monkeypatch.setattr(tt, "forward_losses", spy)
+    plain, jit = str(tmp_path / "p.safetensors"), str(tmp_path / "j.safetensors")
+    train(tiny_cfg(npz, Path(plain), steps=1, batch=4, conditional=True, seed=3))
+    train(tiny_cfg(npz, Path(jit), steps=1, batch=4, conditional=True, seed=3, cond_jitter=0.5))
+    ratio = (seen[jit][0] / seen[plain][0]).numpy()  # step 1: same crystals and rotations
+    assert np.all(ratio >= np.exp(-0.5) - 1e-6) and np.all(ratio <= np.exp(0.5) + 1e-6)
+    assert np.abs(np.log(ratio)).max() > 0.01
+    assert not np.allclose(ratio, ratio[0])
+    with pytest.raises(ValueError, match="--cond-jitter"):
+        train(tiny_cfg(npz, tmp_path / "u.safetensors", steps=1, cond_jitter=0.2))
