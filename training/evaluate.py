@@ -66,7 +66,7 @@ from crystalstudio.core.density import Grid, random_rotations
 from crystalstudio.core.latent import random_latents
 from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import CrystalNet, kl_divergence, max_density
-from crystalstudio.core.refine import REFINE_LR, frozen, learning_rates, refine_latent, repeat_condition
+from crystalstudio.core.refine import REFINE_LR, frozen, learning_rates, refine_latent
 from crystalstudio.core.fit import DECODED_FIT, DEFAULT_FIT, UNET_GATE, fit_atoms, fit_decoded
 from crystalstudio.core.segment import density_peaks, species_map_to_atoms
 
@@ -111,7 +111,6 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
     field) runs on the first that many crystals only.
     """
     rot = random_rotations(len(idx), seed)
-    done = 0
     for s in range(0, len(idx), batch):
         b = idx[s:s + batch]
         # representation 2 is evaluated with the cube starting at the cell origin
@@ -122,8 +121,8 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
         Mh = Mh_enc = net.vae.decode(mu, cond)
         if refine_steps > 0:
             with frozen(net.vae):
-                z = refine_latent(lambda zz: net.vae.decode(zz, repeat_condition(cond, len(zz))), M.reshape(len(b), *(grid.n,) * 3), mu,
-                                  refine_steps, refine_lr)
+                z = refine_latent(net.vae.decode, M.reshape(len(b), *(grid.n,) * 3), mu, refine_steps, refine_lr,
+                                  cond=cond)
             Mh = net.vae.decode(z, cond)
         logits = net.unet(Mh)
         species_t = logits.argmax(1)
@@ -163,7 +162,7 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
                 stages.setdefault("unet_on_decoded_M", []).append(
                     match_atoms(tp, tz, unet_atoms.positions, unet_atoms.Z, tol))
                 stages.setdefault("fit_on_decoded_M", []).append(match_atoms(tp, tz, fit_dec.positions, fit_dec.Z, tol))
-                if not true_fit_limit or done + k < true_fit_limit:
+                if not true_fit_limit or s + k < true_fit_limit:
                     fit_true = fit_atoms(M_np[k], grid, representation, DEFAULT_FIT)
                     stages.setdefault("fit_on_true_M", []).append(
                         match_atoms(tp, tz, fit_true.positions, fit_true.Z, tol))
@@ -175,7 +174,6 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
                 stages.setdefault("true_field_peaks", []).append(
                     match_atoms(tp, tz, peaks, np.zeros(len(peaks), np.int64), tol))
             yield match_atoms(tp, tz, found.positions, found.Z, tol), mse[k], tp, tz, found
-        done += len(b)
 
 
 #: the error budget's stages, from the representation to the full model (see error_budget)
@@ -622,7 +620,8 @@ def run(a: argparse.Namespace) -> dict:
         CheckpointError: unusable checkpoint (one-line message).
         HarnessError: unusable data or options (one-line message).
     """
-    if a.limit < 0 or a.draws < 0 or a.batch < 1 or not a.tol > 0 or getattr(a, "true_fit_limit", 0) < 0:
+    true_fit_limit = getattr(a, "true_fit_limit", 0)
+    if a.limit < 0 or a.draws < 0 or a.batch < 1 or not a.tol > 0 or true_fit_limit < 0:
         raise HarnessError("--limit, --draws and --true-fit-limit must be >= 0, --batch >= 1, --tol > 0")
     model = load_checkpoint(a.checkpoint, a.device)
     refine_steps = model.refine_steps if getattr(a, "refine_steps", None) is None else a.refine_steps
@@ -651,7 +650,7 @@ def run(a: argparse.Namespace) -> dict:
         "split": a.split,
         "seed": a.seed,
         "limit": a.limit or None,
-        "true_fit_limit": getattr(a, "true_fit_limit", 0) or None,
+        "true_fit_limit": true_fit_limit or None,
         "tol_A": a.tol,
         "draws": a.draws,
         "atoms_method": a.atoms,
@@ -663,7 +662,7 @@ def run(a: argparse.Namespace) -> dict:
         "split_ids_sha1": ids_sha1,
         "split_matches_checkpoint_test_ids": (ids_sha1 == ck_sha1) if (a.split == "test" and ck_sha1) else None,
         **harness(model, data, idx, a.seed, a.draws, a.tol, a.batch, a.atoms, not a.no_budget,
-                   refine_steps, refine_lr, getattr(a, "true_fit_limit", 0)),
+                   refine_steps, refine_lr, true_fit_limit),
     }
     res = _clean(res)
     print(format_table(res), flush=True)

@@ -455,7 +455,7 @@ class CrystalModel:
         Returns:
             (latent,) float32. The decoder's weights are not changed.
         """
-        from .refine import frozen, refine_latent, repeat_condition
+        from .refine import frozen, refine_latent
 
         steps = self.refine_steps if steps is None else int(steps)
         z0 = np.asarray(z0, np.float32).reshape(-1)
@@ -464,8 +464,8 @@ class CrystalModel:
         vae = self.net.vae
         c = None if (cond is None or not self.config.conditional) else self._t([cond])
         with self._lock, frozen(vae):
-            z = refine_latent(lambda zz: vae.decode(zz, repeat_condition(c, len(zz))), self._t(M)[None], self._t(z0)[None], steps,
-                              self.refine_lr, progress=progress)
+            z = refine_latent(vae.decode, self._t(M)[None], self._t(z0)[None], steps, self.refine_lr,
+                              progress=progress, cond=c)
         return z[0].cpu().numpy()
 
     @torch.no_grad()

@@ -332,16 +332,13 @@ def _species_matrix(pos: torch.Tensor, Z: torch.Tensor, present: torch.Tensor, c
           & (dist2 <= r * r) & present.view(B, N, 1, 1, 1))
     vox = ((torch.arange(B, device=dev).view(B, 1, 1, 1, 1) * n + idx[:, :, 0, :, None, None]) * n
            + idx[:, :, 1, None, :, None]) * n + idx[:, :, 2, None, None, :]  # (B, N, K, K, K) flat voxel
-    atom = torch.arange(N, device=dev).view(1, N, 1, 1, 1).expand_as(vox)
+    atom = torch.arange(B * N, device=dev).view(B, N, 1, 1, 1).expand_as(vox)  # flat index into Z
     vox, dist2, atom = vox[ok], dist2[ok], atom[ok]
     best = torch.full((B * n**3,), float("inf"), device=dev).scatter_reduce(0, vox, dist2, "amin")
     tie = dist2 == best[vox]
-    first = torch.full((B * n**3,), N, dtype=torch.int64, device=dev).scatter_reduce(
+    first = torch.full((B * n**3,), B * N, dtype=torch.int64, device=dev).scatter_reduce(
         0, vox[tie], atom[tie], "amin")
-    has = first < N
-    S = torch.zeros(B * n**3, dtype=torch.int64, device=dev)
-    b_of = torch.arange(B * n**3, device=dev) // n**3
-    S[has] = Z[b_of[has], first[has]]
+    S = torch.cat([Z.reshape(-1), Z.new_zeros(1)])[first]  # B * N (no atom) -> 0
     return S.view(B, n, n, n)
 
 

@@ -107,18 +107,19 @@ def repeat_condition(cond: torch.Tensor | None, rows: int) -> torch.Tensor | Non
     return cond.repeat(rows // len(cond))
 
 
-def refine_latent(decode: Callable[[torch.Tensor], torch.Tensor], M: torch.Tensor, z0: torch.Tensor,
+def refine_latent(decode: Callable[..., torch.Tensor], M: torch.Tensor, z0: torch.Tensor,
                   steps: int = REFINE_STEPS, lr: float | Sequence[float] = REFINE_LR, peak_weight: float = 1.0,
                   prior_weight: float = PRIOR_WEIGHT,
-                  progress: Callable[[int, int], bool | None] | None = None) -> torch.Tensor:
+                  progress: Callable[[int, int], bool | None] | None = None,
+                  cond: torch.Tensor | None = None) -> torch.Tensor:
     """Polish latent vectors so that the decoder reproduces the given fields (semi-amortised
     inference; see the module docstring for the objective and its sources).
 
     Args:
         decode: z (R, latent) -> M_hat (R, n, n, n), differentiable in z (the eager decoder in
-            eval mode; its parameters are not changed). It is called with R = B * len(lr) rows,
-            start-major (row k * B + b is field b): a conditional model's decode closes over
-            its (B,) condition tiled to R rows, ``repeat_condition(cond, len(z))``.
+            eval mode; its parameters are not changed), with R = B * len(lr) rows, start-major
+            (row k * B + b is field b). With ``cond`` given it is called as ``decode(z, c)``,
+            c the condition tiled to the R rows (:func:`repeat_condition`).
         M: (B, n, n, n) float32 target fields (Eq. 1 units).
         z0: (B, latent) float32 start, the encoder's mean.
         steps: Adam steps (0 returns ``z0``).
@@ -129,6 +130,8 @@ def refine_latent(decode: Callable[[torch.Tensor], torch.Tensor], M: torch.Tenso
         peak_weight, prior_weight: see :func:`refine_objective`.
         progress: called as ``progress(done, steps)`` after each step; returning True stops
             early (the best z so far is returned).
+        cond: a conditional model's (B,) condition (Sec. 4.5, the largest density per field),
+            or None (``decode(z)``).
 
     Returns:
         (B, latent) float32, detached: per field the z of lowest objective seen, z0 included,
@@ -153,6 +156,10 @@ def refine_latent(decode: Callable[[torch.Tensor], torch.Tensor], M: torch.Tenso
     # z = z0 + lr_row * u with Adam at rate 1 on u: Adam's step is invariant to the gradient's
     # scale, so row r takes Adam steps of size lr_row in z (up to eps), all in one optimiser.
     zs, Ms = z0.repeat(K, 1), M.repeat(K, 1, 1, 1)
+    if cond is not None:
+        cs = repeat_condition(cond, K * B)
+        dec = decode
+        decode = lambda zz: dec(zz, cs)  # noqa: E731
     best = zs.clone()
     best_f = torch.full((K * B,), float("inf"), device=z0.device)
     if K == 1:  # the plain path: Adam on z at rate lr
