@@ -96,6 +96,7 @@ class TrainConfig:
     channels_last: bool | None = None    # channels-last-3d memory format
     conditional: bool = False            # Sec. 4.5: condition the bottleneck on the largest density
     cond_jitter: float = 0.0             # conditional: scale each field M by exp(U(-j, j)) (Fig. 10B: the target sets the magnitude)
+    cond_normalise: bool = False         # conditional: the encoder sees M scaled to the reference maximum (shape only), so z cannot carry the magnitude
     representation: str = "unit_cell"    # Sec. 3.1: "unit_cell" (1) or "repeating_lattice" (2)
     gpu_batcher: bool | None = None      # whole data set on the device, batches drawn there
     progress: bool | None = None         # tqdm bar (None = when stderr is a terminal)
@@ -416,6 +417,10 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
         raise ValueError("--unet-only and --vae-only exclude each other")
     if cfg.cond_jitter < 0 or (cfg.cond_jitter > 0 and not net.cfg.conditional):
         raise ValueError("--cond-jitter must be >= 0 and needs a conditional model (--conditional)")
+    if cfg.cond_normalise:
+        if not net.cfg.conditional:
+            raise ValueError("--cond-normalise needs a conditional model (--conditional)")
+        net.cfg.cond_normalise = True
     trained = net.unet if cfg.unet_only else net
     opt = torch.optim.Adam(trained.parameters(), lr=cfg.lr, **({"fused": True} if cuda else {}))
     if state is not None:

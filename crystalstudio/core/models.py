@@ -21,7 +21,8 @@ flattened encoder features) and output (z, before the decoder's first layer) are
 by ``c = cond / cond_scale``, where ``cond`` is the crystal's largest density (Eq. 1 units)
 and ``cond_scale`` a reference value fixed at training time (the median over training
 crystals), so that c is about 1 and an unconditional checkpoint can be fine-tuned into a
-conditional one.
+conditional one. With ``cond_normalise`` the encoder instead sees M rescaled to the
+reference maximum (and is not multiplied by c), so only the decoder's c sets the magnitude.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class ModelConfig:
         conditional: Sec. 4.5 max-density conditioning of the bottleneck.
         cond_scale: reference largest density (Eq. 1 units); the bottleneck is multiplied
             by ``cond / cond_scale``.
+        cond_normalise: conditional only: the encoder sees M rescaled to the largest
+            density ``cond_scale`` (its shape, not its magnitude) and its features are not
+            multiplied by c, so z cannot carry the magnitude and only the condition sets it
+            (the control of Sec. 4.5, Fig. 10B).
     """
 
     grid_n: int = 30
@@ -67,6 +72,7 @@ class ModelConfig:
     n_classes: int = 95
     conditional: bool = False
     cond_scale: float = 1.0
+    cond_normalise: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -139,15 +145,22 @@ class DensityVAE(nn.Module):
     def encode(self, M: torch.Tensor, cond: torch.Tensor | None = None):
         """M (B, n, n, n) -> (mu, logvar), each (B, latent).
 
-        For a conditional model ``cond`` (B,) defaults to the largest density of each M.
+        For a conditional model ``cond`` (B,) defaults to the largest density of each M
+        (unused with ``cond_normalise``: the encoder then sees M scaled to ``cond_scale``).
         """
         if M.dim() == 4:
             M = M.unsqueeze(1)
+        if self.cfg.conditional and self.cfg.cond_normalise:  # shape only: the condition carries the magnitude
+            peak = max_density(M).clamp_min(1e-6)
+            return self._stats(self.encoder(M * (self.cfg.cond_scale / peak).view(-1, 1, 1, 1, 1)).flatten(1))
         h = self.encoder(M).flatten(1)
         if self.cfg.conditional:
             if cond is None:
                 cond = max_density(M)
             h = h * self._cond(cond, h)
+        return self._stats(h)
+
+    def _stats(self, h: torch.Tensor):
         mu, logvar = self.to_stats(h).chunk(2, dim=1)
         return mu, logvar.clamp(-20.0, 10.0)
 

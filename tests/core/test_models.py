@@ -85,6 +85,31 @@ def test_conditional_bottleneck_uses_cond():
         np.testing.assert_allclose(net.decode(2 * z).numpy(), d2.numpy(), rtol=1e-5, atol=1e-7)
 
 
+def test_cond_normalise_encoder_sees_shape_only():
+    """cond_normalise: the encoder's z is the same for M and for M at any magnitude (so only
+    the condition can carry it), equals the plain encoder's z of M rescaled to cond_scale, and a
+    field of zeros gives finite statistics."""
+    cfg = ModelConfig(**{**TINY, "conditional": True, "cond_scale": 3.0, "cond_normalise": True})
+    net = DensityVAE(cfg).eval()
+    plain = DensityVAE(ModelConfig(**TINY)).eval()
+    plain.load_state_dict(net.state_dict())
+    M = torch.rand(2, 16, 16, 16)
+    M[1] *= 5.0
+    with torch.no_grad():
+        mu, lv = net.encode(M)
+        mu2, lv2 = net.encode(M * torch.tensor([0.5, 2.0]).view(2, 1, 1, 1))
+        ref, _ = plain.encode(M * (3.0 / M.flatten(1).amax(1)).view(2, 1, 1, 1))
+        zero_mu, zero_lv = net.encode(torch.zeros(1, 16, 16, 16))
+    np.testing.assert_allclose(mu2.numpy(), mu.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(lv2.numpy(), lv.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(mu.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(zero_mu).all() and torch.isfinite(zero_lv).all()
+    # without cond_normalise the magnitude reaches z
+    cfg.cond_normalise = False
+    with torch.no_grad():
+        assert not torch.allclose(net.encode(M)[0], net.encode(2 * M)[0], atol=1e-3)
+
+
 def test_kl_divergence_closed_form():
     assert torch.count_nonzero(kl_divergence(torch.zeros(2, 5), torch.zeros(2, 5))) == 0
     mu = torch.tensor([[0.5, -1.0]], dtype=torch.float64)

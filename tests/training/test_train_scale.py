@@ -296,3 +296,18 @@ def test_cond_jitter_rescales_each_field_of_a_conditional_model(npz, tmp_path, m
     assert not np.allclose(ratio, ratio[0])
     with pytest.raises(ValueError, match="--cond-jitter"):
         train(tiny_cfg(npz, tmp_path / "u.safetensors", steps=1, cond_jitter=0.2))
+
+
+def test_cond_normalise_is_stored_and_needs_a_conditional_model(npz, tmp_path):
+    """--cond-normalise turns a conditional checkpoint's encoder scale-free; the setting is
+    saved in the checkpoint (so the app encodes the same way) and kept by a later fine-tune
+    that does not repeat the flag; an unconditional model is refused."""
+    from crystalstudio.core.checkpoint import load_checkpoint
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    train(tiny_cfg(npz, a, steps=1, batch=2, conditional=True, cond_normalise=True, seed=1))
+    assert load_checkpoint(a).config.cond_normalise
+    train(tiny_cfg(npz, b, steps=1, batch=2, init=str(a), seed=1))
+    assert load_checkpoint(b).config.cond_normalise
+    with pytest.raises(ValueError, match="--cond-normalise"):
+        train(tiny_cfg(npz, tmp_path / "u.safetensors", steps=1, cond_normalise=True))
