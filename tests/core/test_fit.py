@@ -174,6 +174,49 @@ def test_crowded_seeds_get_the_non_negative_least_squares_amplitudes():
     np.testing.assert_allclose(A, ref, atol=1e-6 * ref.max())
 
 
+def test_a_candidate_far_outside_the_cube_gets_at_most_max_amplitude():
+    # a repeating-lattice image 1.5 Å outside a face (Z = 40) explained by a candidate 3.4 Å
+    # outside: the plain linear solve gives it Z ~ 5000 (its tail is all the cube sees),
+    # which stalled the fit (test split, HfBeSi); the bounded solve equals scipy's BVLS on
+    # the explicit design matrix with bounds [0, max_amplitude]
+    from scipy.optimize import lsq_linear
+
+    from crystalstudio.core.fit import DEFAULT_FIT, _amplitudes
+
+    cap = DEFAULT_FIT.max_amplitude
+    F = direct_field(np.array([[-1.5, 5.0, 5.0], [0.8, 5.0, 5.0]]), np.array([40, 8]), GRID) * GRID.peak_scale
+    seeds = np.array([[-3.4, 5.0, 5.0], [0.8, 5.0, 5.0]])
+    X = np.stack([direct_field(p[None], np.array([1.0]), GRID).ravel() * GRID.peak_scale for p in seeds], 1)
+    assert np.linalg.lstsq(X, F.ravel(), rcond=None)[0].max() > 10 * cap  # the case the cap is for
+    ref = lsq_linear(X, F.ravel(), bounds=(0.0, cap), method="bvls").x
+    A = _amplitudes(F, seeds, GRID.centres(), GRID.sigma, cap)
+    assert A.max() <= cap
+    np.testing.assert_allclose(A, ref, atol=1e-6 * cap)
+
+
+def test_levenberg_marquardt_raises_the_damping_until_a_step_is_accepted():
+    # 12 atoms in the cube, 6 images outside a face placed 0.8 Å off, and 4 spurious
+    # candidates at the fit's outer bound with Z 5000: every step at damping <= 1e2 x diag is
+    # rejected at some point, and a refinement that gave up there stopped at a residual of
+    # 1e-8 of the field's energy; it must reach the exact field (float rounding)
+    from crystalstudio.core.fit import _refine
+
+    rng = np.random.default_rng(27)
+    Pt, At = rng.uniform(0.5, 9.5, (12, 3)), rng.integers(1, 80, 12).astype(float)
+    Po = rng.uniform(0, 10, (6, 3))
+    Po[:, 0] = -rng.uniform(0.5, 3.0, 6)
+    Ao = rng.integers(1, 80, 6).astype(float)
+    P_true, A_true = np.vstack([Pt, Po]), np.concatenate([At, Ao])
+    Pf = rng.uniform(0, 10, (4, 3))
+    Pf[:, 0] = -3.5 + rng.uniform(0, 0.3, 4)
+    P0 = np.vstack([Pt + rng.normal(0, 0.2, Pt.shape), Po + rng.normal(0, 0.8, Po.shape), Pf])
+    A0 = np.concatenate([At, Ao, np.full(4, 5000.0)])
+    F = field_model(P_true, A_true, GRID)
+    P, A, r, _ = _refine(F, P0, A0, GRID.centres(), GRID.sigma, -3.5, 13.5, 30)
+    assert np.vdot(r, r) < 1e-12 * np.vdot(F, F)
+    np.testing.assert_allclose(P[:12], Pt, atol=1e-4)  # the atoms in the cube, exactly
+
+
 def _probs_around(grid: Grid, positions: np.ndarray, classes: list[dict[int, float]], K: int = 95) -> np.ndarray:
     """U-Net-like class probabilities: background everywhere, the given p(Z) in the 3x3x3
     voxels around each position."""
