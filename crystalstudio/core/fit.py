@@ -78,11 +78,6 @@ class FitSettings:
             cell representation atoms are kept within ``edge_A`` of the cube.
         edge_A: unit-cell representation: allowed margin outside the cube, Å.
         z_max: largest Z read from an amplitude.
-        max_amplitude: largest amplitude (Z units) a fitted atom may take, in every linear
-            solve and Levenberg-Marquardt step (2 x 94: two heavy atoms merged). Without it a
-            repeating-lattice candidate far outside the cube took amplitudes of thousands to
-            explain a small residual at a face, and the fit stalled there (test split,
-            HfBeSi: 38 of 70 atoms off by more than 0.1 Å).
         width_scale: fit Gaussians of ``width_scale * sigma`` (a decoded field is blurrier
             than Eq. 1); Z is then the amplitude times ``width_scale^3`` (the integral).
         laplacian: also seed from maxima of the residual's negative Laplacian (resolves
@@ -114,7 +109,6 @@ class FitSettings:
     outside_sigmas: float = 3.5
     edge_A: float = 0.5
     z_max: int = 94
-    max_amplitude: float = 188.0
     width_scale: float = 1.0
     laplacian: bool = True
     backoff: bool = True
@@ -362,7 +356,7 @@ LM_TRIES = 12
 
 
 def _refine(F: np.ndarray, P: np.ndarray, A: np.ndarray, c: np.ndarray, sigma: float, lo: float, hi: float,
-            max_iter: int, tol: float = 1e-6, stall: float = 0.0, amax: float = np.inf):
+            max_iter: int, tol: float = 1e-6, stall: float = 0.0):
     """Levenberg-Marquardt on all positions and amplitudes; returns (P, A, residual, H).
 
     ``stall`` > 0 (detection rounds): also stop when the last three accepted steps lowered
@@ -391,7 +385,7 @@ def _refine(F: np.ndarray, P: np.ndarray, A: np.ndarray, c: np.ndarray, sigma: f
                 delta = linalg.cho_solve(linalg.cho_factor(Hd, check_finite=False), b, check_finite=False)
             except np.linalg.LinAlgError:
                 delta = linalg.lstsq(Hd, b, check_finite=False)[0]
-            A1 = np.minimum(A + delta[:N], amax)
+            A1 = A + delta[:N]
             P1 = np.clip(P + delta[N:].reshape(3, N).T, lo, hi)
             g1, dg1 = _basis(P1, c, sigma)
             r1 = F - _model(A1, g1)
@@ -505,9 +499,8 @@ def _candidates(r: np.ndarray, grid: Grid, threshold: float, noise_k: float = 5.
     return P[order], strength[order]
 
 
-def _amplitudes(F: np.ndarray, P: np.ndarray, c: np.ndarray, sigma: float, amax: float = np.inf) -> np.ndarray:
-    """Least-squares amplitudes for fixed positions (Eq. 1 is linear in them): ``G A = <g, F>``,
-    within [0, ``amax``] when the unconstrained solution leaves that range."""
+def _amplitudes(F: np.ndarray, P: np.ndarray, c: np.ndarray, sigma: float) -> np.ndarray:
+    """Least-squares amplitudes for fixed positions (Eq. 1 is linear in them): ``G A = <g, F>``."""
     g, _ = _basis(P, c, sigma)
     N, n = g.shape[1], g.shape[2]
     G = (g[0] @ g[0].T) * (g[1] @ g[1].T) * (g[2] @ g[2].T)
@@ -518,21 +511,18 @@ def _amplitudes(F: np.ndarray, P: np.ndarray, c: np.ndarray, sigma: float, amax:
         A = np.linalg.solve(G, b)
     except np.linalg.LinAlgError:
         A = linalg.lstsq(G, b, check_finite=False)[0]
-    if A.min() >= 0 and A.max() <= amax:
+    if A.min() >= 0:
         return A
     # Eq. 1 weights are positive: crowded seeds make the unconstrained solution swing to large
-    # negative and positive amplitudes, so solve the bounded problem instead
-    # (min |R A - d| with G = R^T R, R^T d = b: scipy's NNLS, or lsq_linear with a finite cap)
-    from scipy.optimize import lsq_linear, nnls
+    # negative and positive amplitudes, so solve the non-negative problem instead
+    # (min |R A - d| with G = R^T R, R^T d = b, by scipy's NNLS)
+    from scipy.optimize import nnls
 
     try:
         R = linalg.cholesky(G, check_finite=False)
-        d = linalg.solve_triangular(R, b, trans="T", check_finite=False)
-        if np.isfinite(amax):
-            return np.clip(lsq_linear(R, d, bounds=(0.0, amax), method="bvls").x, 0.0, amax)
-        return nnls(R, d)[0]
-    except (linalg.LinAlgError, RuntimeError, ValueError):
-        return np.clip(A, 0.0, amax)
+        return nnls(R, linalg.solve_triangular(R, b, trans="T", check_finite=False))[0]
+    except (linalg.LinAlgError, RuntimeError):
+        return np.maximum(A, 0.0)
 
 
 def _prune(P: np.ndarray, A: np.ndarray, floor: np.ndarray, merge_A: float):
@@ -651,7 +641,6 @@ def fit_atoms(M: np.ndarray, grid: Grid, representation: str = "unit_cell",
     wide = replace(grid, sigma=grid.sigma * s)
     with _one_blas_thread():
         a = _fit(F, wide, representation, replace(settings, min_amplitude=settings.min_amplitude / s**3,
-                                                   max_amplitude=settings.max_amplitude / s**3,
                                                    outside_sigmas=settings.outside_sigmas / s), keep_outside)
     amp, sig = a.amplitude * s**3, a.amplitude_sigma * s**3
     return Atoms(a.positions, np.clip(np.rint(amp), 1, settings.z_max).astype(np.int64), None, amp, sig)
@@ -667,7 +656,6 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
     else:
         raise ValueError(f"unknown representation {representation!r}")
     P, A = np.zeros((0, 3)), np.zeros(0)
-    amax = settings.max_amplitude
     if F.max() <= 0.5 * settings.min_amplitude:
         return _result(P, A, np.zeros(0), L, keep_outside)
     state = (P, A, F, None, float(np.vdot(F, F)))
@@ -677,7 +665,7 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
             break
         P, A, r, H, rss = found
         if len(A) and settings.max_iter > settings.round_iter:  # converge the chosen atoms
-            P, A, r, H = _refine(F, P, A, c, sig, lo, hi, settings.max_iter, amax=amax)
+            P, A, r, H = _refine(F, P, A, c, sig, lo, hi, settings.max_iter)
             rss = float(np.vdot(r, r))
         state = (P, A, r, H, rss)
     P, A, r, H, rss = state
@@ -701,7 +689,6 @@ def _rounds(F: np.ndarray, grid: Grid, settings: FitSettings, state: tuple, c: n
     P, A, r, H, rss = state
     best, improved = state, False
     thresh = 0.5 * settings.min_amplitude
-    amax = settings.max_amplitude
     # the lattice's images outside the cube are weakly constrained and converge slowly
     # without being wrong: a stalled round there still needs its iterations
     stall = settings.round_stall if representation == "unit_cell" else 0.0
@@ -717,16 +704,16 @@ def _rounds(F: np.ndarray, grid: Grid, settings: FitSettings, state: tuple, c: n
         if not len(cand):
             break
         P = np.concatenate([P, cand])
-        A = _amplitudes(F, P, c, sig, amax)
+        A = _amplitudes(F, P, c, sig)
         it = min(settings.round_iter, settings.max_iter)
-        P, A, r, H = _refine(F, P, A, c, sig, lo, hi, it, stall=stall, amax=amax)
+        P, A, r, H = _refine(F, P, A, c, sig, lo, hi, it, stall=stall)
         for _ in range(len(A) + 1):  # remove what fell below the floor, refit what is left
             P2, A2 = _prune(P.copy(), A.copy(), settings.min_amplitude, settings.merge_A)
             if len(A2) == len(A):
                 break
             P, A = P2, A2
             if len(A):
-                P, A, r, H = _refine(F, P, A, c, sig, lo, hi, it, stall=stall, amax=amax)
+                P, A, r, H = _refine(F, P, A, c, sig, lo, hi, it, stall=stall)
             else:
                 r, H = F, None
         rss = float(np.vdot(r, r))
