@@ -353,8 +353,6 @@ STEP_TOL_A = 1e-4
 #: 6 (damping up to 1e2 x diag) stopped repeating-lattice fits whose images far outside the
 #: cube are barely constrained (test split, HfBeSi: 38 of 70 atoms off by more than 0.1 Å)
 LM_TRIES = 12
-#: repeating lattice: atoms fitted up to this far (Å) beyond a face are still returned
-LATTICE_EDGE_A = 0.1
 
 
 def _refine(F: np.ndarray, P: np.ndarray, A: np.ndarray, c: np.ndarray, sigma: float, lo: float, hi: float,
@@ -679,11 +677,7 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
         gb, dgb = _basis(P, c, sig)
         H, _ = _normal_equations(r, A, gb, dgb)
     sigA = _amplitude_sigma(H, r, len(A))
-    # the lattice cube starts at the cell origin: atoms sit exactly on its faces and may be fitted
-    # a few hundredths of an Å outside (their Gaussians are cut in half); return those within
-    # LATTICE_EDGE_A (val: two such atoms were fitted 0.05 Å outside and lost)
-    edge = LATTICE_EDGE_A if representation == "repeating_lattice" else 0.02
-    return _result(P, A, sigA, L, keep_outside, settings.z_max, edge)
+    return _result(P, A, sigA, L, keep_outside, settings.z_max)
 
 
 def _rounds(F: np.ndarray, grid: Grid, settings: FitSettings, state: tuple, c: np.ndarray, lo: float, hi: float,

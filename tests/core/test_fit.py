@@ -125,27 +125,6 @@ def test_repeating_lattice_atoms_in_the_cube_and_images_outside():
     assert len(everything) > len(atoms)  # atoms outside the cube were fitted too
 
 
-def test_lattice_atoms_on_the_faces_of_a_cube_at_the_cell_origin_come_back():
-    # unrotated rock salt with the cell origin at the cube's corner: 27 atoms sit exactly on
-    # faces, edges and corners of a 6 Å window, where half their Gaussian is cut off; the fit
-    # may place them a few hundredths of an Å outside, and must still return them (with a
-    # 0.02 Å margin 23 of 27 came back)
-    a = 5.64
-    frac = np.array([[0, 0, 0], [.5, .5, 0], [.5, 0, .5], [0, .5, .5],
-                     [.5, 0, 0], [0, .5, 0], [0, 0, .5], [.5, .5, .5]])
-    nacl = Crystal(np.eye(3) * a, frac, [11] * 4 + [17] * 4, "NaCl")
-    grid = Grid(n=18, length=6.0)
-    P, Z = lattice_positions(nacl, grid, np.eye(3))
-    inside = np.all((P >= 0) & (P <= grid.length), axis=1)
-    assert inside.sum() == 27
-    atoms = fit_atoms(direct_field(P, Z, grid), grid, "repeating_lattice")
-    m = match_atoms(P[inside], Z[inside], atoms.positions, atoms.Z, tol=0.1)
-    assert m["true_matched"] == 27 and len(atoms) == 27
-    # species: an atom on an edge or corner keeps a quarter or an eighth of its Gaussian in the
-    # cube, so its amplitude is less certain (25 of 27 exact when written)
-    assert m["species_correct"] >= 24
-
-
 @pytest.mark.parametrize("outside", [0.4, 1.0, 2.0])
 def test_a_lattice_atom_outside_a_face_is_seeded_where_its_gaussian_peaks(outside):
     # one atom `outside` Å beyond the x = 0 face: its only trace in the cube is a tail whose
