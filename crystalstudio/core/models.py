@@ -150,17 +150,14 @@ class DensityVAE(nn.Module):
         """
         if M.dim() == 4:
             M = M.unsqueeze(1)
-        if self.cfg.conditional and self.cfg.cond_normalise:  # shape only: the condition carries the magnitude
-            peak = max_density(M).clamp_min(1e-6)
-            return self._stats(self.encoder(M * (self.cfg.cond_scale / peak).view(-1, 1, 1, 1, 1)).flatten(1))
+        normalise = self.cfg.conditional and self.cfg.cond_normalise
+        if normalise:  # shape only: the condition carries the magnitude
+            M = M * (self.cfg.cond_scale / max_density(M).clamp_min(1e-6)).view(-1, 1, 1, 1, 1)
         h = self.encoder(M).flatten(1)
-        if self.cfg.conditional:
+        if self.cfg.conditional and not normalise:
             if cond is None:
                 cond = max_density(M)
             h = h * self._cond(cond, h)
-        return self._stats(h)
-
-    def _stats(self, h: torch.Tensor):
         mu, logvar = self.to_stats(h).chunk(2, dim=1)
         return mu, logvar.clamp(-20.0, 10.0)
 
