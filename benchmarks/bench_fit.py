@@ -10,6 +10,8 @@ shipped model's M_hat of the same crystals (encode -> decode). Rows:
   of mass (``CrystalModel.segment_batch(method="unet")``, what the paper does).
 * ``fit, true M``: :func:`crystalstudio.core.fit.fit_atoms` with ``DEFAULT_FIT``; also
   reports the share of atoms recovered within 0.1 Å with the right Z.
+* ``fit, true M, unsharpened seeds``: the same with ``sharpen_A = 0`` (the first round seeds
+  from the field and its Laplacian, as before 2026-12-05 evening), for the A/B in one run.
 * ``fit, decoded M`` (``CrystalModel.segment_batch(method="fit")``): the app's default on a
   decoded field, U-Net included (its species and gating).
 
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from crystalstudio.core.checkpoint import load_checkpoint  # noqa: E402
 from crystalstudio.core.density import Grid, density_field  # noqa: E402
 from crystalstudio.core.fit import DEFAULT_FIT, fit_atoms  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from crystalstudio.core.metrics import match_atoms  # noqa: E402
 from crystalstudio.session import default_checkpoint  # noqa: E402
 
@@ -74,17 +77,21 @@ def main(argv: list[str] | None = None) -> int:
         crystals = [random_crystal(rng, n_atoms, grid) for _ in range(a.runs)]
         true_M = [density_field(P, Z, grid, species=False)[0] for P, Z in crystals]
         decoded = [model.decode(model.encode(M)[0]) for M in true_M]
-        ok = []
+        unsharp = replace(DEFAULT_FIT, sharpen_A=0.0)
+        ok, ok_unsharp = [], []
         for (P, Z), M in zip(crystals, true_M):
-            f = fit_atoms(M, grid, settings=DEFAULT_FIT)
-            m = match_atoms(P, Z, f.positions, f.Z, 0.1)
-            ok.append(m["species_correct"] / len(Z))
+            for st, acc in ((DEFAULT_FIT, ok), (unsharp, ok_unsharp)):
+                f = fit_atoms(M, grid, settings=st)
+                m = match_atoms(P, Z, f.positions, f.Z, 0.1)
+                acc.append(m["species_correct"] / len(Z))
         for threads in (1, 2):
             torch.set_num_threads(threads)
             base = _median_ms(lambda M: model.segment_batch(M[None], "unet"), true_M)
             rows = [("unet (baseline), true M", base, ""),
                     ("fit, true M", _median_ms(lambda M: fit_atoms(M, grid, settings=DEFAULT_FIT), true_M),
                      f"{100 * np.mean(ok):.1f}%"),
+                    ("fit, true M, unsharpened seeds", _median_ms(lambda M: fit_atoms(M, grid, settings=unsharp),
+                                                                  true_M), f"{100 * np.mean(ok_unsharp):.1f}%"),
                     ("unet, decoded M", _median_ms(lambda M: model.segment_batch(M[None], "unet"), decoded), ""),
                     ("fit, decoded M (app default)", _median_ms(lambda M: model.segment_batch(M[None], "fit"),
                                                                 decoded), "")]
