@@ -13,53 +13,43 @@ Every error message goes through :meth:`MainWindow.show_error`.
 The dock "Latent explorer" (:class:`~crystalstudio.gui.explorer.LatentExplorer`) moves z
 (sliders, A-B interpolation, random draws, conditioning); its frames replace the right
 view's content ("Decoded"). The dock "Slices" shows M, M_hat and their difference.
+
+:class:`MainWindow` ties the parts together and keeps the settings; the parts live in
+their own modules: the two linked views in :mod:`.views` (:class:`~.views.LinkedViews`),
+the worker-thread jobs and their progress bar in :mod:`.jobs` (:class:`~.jobs.JobRunner`),
+the menus in :mod:`.menus` and the About-model text in :mod:`.about`.
 """
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
-from PySide6.QtCore import QEvent, QObject, QSettings, QSignalBlocker, Qt, QThreadPool, QTimer, Signal
-from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QFileDialog, QInputDialog, QLabel, QMainWindow, QMessageBox, QProgressBar,
-                               QScrollArea, QSlider, QSplitter, QVBoxLayout, QWidget, QWidgetAction)
-from pyvistaqt import QtInteractor
+from PySide6.QtCore import QSettings, QSignalBlocker, Qt, Signal
+from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent
+from PySide6.QtWidgets import (QDockWidget, QFileDialog, QInputDialog, QLabel, QMainWindow, QMessageBox, QScrollArea,
+                               QWidget)
 
 from ..core.checkpoint import load_checkpoint
 from ..core.density import Grid
-from ..io.structures import (StructureError, cif_blocks, covalent_radius, element_colors, element_radius,
-                             element_symbol, write_cif, write_xyz)
+from ..io.structures import StructureError, cif_blocks, write_cif, write_xyz
 from ..render.export import ExportCancelled, save_density_npy, save_density_vti
-from ..render.overlays import Overlays, atom_bounds
-from ..render.scene import CrystalScene
-from ..session import (Frame, Reconstruction, Session, bundled_checkpoints, disordered_sites, sample_files)
+from ..session import Frame, Reconstruction, Session, disordered_sites
+from .about import about_model_html
 from .explorer import LatentExplorer
 from .export_dialog import ExportDialog, ExportSpec, run_export
-from .workers import Task
+from .jobs import JobRunner
+from .jobs import one_line as _one_line
+from .menus import build_menus
+from .views import VOLUME_OPACITY, LinkedViews
 
 __all__ = ["MainWindow", "status_text", "STRUCTURE_FILTER"]
 
 APP_NAME = "crystalstudio"
 MAX_RECENT = 8
-ATOM_RADIUS_SCALE = 0.35  # sphere radius = 0.35 * atomic radius
-BACKGROUND = "#1b1b1f"
-VOLUME_OPACITY = 0.4  # lighter than the scene's default so atoms inside the density stay visible
-CAMERA_ZOOM = 1.0
 STRUCTURE_FILTER = ("Structures (*.cif *.mcif *.vasp POSCAR* CONTCAR* *.json);;CIF (*.cif);;"
                     "POSCAR / VASP (POSCAR* CONTCAR* *.vasp);;pymatgen JSON (*.json);;All files (*)")
-_INPUT_EVENTS = (QEvent.Type.MouseMove, QEvent.Type.MouseButtonRelease, QEvent.Type.Wheel,
-                 QEvent.Type.KeyPress, QEvent.Type.KeyRelease)
-
-
-def _one_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception message (its type name if it has none)."""
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
 
 
 def n_atoms(n: int) -> str:
@@ -81,65 +71,6 @@ def status_text(rec: Reconstruction) -> str:
     return " · ".join(parts)
 
 
-def _atom_style(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Jmol colours and sphere radii (0.35 x atomic radius) of atomic numbers ``Z``."""
-    Z = np.asarray(Z, np.int64).reshape(-1)
-    radii = np.array([ATOM_RADIUS_SCALE * element_radius(z) for z in Z], np.float64)
-    return element_colors(Z, "jmol"), radii
-
-
-class _Panel:
-    """One titled 3-D view: a ``QtInteractor`` child widget and the :class:`CrystalScene` in it."""
-
-    def __init__(self, parent: QWidget, title: str) -> None:
-        self.widget = QWidget(parent)
-        layout = QVBoxLayout(self.widget)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.setSpacing(2)
-        self.label = QLabel(title, self.widget)
-        self.label.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.label.setStyleSheet("font-weight: bold; padding: 2px;")
-        layout.addWidget(self.label)
-        # auto_update=False: no 5 Hz re-render timer; the window renders when something changed.
-        self.view = QtInteractor(self.widget, auto_update=False)
-        self.view.set_background(BACKGROUND)
-        self.view.setAcceptDrops(False)  # drops go to the main window, not to pyvista's own handler
-        layout.addWidget(self.view, 1)
-        self.scene = CrystalScene(self.view, max_opacity=VOLUME_OPACITY)
-        self.overlays = Overlays(self.view, f"panel-{id(self):x}")
-        self.title = title
-        self.positions = np.zeros((0, 3))
-
-    def set_crystal(self, M: np.ndarray | None, grid: Grid, positions: np.ndarray, Z: np.ndarray,
-                    caption: str, cell: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        """Density, atoms, bonds, element legend and (``cell`` = (origin, vectors) in Å,
-        cube frame) the unit cell of one crystal."""
-        self.scene.set_outline(grid)
-        self.scene.set_density(M, grid)
-        colors, radii = _atom_style(Z)
-        self.scene.set_atoms(positions, Z, colors, radii)
-        self.positions = np.asarray(positions, np.float64).reshape(-1, 3)
-        self._bond_input = (self.positions, np.array([covalent_radius(z) for z in np.asarray(Z).reshape(-1)]), colors)
-        self.overlays.set_bonds(*self._bond_input)
-        self.overlays.set_cell(*(cell if cell is not None else (None, None)))
-        zs = sorted(set(int(z) for z in np.asarray(Z).reshape(-1)))
-        self.overlays.set_legend([(element_symbol(z), tuple(float(c) for c in element_colors(np.array([z]))[0]))
-                                  for z in zs])
-        self.label.setText(f"{self.title} · {caption}")
-
-    def show_bonds(self, visible: bool) -> None:
-        self.overlays.bonds_visible = bool(visible)
-        self.overlays.set_bonds(*getattr(self, "_bond_input", (np.zeros((0, 3)), np.zeros(0), np.zeros((0, 3)))))
-
-    def set_colour_range(self, hi: float | None) -> None:
-        """Pin the density colour range to ``(0, hi)`` (units of Z); None: back to the default
-        ``(0, 30)`` that grows with the fields shown."""
-        self.scene.set_clim(None if hi is None else (0.0, max(float(hi), 1e-3)))
-
-    def close(self) -> None:
-        self.view.close()
-
-
 class MainWindow(QMainWindow):
     """Input crystal and its reconstruction in two linked 3-D views, with menus and status bar.
 
@@ -159,47 +90,31 @@ class MainWindow(QMainWindow):
     frame_shown = Signal(object, bool)
     failed = Signal(str)
     _session_event = Signal(str, object)
-    _progress = Signal(int, int)  # (done, total) of latent refinement, from the worker thread
 
     def __init__(self, session: Session | None, settings: QSettings | None = None,
                  parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.session: Session | None = None
         self.settings = settings if settings is not None else QSettings()
-        self._pool = QThreadPool(self)
-        self._pool.setMaxThreadCount(1)  # jobs run one after the other, in order
-        self._tasks: dict[int, Task] = {}
-        self._job = 0  # id of the newest job; older results are dropped
         self._closed = False
         self._camera_fitted = False
-        self._sync_pending: set[int] = set()
         self._session_event.connect(self._on_session_event)
 
         self.setWindowTitle(APP_NAME)
         self.setAcceptDrops(True)
         self.resize(1400, 800)
 
-        self.splitter = QSplitter(Qt.Orientation.Horizontal, self)
-        self.input = _Panel(self.splitter, "Input")
-        self.output = _Panel(self.splitter, "Reconstruction")
-        self.splitter.addWidget(self.input.widget)
-        self.splitter.addWidget(self.output.widget)
-        self.splitter.setChildrenCollapsible(False)
-        self.splitter.setStretchFactor(0, 1)
-        self.splitter.setStretchFactor(1, 1)
-        self.setCentralWidget(self.splitter)
-        self.panels = (self.input, self.output)
-        # One camera for both views; interaction in either re-renders the other.
-        self.output.view.renderer.camera = self.input.view.renderer.camera
-        for p in self.panels:
-            p.view.installEventFilter(self)
+        #: the two linked 3-D views (``splitter`` is the same object, under its older name)
+        self.views = self.splitter = LinkedViews(self)
+        self.setCentralWidget(self.views)
+        self.input, self.output = self.views.input, self.views.output
+        self.panels = self.views.panels
 
-        self._busy = QProgressBar(self)
-        self._busy.setRange(0, 0)  # indeterminate
-        self._busy.setMaximumWidth(120)
-        self._busy.setVisible(False)
-        self.statusBar().addPermanentWidget(self._busy)
-        self._progress.connect(self._on_progress)
+        #: worker-thread jobs; ``_busy`` is its status-bar progress bar, ``_progress`` its
+        #: ``(done, total)`` signal of latent refinement (emitted from the worker thread)
+        self.jobs = JobRunner(self, self.statusBar(), self._job_failed)
+        self._busy = self.jobs.bar
+        self._progress = self.jobs.progress
         #: notes about the open file (model switched, disorder, pymatgen warnings in the tooltip)
         self.notes_label = QLabel("", self)
         self.notes_label.setStyleSheet("color: #a60;")
@@ -209,7 +124,7 @@ class MainWindow(QMainWindow):
         self.block_chooser: Callable[[list[str]], int | bool] | None = None
 
         self._build_docks()
-        self._build_menus()
+        build_menus(self)
         self._restore_settings()
         self._set_session(session)
         grid = self.grid
@@ -254,112 +169,6 @@ class MainWindow(QMainWindow):
         self.resizeDocks([self.explorer_dock], [360], Qt.Orientation.Horizontal)
         self.resizeDocks([self.slices_dock], [230], Qt.Orientation.Vertical)
 
-    def _build_menus(self) -> None:
-        def action(text: str, slot: Callable, shortcut: Any = None, checkable: bool = False) -> QAction:
-            a = QAction(text, self)
-            if shortcut is not None:
-                a.setShortcut(QKeySequence(shortcut))
-            a.setCheckable(checkable)
-            (a.toggled if checkable else a.triggered).connect(slot)
-            self.addAction(a)  # shortcuts work while a view has focus, too
-            return a
-
-        m = self.menuBar().addMenu("&File")
-        self.open_action = action("&Open…", self._ask_open, QKeySequence.StandardKey.Open)
-        m.addAction(self.open_action)
-        m.addAction(action("Open &checkpoint…", self._ask_checkpoint))
-        self.samples_menu = m.addMenu("&Samples")
-        for path in sample_files():
-            a = self.samples_menu.addAction(path.stem)
-            a.triggered.connect(lambda _=False, p=path: self.open_file(p))
-        self.recent_menu = m.addMenu("&Recent files")
-        self.recent_menu.aboutToShow.connect(self._fill_recent_menu)
-        m.addSeparator()
-        self.save_action = action("&Save reconstruction as CIF/XYZ…", self._ask_save, QKeySequence.StandardKey.Save)
-        m.addAction(self.save_action)
-        m.addAction(action("Save screens&hot…", self._ask_screenshot))
-        self.export_action = action("&Export video…", lambda: self.export_video(), "Ctrl+E")
-        m.addAction(self.export_action)
-        m.addAction(action("Export decoded &density (.npy, .vti)…", self._ask_export_density))
-        m.addSeparator()
-        m.addAction(action("&Quit", self.close, QKeySequence.StandardKey.Quit))
-
-        v = self.menuBar().addMenu("&View")
-        self.density_action = action("Show &density", self.show_density, "D", checkable=True)
-        self.atoms_action = action("Show &atoms", self.show_atoms, "A", checkable=True)
-        self.reset_action = action("&Reset camera", self.reset_camera, "R")
-        self.bonds_action = action("Show &bonds", self.show_bonds, "B", checkable=True)
-        self.bonds_action.setToolTip("Bonds where atoms are closer than 1.15 x the sum of their covalent radii")
-        self.cell_action = action("Show unit &cell", self.show_cell, "U", checkable=True)
-        self.cell_action.setToolTip("The input's unit cell drawn as its lattice vectors a (red), b (green), c (blue)")
-        self.reset_action = action("&Reset camera", self.reset_camera, "R")
-        self.reset_action.setToolTip("Frame the crystal (isometric)")
-        self.cube_action = action("View whole &cube", lambda: self.reset_camera(whole_cube=True), "Shift+R")
-        for a in (self.density_action, self.atoms_action, self.bonds_action, self.cell_action, self.reset_action,
-                  self.cube_action):
-            v.addAction(a)
-        om = v.addMenu("Density &opacity")
-        self.opacity_slider = QSlider(Qt.Orientation.Horizontal, self)
-        self.opacity_slider.setRange(5, 100)
-        self.opacity_slider.setValue(round(100 * VOLUME_OPACITY))
-        self.opacity_slider.setMinimumWidth(160)
-        self.opacity_slider.setToolTip("Opacity of the densest voxels: lower shows the atoms through the density")
-        wa = QWidgetAction(self)
-        wa.setDefaultWidget(self.opacity_slider)
-        om.addAction(wa)
-        self.opacity_slider.valueChanged.connect(lambda v_: self.set_opacity(v_ / 100.0))
-        self.fit_range_action = action("&Fit colour range of the decoded view", self.fit_colour_range,
-                                       checkable=True)
-        self.fit_range_action.setToolTip("Spread the colour map over the decoded field's own range "
-                                         "(weak fields stay visible; frames are no longer comparable)")
-        v.addAction(self.fit_range_action)
-        self.window_origin_action = action("Lattice &window origin…", self._ask_window_origin, "Ctrl+Shift+W")
-        self.window_origin_action.setToolTip("Which 10 Å window of the lattice the repeating-lattice model shows")
-        v.addAction(self.window_origin_action)
-        v.addSeparator()
-        v.addAction(self.explorer_dock.toggleViewAction())
-        v.addAction(self.slices_dock.toggleViewAction())
-        v.addAction(self.atoms_dock.toggleViewAction())
-
-        self.model_menu = self.menuBar().addMenu("&Model")
-        self.model_group = QActionGroup(self)
-        self.model_group.setExclusive(True)
-        self.model_actions: dict[str, QAction] = {}
-        for path, what in bundled_checkpoints():
-            a = self.model_menu.addAction(f"{path.stem}: {what}")
-            a.setCheckable(True)
-            a.setData(str(path))
-            self.model_group.addAction(a)
-            a.triggered.connect(lambda _=False, p=path: self.open_checkpoint(p))
-            self.model_actions[str(path.resolve())] = a
-        self.model_menu.addSeparator()
-        self.model_menu.addAction(action("Open checkpoint &file…", self._ask_checkpoint))
-        self.model_menu.addSeparator()
-        am = self.model_menu.addMenu("&Atoms from the decoded field")
-        self.atoms_method_group = QActionGroup(self)
-        self.atoms_method_group.setExclusive(True)
-        self.atoms_method_actions: dict[str, QAction] = {}
-        for key, text, keys in (("fit", "&Fit Eq. 1 (least squares; species from the U-Net)", "Ctrl+Shift+F"),
-                                ("unet", "&U-Net (paper: argmax + connected components)", "Ctrl+Shift+U")):
-            a = am.addAction(text)
-            a.setCheckable(True)
-            a.setShortcut(QKeySequence(keys))
-            self.addAction(a)
-            self.atoms_method_group.addAction(a)
-            a.triggered.connect(lambda _=False, k=key: self.set_atoms_method(k))
-            self.atoms_method_actions[key] = a
-        self.refine_action = self.model_menu.addAction("&Refine the latent after encoding")
-        self.refine_action.setCheckable(True)
-        self.refine_action.setShortcut(QKeySequence("Ctrl+Shift+L"))
-        self.refine_action.setToolTip("Polish the encoder's z so that the decoder reproduces the input "
-                                      "(semi-amortised inference, a few seconds); off: the encoder alone (paper)")
-        self.refine_action.setChecked(self.refine_enabled())
-        self.addAction(self.refine_action)
-        self.refine_action.triggered.connect(self.set_refine_enabled)
-
-        h = self.menuBar().addMenu("&Help")
-        h.addAction(action("&About model", self._show_about_model))
-
     def _restore_settings(self) -> None:
         s = self.settings
         geom = s.value("window/geometry")
@@ -397,7 +206,7 @@ class MainWindow(QMainWindow):
     @property
     def busy(self) -> bool:
         """True while a file or checkpoint is being processed."""
-        return bool(self._tasks)
+        return self.jobs.busy
 
     def recent_files(self) -> list[str]:
         v = self.settings.value("files/recent")
@@ -495,45 +304,11 @@ class MainWindow(QMainWindow):
         self.settings.setValue("files/last_dir", str(Path(p).parent))
 
     # ------------------------------------------------------------------ jobs
-    def _start(self, message: str, fn: Callable, *args: Any, done: Callable, title: str) -> None:
-        """Run ``fn(*args)`` in the worker pool; ``done(result)`` on the GUI thread if still the newest job."""
-        self._job += 1
-        job = self._job
-        task = Task(fn, *args, parent=self)
-        task.signals.done.connect(lambda result: self._finish(job, done, result))
-        task.signals.failed.connect(lambda exc: self._finish(job, None, exc, title))
-        self._tasks[job] = task
-        self._busy.setRange(0, 0)  # indeterminate until a step count is reported
-        self._busy.setVisible(True)
-        self.statusBar().showMessage(message)
-        task.start(self._pool)
-
-    def _report_progress(self, done: int, total: int) -> bool:
-        """Progress callback for work in the pool (any thread): drives the status-bar bar;
-        True (stop) once the window is closed."""
-        self._progress.emit(int(done), int(total))
-        return self._closed
-
-    def _on_progress(self, done: int, total: int) -> None:
-        if self._tasks and not self._closed:
-            self._busy.setRange(0, max(1, total))
-            self._busy.setValue(min(done, total))
-
-    def _finish(self, job: int, done: Callable | None, value: Any, title: str = "") -> None:
-        task = self._tasks.pop(job, None)
-        if task is not None:
-            task.release()
-        self._busy.setVisible(bool(self._tasks))
-        if self._closed:
-            return
-        if done is None:  # failed: always tell, even when a newer job is running
-            self._error(title, _one_line(value))
-            if self.session is not None and self.session.current is not None and not self._tasks:
-                self.statusBar().showMessage(status_text(self.session.current), 0)
-            return
-        if job != self._job:
-            return  # superseded by a newer request
-        done(value)
+    def _job_failed(self, title: str, text: str) -> None:
+        """A background job raised: tell the user; back to the current status when idle."""
+        self._error(title, text)
+        if self.session is not None and self.session.current is not None and not self.jobs.busy:
+            self.statusBar().showMessage(status_text(self.session.current), 0)
 
     def open_file(self, path: str | Path) -> None:
         """Read ``path`` and reconstruct it in the background; errors end in :meth:`show_error`."""
@@ -542,7 +317,7 @@ class MainWindow(QMainWindow):
             self._error("No model", "No model is loaded; use File > Open checkpoint… first.")
             return
         session = self.session
-        progress = self._report_progress
+        progress = self.jobs.report_progress
         block = self._choose_block(path)
         if block is False:
             return  # the user cancelled the data-block choice
@@ -581,7 +356,7 @@ class MainWindow(QMainWindow):
             self.notes_label.setToolTip("\n".join(notes + [f"pymatgen: {w}" for w in warns]))
             self.notes_label.setVisible(bool(notes or warns))
 
-        self._start(f"Reconstructing {path.name}…", work, done=done, title="Cannot open structure")
+        self.jobs.start(f"Reconstructing {path.name}…", work, done=done, title="Cannot open structure")
 
     def _choose_block(self, path: Path):
         """For a CIF with several structures, ask which (None: the only one; False: cancelled)."""
@@ -649,8 +424,8 @@ class MainWindow(QMainWindow):
     def _recompute_current(self, message: str, title: str) -> None:
         """Reconstruct the current crystal again in the background (after a change of how)."""
         current, session = self.session.current, self.session
-        self._start(message, lambda: session.compute(current.crystal, current.rotation,
-                                                     progress=self._report_progress),
+        self.jobs.start(message, lambda: session.compute(current.crystal, current.rotation,
+                                                         progress=self.jobs.report_progress),
                     done=session.set_current, title=title)
 
     def open_checkpoint(self, path: str | Path) -> None:
@@ -667,7 +442,7 @@ class MainWindow(QMainWindow):
             if not refine:
                 model.refine_steps = 0
             rec = (Session(model=model, device=device).compute(current.crystal, current.rotation,
-                                                               progress=self._report_progress)
+                                                               progress=self.jobs.report_progress)
                    if current else None)
             return model, rec
 
@@ -686,7 +461,7 @@ class MainWindow(QMainWindow):
             else:
                 self.statusBar().showMessage(f"Model {path.name} loaded; drop a structure file to reconstruct it.")
 
-        self._start(f"Loading {path.name}…", work, done=done, title="Cannot load checkpoint")
+        self.jobs.start(f"Loading {path.name}…", work, done=done, title="Cannot load checkpoint")
 
     def _mark_model(self) -> None:
         """Tick the Model menu entry of the loaded checkpoint (none for another file)."""
@@ -744,8 +519,7 @@ class MainWindow(QMainWindow):
 
     def render(self) -> None:
         """Re-render both views now (GUI thread)."""
-        for p in self.panels:
-            p.view.render()
+        self.views.render()
 
     def show_frame(self, frame: Frame, caption: str = "", segmented: bool = True) -> None:
         """Draw a latent explorer frame in the right view ("Decoded"); with ``segmented`` False
@@ -791,8 +565,7 @@ class MainWindow(QMainWindow):
         if self.density_action.isChecked() != bool(visible):
             self.density_action.setChecked(bool(visible))  # re-enters through toggled
             return
-        for p in self.panels:
-            p.scene.show_density(visible)
+        self.views.show_density(visible)
         self.settings.setValue("view/density", bool(visible))
         self.render()
 
@@ -800,9 +573,7 @@ class MainWindow(QMainWindow):
         if self.atoms_action.isChecked() != bool(visible):
             self.atoms_action.setChecked(bool(visible))
             return
-        for p in self.panels:
-            p.scene.show_atoms(visible)
-            p.overlays.show_legend(visible)
+        self.views.show_atoms(visible)
         self.settings.setValue("view/atoms", bool(visible))
         self.render()
 
@@ -811,8 +582,7 @@ class MainWindow(QMainWindow):
         if self.bonds_action.isChecked() != bool(visible):
             self.bonds_action.setChecked(bool(visible))
             return
-        for p in self.panels:
-            p.show_bonds(visible)
+        self.views.show_bonds(visible)
         self.settings.setValue("view/bonds", bool(visible))
         self.render()
 
@@ -821,16 +591,14 @@ class MainWindow(QMainWindow):
         if self.cell_action.isChecked() != bool(visible):
             self.cell_action.setChecked(bool(visible))
             return
-        self.input.overlays.cell_visible = bool(visible)
-        self.input.overlays.set_cell(*(self._input_cell() or (None, None)))
+        self.views.show_cell(visible, self._input_cell())
         self.settings.setValue("view/cell", bool(visible))
         self.render()
 
     def set_opacity(self, value: float) -> None:
         """Opacity of the densest voxels in both views, 0.05..1 (remembered)."""
         value = min(max(float(value), 0.05), 1.0)
-        for p in self.panels:
-            p.scene.set_max_opacity(value)
+        self.views.set_opacity(value)
         self.settings.setValue("view/opacity", value)
         if self.opacity_slider.value() != round(100 * value):
             with QSignalBlocker(self.opacity_slider):
@@ -851,33 +619,10 @@ class MainWindow(QMainWindow):
         """Isometric view framed on the input's atoms, 1.5 Å of margin (``whole_cube``: the
         whole cube); the camera is shared, so both views follow."""
         rec = self.session.current if self.session is not None else None
-        scene = self.input.scene
-        if rec is None or whole_cube or not len(rec.positions):
-            scene.reset_camera("iso", zoom=CAMERA_ZOOM)
-        else:
-            L = self.grid.length
-            scene.frame(atom_bounds(np.clip(rec.positions, 0, L), 1.5, (0, L, 0, L, 0, L)), "iso")
-        self.output.view.renderer.reset_camera_clipping_range()
+        self.views.reset_camera(rec.positions if rec is not None else None, self.grid, whole_cube)
         self._camera_fitted = self.session is not None and self.session.current is not None
         if render:
             self.render()
-
-    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802
-        """After mouse/keyboard interaction in one view, re-render the other (shared camera)."""
-        if event.type() in _INPUT_EVENTS:
-            for i, p in enumerate(self.panels):
-                if obj is p.view:
-                    other = self.panels[1 - i]
-                    if 1 - i not in self._sync_pending:
-                        self._sync_pending.add(1 - i)
-                        QTimer.singleShot(0, lambda k=1 - i, o=other: self._sync_render(k, o))
-        return super().eventFilter(obj, event)
-
-    def _sync_render(self, k: int, panel: _Panel) -> None:
-        self._sync_pending.discard(k)
-        if not self._closed:
-            panel.view.renderer.reset_camera_clipping_range()
-            panel.view.render()
 
     # ------------------------------------------------------------------ saving
     def save_reconstruction(self, path: str | Path) -> Path | None:
@@ -910,10 +655,7 @@ class MainWindow(QMainWindow):
 
     def grab_views(self):
         """A ``QPixmap`` of the two views (rendered first)."""
-        for p in self.panels:
-            p.view.renderer.reset_camera_clipping_range()
-            p.view.render()
-        return self.splitter.grab()
+        return self.views.grab_views()
 
     def save_screenshot(self, path: str | Path) -> Path | None:
         """Save a PNG of the two views; None (after an error message) when it cannot be written."""
@@ -995,46 +737,7 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------------ about
     def about_model_text(self) -> str:
         """HTML description of the loaded model: checkpoint, grid, training data, held-out metrics."""
-        if self.session is None:
-            return "<p>No model is loaded. Use <i>File &gt; Open checkpoint…</i>.</p>"
-        model = self.session.model
-        info = model.info
-        esc = lambda v: html.escape(str(v))  # noqa: E731
-        g = model.grid
-        rows = [("Checkpoint", model.path if model.path else "(in memory)"),
-                ("Representation", info.get("representation")),
-                ("Grid", f"{g.n}³ voxels, {g.length:g} Å cube, σ = {g.sigma:g} Å"),
-                ("Latent size", model.latent),
-                ("Species classes", len(info.get("classes", [])))]
-        for k in ("beta", "gamma"):
-            if k in info:
-                rows.append((k, info[k]))
-        tr = info.get("training") or {}
-        counts = [f"{tr[k]} {k[2:]}" for k in ("n_train", "n_val", "n_test") if k in tr]
-        if counts:
-            rows.append(("Training data", ", ".join(counts) + " crystals"))
-        if tr.get("sources"):
-            src = tr["sources"]
-            rows.append(("Sources", ", ".join(map(str, src)) if isinstance(src, (list, tuple)) else src))
-        for k, label in (("steps", "Steps"), ("samples", "Samples seen"), ("seconds", "Training time (s)"),
-                         ("device", "Device"), ("note", "Note")):
-            if k in tr:
-                rows.append((label, tr[k]))
-        text = "<table>" + "".join(f"<tr><td><b>{esc(k)}</b>&nbsp;&nbsp;</td><td>{esc(v)}</td></tr>"
-                                   for k, v in rows) + "</table>"
-        metrics = info.get("metrics")
-        if metrics:
-            split = metrics.get("split", "held-out")
-            text += f"<p><b>Held-out metrics ({esc(split)})</b></p><table>"
-            for k, v in metrics.items():
-                if k == "split" or isinstance(v, (dict, list)):
-                    continue
-                val = f"{v:.4g}" if isinstance(v, float) else v
-                text += f"<tr><td>{esc(k)}&nbsp;&nbsp;</td><td>{esc(val)}</td></tr>"
-            text += "</table>"
-        else:
-            text += "<p><i>No held-out metrics in this checkpoint (untrained or unevaluated model).</i></p>"
-        return text
+        return about_model_html(self.session.model if self.session is not None else None)
 
     def _show_about_model(self) -> None:
         self.show_info("About model", self.about_model_text())
@@ -1071,15 +774,13 @@ class MainWindow(QMainWindow):
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
         if not self._closed:
             self._closed = True
+            self.jobs.stop()  # from now on running work is asked to stop and results are dropped
             self.settings.setValue("window/geometry", self.saveGeometry())
             self.settings.setValue("window/splitter", self.splitter.saveState())
             self.settings.setValue("window/state", self.saveState())
             self.settings.sync()
             self.explorer.shutdown()
-            self._pool.clear()
-            self._pool.waitForDone(30_000)
-            for p in self.panels:
-                p.view.removeEventFilter(self)
-                p.close()
+            self.jobs.shutdown(30_000)
+            self.views.close_views()
         super().closeEvent(event)
 

@@ -47,7 +47,11 @@ def test_crystal_fills_the_view_and_overlays_draw(qtbot, window):
     cube = render_frame(window.input.view)
     assert covered(framed) >= MIN_COVER, covered(framed)
     assert covered(cube) < covered(framed) / 2.5  # the whole cube: a small cloud
-    window.reset_camera()
+    from PySide6.QtCore import Qt
+
+    window.activateWindow()
+    qtbot.waitUntil(window.isActiveWindow, timeout=5000)
+    qtbot.keyClick(window, Qt.Key.Key_R)  # the View menu's shortcut, as a user presses it
     assert changed(framed, render_frame(window.input.view)) < 0.002  # R frames the crystal again
 
     window.cell_action.setChecked(False)
