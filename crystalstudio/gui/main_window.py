@@ -17,7 +17,9 @@ view's content ("Decoded"). The dock "Slices" shows M, M_hat and their differenc
 :class:`MainWindow` ties the parts together and keeps the settings; the parts live in
 their own modules: the two linked views in :mod:`.views` (:class:`~.views.LinkedViews`),
 the worker-thread jobs and their progress bar in :mod:`.jobs` (:class:`~.jobs.JobRunner`),
-the menus in :mod:`.menus` and the About-model text in :mod:`.about`.
+the file dialogs, saving, exporting and recent files in :mod:`.file_actions`
+(:class:`~.file_actions.FileActions`), the menus in :mod:`.menus` and the About-model text in
+:mod:`.about`.
 """
 
 from __future__ import annotations
@@ -28,17 +30,16 @@ from typing import Callable
 import numpy as np
 from PySide6.QtCore import QSettings, QSignalBlocker, Qt, Signal
 from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent
-from PySide6.QtWidgets import (QDockWidget, QFileDialog, QInputDialog, QLabel, QMainWindow, QMessageBox, QScrollArea,
-                               QWidget)
+from PySide6.QtWidgets import QDockWidget, QInputDialog, QLabel, QMainWindow, QMessageBox, QScrollArea, QWidget
 
 from ..core.checkpoint import load_checkpoint
 from ..core.density import Grid
-from ..io.structures import StructureError, cif_blocks, write_cif, write_xyz
-from ..render.export import ExportCancelled, save_density_npy, save_density_vti
+from ..io.structures import StructureError, cif_blocks
 from ..session import Frame, Reconstruction, Session, disordered_sites
 from .about import about_model_html
 from .explorer import LatentExplorer
-from .export_dialog import ExportDialog, ExportSpec, run_export
+from .export_dialog import ExportSpec
+from .file_actions import STRUCTURE_FILTER, FileActions, n_atoms
 from .jobs import JobRunner
 from .jobs import one_line as _one_line
 from .menus import build_menus
@@ -47,14 +48,6 @@ from .views import VOLUME_OPACITY, LinkedViews
 __all__ = ["MainWindow", "status_text", "STRUCTURE_FILTER"]
 
 APP_NAME = "crystalstudio"
-MAX_RECENT = 8
-STRUCTURE_FILTER = ("Structures (*.cif *.mcif *.vasp POSCAR* CONTCAR* *.json);;CIF (*.cif);;"
-                    "POSCAR / VASP (POSCAR* CONTCAR* *.vasp);;pymatgen JSON (*.json);;All files (*)")
-
-
-def n_atoms(n: int) -> str:
-    """``"1 atom"``, ``"8 atoms"``."""
-    return f"{n} atom" if n == 1 else f"{n} atoms"
 
 
 def status_text(rec: Reconstruction) -> str:
@@ -122,6 +115,8 @@ class MainWindow(QMainWindow):
         self.statusBar().addPermanentWidget(self.notes_label)
         #: answers the several-data-blocks question instead of a dialog when set: blocks -> index or False
         self.block_chooser: Callable[[list[str]], int | bool] | None = None
+        #: the File menu's dialogs, saving, exporting and the recent files
+        self.files = FileActions(self, self._error)
 
         self._build_docks()
         build_menus(self)
@@ -209,12 +204,8 @@ class MainWindow(QMainWindow):
         return self.jobs.busy
 
     def recent_files(self) -> list[str]:
-        v = self.settings.value("files/recent")
-        if v is None:
-            return []
-        if isinstance(v, str):
-            return [v]
-        return [str(x) for x in v]
+        """The recently opened files, newest first."""
+        return self.files.recent_files()
 
     # ------------------------------------------------------------------ dialogs (tests patch these)
     def show_error(self, title: str, text: str) -> None:
@@ -230,32 +221,26 @@ class MainWindow(QMainWindow):
         self.failed.emit(text)
         self.show_error(title, text)
 
-    def _last_dir(self) -> str:
-        return str(self.settings.value("files/last_dir", str(Path.home())))
-
     def _ask_open(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open structure", self._last_dir(), STRUCTURE_FILTER)
-        if path:
-            self.open_file(path)
+        self.files.ask_open()
 
     def _ask_checkpoint(self) -> None:
-        start = str(self.session.model.path.parent) if self.session and self.session.model.path else self._last_dir()
-        path, _ = QFileDialog.getOpenFileName(self, "Open checkpoint", start,
-                                              "Checkpoints (*.safetensors);;All files (*)")
-        if path:
-            self.open_checkpoint(path)
+        self.files.ask_checkpoint()
 
     def _ask_save(self) -> None:
-        rec = self.session.current if self.session else None
-        if rec is None:
-            self._error("Nothing to save", "Open a structure first; there is no reconstruction yet.")
-            return
-        start = str(Path(self._last_dir()) / f"{rec.crystal.name}_reconstructed.cif")
-        path, chosen = QFileDialog.getSaveFileName(self, "Save reconstruction", start, "CIF (*.cif);;XYZ (*.xyz)")
-        if path:
-            if not Path(path).suffix:
-                path += ".xyz" if chosen.startswith("XYZ") else ".cif"
-            self.save_reconstruction(path)
+        self.files.ask_save()
+
+    def _ask_screenshot(self) -> None:
+        self.files.ask_screenshot()
+
+    def _ask_export_density(self) -> None:
+        self.files.ask_export_density()
+
+    def _fill_recent_menu(self) -> None:
+        self.files.fill_recent_menu()
+
+    def _add_recent(self, path: Path) -> None:
+        self.files.add_recent(path)
 
     def _ask_window_origin(self) -> None:
         from .window_origin import WindowOriginDialog
@@ -275,33 +260,6 @@ class MainWindow(QMainWindow):
             self._error("Lattice window origin", str(exc))
             return
         self.settings.setValue("view/window_origin", [float(x) for x in self.session.window_origin])
-
-    def _ask_screenshot(self) -> None:
-        name = self.session.current.crystal.name if self.session and self.session.current else "crystalstudio"
-        path, _ = QFileDialog.getSaveFileName(self, "Save screenshot", str(Path(self._last_dir()) / f"{name}.png"),
-                                              "PNG image (*.png)")
-        if path:
-            if not Path(path).suffix:
-                path += ".png"
-            self.save_screenshot(path)
-
-    def _fill_recent_menu(self) -> None:
-        self.recent_menu.clear()
-        files = self.recent_files()
-        if not files:
-            self.recent_menu.addAction("(none)").setEnabled(False)
-            return
-        for f in files:
-            a = self.recent_menu.addAction(f)
-            a.triggered.connect(lambda _=False, p=f: self.open_file(p))
-        self.recent_menu.addSeparator()
-        self.recent_menu.addAction("Clear list").triggered.connect(lambda: self.settings.remove("files/recent"))
-
-    def _add_recent(self, path: Path) -> None:
-        p = str(Path(path).resolve())
-        files = [p] + [f for f in self.recent_files() if f != p]
-        self.settings.setValue("files/recent", files[:MAX_RECENT])
-        self.settings.setValue("files/last_dir", str(Path(p).parent))
 
     # ------------------------------------------------------------------ jobs
     def _job_failed(self, title: str, text: str) -> None:
@@ -624,34 +582,13 @@ class MainWindow(QMainWindow):
         if render:
             self.render()
 
-    # ------------------------------------------------------------------ saving
+    # ------------------------------------------------------------------ saving and exporting (see FileActions)
     def save_reconstruction(self, path: str | Path) -> Path | None:
         """Write the reconstructed atoms to ``path`` (.xyz: XYZ, anything else: CIF).
 
         Returns the path written, or None after telling the user why not.
         """
-        path = Path(path)
-        rec = self.session.current if self.session is not None else None
-        if rec is None:
-            self._error("Nothing to save", "Open a structure first; there is no reconstruction yet.")
-            return None
-        if len(rec.atoms) == 0:
-            self._error("Nothing to save", f"No atoms were segmented from the {rec.crystal.name} reconstruction.")
-            return None
-        try:
-            if path.suffix.lower() == ".xyz":
-                ck = self.session.model.path.name if self.session.model.path else "in-memory model"
-                out = write_xyz(rec.atoms.positions, rec.atoms.Z, path,
-                                comment=f"{rec.crystal.name} reconstructed by crystalstudio ({ck}); "
-                                        f"cube {self.grid.length:g} A")
-            else:
-                out = write_cif(rec.atoms.positions, rec.atoms.Z, path, grid=self.grid)
-        except (OSError, ValueError) as exc:
-            self._error("Cannot save", f"{path.name}: {getattr(exc, 'strerror', None) or _one_line(exc)}")
-            return None
-        self.settings.setValue("files/last_dir", str(path.resolve().parent))
-        self.statusBar().showMessage(f"Saved {n_atoms(len(rec.atoms))} to {path}", 5000)
-        return out
+        return self.files.save_reconstruction(path)
 
     def grab_views(self):
         """A ``QPixmap`` of the two views (rendered first)."""
@@ -659,14 +596,8 @@ class MainWindow(QMainWindow):
 
     def save_screenshot(self, path: str | Path) -> Path | None:
         """Save a PNG of the two views; None (after an error message) when it cannot be written."""
-        path = Path(path)
-        if not self.grab_views().save(str(path), "PNG"):
-            self._error("Cannot save screenshot", f"{path.name}: could not write the PNG file")
-            return None
-        self.statusBar().showMessage(f"Screenshot saved to {path}", 5000)
-        return path
+        return self.files.save_screenshot(path)
 
-    # ------------------------------------------------------------------ export
     def shown_field(self) -> np.ndarray | None:
         """The decoded field (n, n, n) float32 on screen: the explorer's frame, else the reconstruction."""
         frame = self.explorer.frame
@@ -674,65 +605,18 @@ class MainWindow(QMainWindow):
             return frame.M_hat
         return self.session.current.M_hat if self.session is not None and self.session.current else None
 
-    def _ask_export_density(self) -> None:
-        if self.shown_field() is None:
-            self._error("Nothing to export", "Open a structure or decode a latent vector first.")
-            return
-        name = self.session.current.crystal.name if self.session.current else "decoded"
-        path, chosen = QFileDialog.getSaveFileName(
-            self, "Export decoded density", str(Path(self._last_dir()) / f"{name}_density.vti"),
-            "VTK image, ParaView (*.vti);;NumPy array (*.npy)")
-        if path:
-            if not Path(path).suffix:
-                path += ".npy" if chosen.startswith("NumPy") else ".vti"
-            self.export_density(path)
-
     def export_density(self, path: str | Path) -> Path | None:
         """Write the decoded field on screen (n, n, n) to ``path``: ``.npy`` (float32, Eq. 1
         units) or ``.vti`` (VTK image: spacing h Å, origin h/2). None after an error message."""
-        path = Path(path)
-        M = self.shown_field()
-        if M is None:
-            self._error("Nothing to export", "Open a structure or decode a latent vector first.")
-            return None
-        try:
-            out = (save_density_npy(M, path) if path.suffix.lower() == ".npy"
-                   else save_density_vti(M, self.grid, path))
-        except (OSError, ValueError) as exc:
-            self._error("Cannot export density", f"{path.name}: {getattr(exc, 'strerror', None) or _one_line(exc)}")
-            return None
-        self.settings.setValue("files/last_dir", str(path.resolve().parent))
-        self.statusBar().showMessage(f"Density field saved to {out}", 5000)
-        return out
+        return self.files.export_density(path)
 
     def export_video(self, spec: ExportSpec | None = None) -> Path | None:
         """Export a latent path to MP4 / GIF with a progress dialog and Cancel.
 
-        ``spec`` None asks with :class:`ExportDialog`. Returns the file written, or None
-        (cancelled, or after a one-line error message; no partial file is left).
+        ``spec`` None asks with :class:`~.export_dialog.ExportDialog`. Returns the file written,
+        or None (cancelled, or after a one-line error message; no partial file is left).
         """
-        if self.session is None:
-            self._error("No model", "Load a checkpoint first (File > Open checkpoint…).")
-            return None
-        if spec is None:
-            dlg = ExportDialog(self.session, self.settings, self, dim=self.session.model.latent_rank[0])
-            if dlg.exec() != ExportDialog.DialogCode.Accepted:
-                return None
-            dlg.remember()
-            spec = dlg.spec()
-        self.explorer.play(False)
-        name = Path(spec.path).name or "(no file name)"
-        try:
-            out = run_export(self, self.session, spec, cond=self.explorer.explicit_cond())
-        except ExportCancelled:
-            self.statusBar().showMessage(f"Export cancelled; no {name} written", 5000)
-            return None
-        except (OSError, ValueError, RuntimeError) as exc:
-            self._error("Cannot export video", f"{name}: {getattr(exc, 'strerror', None) or _one_line(exc)}")
-            return None
-        self.settings.setValue("files/last_dir", str(out.resolve().parent))
-        self.statusBar().showMessage(f"Exported {spec.frames} frames to {out}", 8000)
-        return out
+        return self.files.export_video(spec)
 
     # ------------------------------------------------------------------ about
     def about_model_text(self) -> str:

@@ -234,6 +234,22 @@ def test_randomise_seed_and_conditioning_control(qtbot, window, model, monkeypat
     idle(qtbot, ex)
     assert conds and conds[-1] == pytest.approx(0.5)
 
+    # With conditioning off, the shipped conditional checkpoint's aggregate prior draws the
+    # largest density too: the box and its "as largest Z" label both show the drawn value
+    from crystalstudio.core.checkpoint import load_checkpoint
+
+    window.session.model = load_checkpoint(CONDITIONAL)
+    ex.model_changed()
+    ex.cond_group.setChecked(False)
+    ex.prior_combo.setCurrentIndex(ex.prior_combo.findData("aggregate"))
+    ex.seed_spin.setValue(11)
+    frame_of(qtbot, ex, ex.randomise_button.click)
+    idle(qtbot, ex)
+    _, cond = window.session.draw(1, 11)
+    assert ex.cond_spin.value() == pytest.approx(float(cond[0]), abs=1e-3)
+    ps = window.session.model.grid.peak_scale
+    assert ex.cond_z_label.text() == f"Z ≈ {ex.cond_spin.value() * ps:.1f}"
+
 
 def test_slice_view_follows_index_and_axis(qtbot, window):
     sv = window.explorer.slice_view
