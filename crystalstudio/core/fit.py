@@ -98,6 +98,7 @@ class FitSettings:
             first round seeds ~94 of them within 0.3 Å instead of ~30
             (benchmarks/bench_fit.py). Unit-cell representation only: on the repeating
             lattice (val cubes 12-30) it was 24% faster but missed 33 atoms instead of 27.
+            Not used where it is not below the grid's sigma.
         sharpen_lambda: Tikhonov weight of that deconvolution (relative; larger is smoother).
         round_stall: unit-cell representation, detection rounds: stop refining once three
             accepted Levenberg-Marquardt steps together lowered the residual energy by less
@@ -522,14 +523,19 @@ def sharpening_matrix(grid: Grid, width_A: float, lam: float = 3e-7, reach_A: fl
     Eq. 1's Gaussians factorise over x, y and z, so applying D along each axis turns every
     atom's Gaussian of width ``grid.sigma`` into nearly one of ``width_A`` (same centre; on
     the default grid, with the default ``lam``, a peak 0.8-0.9 as high and about half as
-    wide at half maximum for centres in the cube) and leaves the field a sum of narrow bumps whose
-    atoms are separate maxima. Only seeds come from it; the least-squares fit of Eq. 1 then
-    places the atoms.
-    D is the Tikhonov-regularised least-squares fit of that map over 2000 centres from
+    wide at half maximum for centres in the cube) and leaves the field a sum of narrow
+    bumps whose atoms are separate maxima. Only seeds come from it; the least-squares fit
+    of Eq. 1 then places the atoms. D is the Tikhonov-regularised least-squares fit of that map over 2000 centres from
     ``reach_A`` Å outside the cube's first voxel centre to as far beyond its last (so the
     faces need no periodic assumption): ``D^T = (G^T G + lam K I)^-1 G^T T``, G and T the
     (K, n) profiles at sigma and at ``width_A``. Cached per grid and arguments.
+
+    Raises:
+        ValueError: ``width_A`` not between 0 and ``grid.sigma``, or ``lam`` not positive.
     """
+    if not 0.0 < width_A < grid.sigma or not lam > 0:
+        raise ValueError(f"sharpening to {width_A} Å (lambda {lam}) needs 0 < width < sigma = {grid.sigma} Å "
+                         "and lambda > 0")
     key = (grid.n, grid.spacing, grid.sigma, float(width_A), float(lam), float(reach_A))
     if key not in _SHARPEN:
         c = grid.centres()
@@ -705,7 +711,7 @@ def fit_atoms(M: np.ndarray, grid: Grid, representation: str = "unit_cell",
 
 
 def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, keep_outside: bool) -> Atoms:
-    n, sig, L = grid.n, grid.sigma, grid.length
+    sig, L = grid.sigma, grid.length
     c = grid.centres()
     if representation == "repeating_lattice":
         lo, hi = -settings.outside_sigmas * sig, L + settings.outside_sigmas * sig
@@ -754,7 +760,7 @@ def _rounds(F: np.ndarray, grid: Grid, settings: FitSettings, state: tuple, c: n
     reach = settings.outside_sigmas * sig if representation == "repeating_lattice" else 0.0
     for _round in range(settings.max_rounds):
         initial = first and _round == 0
-        if initial and settings.sharpen_A > 0 and representation == "unit_cell":
+        if initial and 0.0 < settings.sharpen_A < sig and representation == "unit_cell":
             cand, strength = _sharp_candidates(r, grid, thresh, settings.sharpen_A, settings.sharpen_lambda)
         else:
             cand, strength = (_candidates(r, grid, thresh, 0.0, settings.laplacian, reach) if initial else

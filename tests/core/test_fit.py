@@ -159,6 +159,14 @@ def test_the_sharpening_matrix_narrows_every_gaussian_in_place():
         assert width < 0.6 * 2.3548 * GRID.sigma  # FWHM of sigma is 2.35 Å
 
 
+@pytest.mark.parametrize("width, lam", [(0.0, 3e-7), (1.0, 3e-7), (1.5, 3e-7), (0.45, 0.0)])
+def test_the_sharpening_matrix_refuses_widths_it_cannot_make(width, lam):
+    from crystalstudio.core.fit import sharpening_matrix
+
+    with pytest.raises(ValueError, match="sharpening to"):
+        sharpening_matrix(GRID, width, lam)
+
+
 def test_first_round_seeds_most_atoms_of_a_dense_field():
     # 100 atoms in a 10 Å cube (pairs down to 1.8 Å): at sigma 1 Å most are shoulders. The
     # maxima of the sharpened field seed at least 85 of them within 0.3 Å in the first round;
