@@ -414,6 +414,8 @@ def _add_video_args(sp: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``crystalstudio`` command: parse ``argv`` (None: ``sys.argv``), run the
+    sub-command (``gui`` when none is given) and return the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
         argv = ["gui", *argv]

@@ -245,6 +245,7 @@ class Session:
 
     @property
     def grid(self):
+        """The model's voxel grid."""
         return self.model.grid
 
     # ------------------------------------------------------------------ model

@@ -422,6 +422,8 @@ class CrystalModel:
 
     @property
     def representation(self) -> str:
+        """``"unit_cell"`` or ``"repeating_lattice"`` (the paper's representation 1 or 2), from the
+        checkpoint's metadata."""
         return self.info["representation"]
 
     @property

@@ -78,10 +78,12 @@ class Grid:
         return (np.arange(self.n, dtype=np.float64) + 0.5) * self.spacing
 
     def to_dict(self) -> dict:
+        """JSON-ready ``{n, length, sigma, species_radius}`` (lengths in Å), as stored in checkpoint metadata."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Grid":
+        """The inverse of :meth:`to_dict` (other keys are ignored; a missing one raises KeyError)."""
         return cls(n=int(d["n"]), length=float(d["length"]), sigma=float(d["sigma"]),
                    species_radius=float(d["species_radius"]))
 
@@ -157,6 +159,7 @@ class Crystal:
 
     @property
     def num_atoms(self) -> int:
+        """Number of sites in the cell."""
         return int(len(self.Z))
 
     def cartesian(self) -> np.ndarray:

@@ -75,11 +75,13 @@ class ModelConfig:
     cond_normalise: bool = False
 
     def to_dict(self) -> dict:
+        """JSON-ready dict of every field, as stored in checkpoint metadata."""
         d = asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """The inverse of :meth:`to_dict`: missing keys take their defaults, unknown ones raise ValueError."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -176,6 +178,9 @@ class DensityVAE(nn.Module):
         return F.relu(self.out(h)).squeeze(1)
 
     def forward(self, M: torch.Tensor, cond: torch.Tensor | None = None, sample: bool = True):
+        """Encode, draw z = mu + exp(logvar / 2) eps (``sample``; else z = mu) and decode (Eq. 2).
+        ``cond`` defaults to the fields' own largest density for a conditional model. Returns
+        ``(M_hat (B, n, n, n), mu, logvar)``."""
         if self.cfg.conditional and cond is None:
             cond = max_density(M)
         mu, logvar = self.encode(M, cond)
@@ -216,6 +221,7 @@ class AttentionUNet3D(nn.Module):
         self.head = nn.Conv3d(ch[0], cfg.n_classes, 1)
 
     def forward(self, M: torch.Tensor) -> torch.Tensor:
+        """Species logits (B, K, n, n, n) of density fields (B, n, n, n) or (B, 1, n, n, n) (Sec. 3.2)."""
         h = M.unsqueeze(1) if M.dim() == 4 else M
         skips = []
         for i, block in enumerate(self.down):
@@ -304,10 +310,12 @@ def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (numbers) of ``module``."""
     return int(sum(p.numel() for p in module.parameters()))
 
 
 def param_bytes(module: nn.Module, bytes_per: int = 4) -> int:
+    """Bytes of ``module``'s state dict (parameters and buffers) at ``bytes_per`` bytes a number."""
     return int(sum(t.numel() for t in module.state_dict().values()) * bytes_per)
 
 

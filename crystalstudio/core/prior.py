@@ -78,14 +78,17 @@ class LatentPrior:
 
     @property
     def n_components(self) -> int:
+        """Number of Gaussians in the mixture."""
         return len(self.weights)
 
     @property
     def latent(self) -> int:
+        """Dimension of z."""
         return self.means.shape[1]
 
     @property
     def covariance_type(self) -> str:
+        """``"full"`` or ``"diag"``: the form of each component's covariance."""
         return "diag" if self.scale.ndim == 2 else "full"
 
     # ------------------------------------------------------------------ use

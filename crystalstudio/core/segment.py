@@ -41,6 +41,7 @@ class Atoms:
 
     @classmethod
     def empty(cls) -> "Atoms":
+        """No atoms: (0, 3) positions, (0,) Z."""
         return cls(np.zeros((0, 3)), np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 

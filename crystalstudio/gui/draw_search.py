@@ -91,6 +91,7 @@ class ValidDrawSearch(QGroupBox):
 
     @property
     def running(self) -> bool:
+        """True while a search is drawing."""
         return self._running
 
     def toggle(self) -> None:
@@ -98,6 +99,7 @@ class ValidDrawSearch(QGroupBox):
         self.stop() if self._running else self.start()
 
     def start(self) -> None:
+        """Start drawing seeds in the background until the asked number of valid draws is found."""
         s = self._session_of()
         if s is None:
             return
@@ -120,6 +122,7 @@ class ValidDrawSearch(QGroupBox):
         self._next += 1
 
     def stop(self, why: str = "stopped") -> None:
+        """Stop the running search after the draw in progress (found draws stay listed)."""
         if not self._running:
             return
         self._running = False
@@ -155,5 +158,6 @@ class ValidDrawSearch(QGroupBox):
             self.stop(f"failed: {next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)}")
 
     def shutdown(self) -> None:
+        """Stop and wait for the worker (the window is closing)."""
         self.stop()
         self.runner.shutdown()

@@ -196,6 +196,7 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------------ properties
     @property
     def grid(self) -> Grid:
+        """The loaded model's voxel grid (the default grid when no model is loaded)."""
         return self.session.grid if self.session is not None else Grid()
 
     @property
@@ -520,6 +521,7 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------------ view actions
     def show_density(self, visible: bool) -> None:
+        """Density volume on or off in both views (remembered)."""
         if self.density_action.isChecked() != bool(visible):
             self.density_action.setChecked(bool(visible))  # re-enters through toggled
             return
@@ -528,6 +530,7 @@ class MainWindow(QMainWindow):
         self.render()
 
     def show_atoms(self, visible: bool) -> None:
+        """Atoms and element legend on or off in both views (remembered)."""
         if self.atoms_action.isChecked() != bool(visible):
             self.atoms_action.setChecked(bool(visible))
             return
@@ -647,6 +650,7 @@ class MainWindow(QMainWindow):
             event.ignore()
 
     def dropEvent(self, event: QDropEvent) -> None:  # noqa: N802
+        """Open the first dropped local file."""
         files = self._local_files(event)
         if not files:
             event.ignore()
@@ -656,6 +660,7 @@ class MainWindow(QMainWindow):
 
     # ------------------------------------------------------------------ closing
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
+        """Remember geometry and docks, stop the explorer and the jobs, close the views."""
         if not self._closed:
             self._closed = True
             self.jobs.stop()  # from now on running work is asked to stop and results are dropped

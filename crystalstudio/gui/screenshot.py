@@ -20,6 +20,8 @@ from .app import create_app, create_window
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: open a structure in a real window and save a PNG of it; returns the exit
+    status."""
     p = argparse.ArgumentParser(prog="python -m crystalstudio.gui.screenshot", description=__doc__.splitlines()[0])
     p.add_argument("out", help="PNG file to write")
     p.add_argument("file", nargs="?", default=str(ASSETS / "samples" / "SrTiO3.cif"), help="structure to load")

@@ -148,16 +148,20 @@ class SliceView(QWidget):
     # ------------------------------------------------------------------ API
     @property
     def axis(self) -> int:
+        """The axis (0, 1, 2 for x, y, z) the slices cut across."""
         return self.axis_combo.currentIndex()
 
     @property
     def index(self) -> int:
+        """The voxel index of the slice along :attr:`axis`."""
         return self.index_spin.value()
 
     def set_axis(self, axis: int | str) -> None:
+        """Cut across ``axis`` (0, 1, 2 or "x", "y", "z") from now on."""
         self.axis_combo.setCurrentIndex(AXES.index(axis) if isinstance(axis, str) else int(axis))
 
     def set_index(self, index: int) -> None:
+        """Show the slice at voxel ``index`` (clipped to the grid)."""
         self.index_spin.setValue(int(index))
 
     def image(self, which: str) -> np.ndarray | None:

@@ -47,6 +47,7 @@ class DrawValidity:
 
     @property
     def valid(self) -> bool:
+        """Structurally and compositionally valid."""
         return self.structural and self.compositional
 
     @property

@@ -351,6 +351,7 @@ class FrameRenderer:
         return img
 
     def close(self) -> None:
+        """Release the off-screen plotter."""
         if self.plotter is not None:
             self.plotter.close()
             self.plotter = None

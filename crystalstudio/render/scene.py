@@ -227,6 +227,7 @@ class CrystalScene:
 
     @property
     def n_atoms(self) -> int:
+        """Number of atoms drawn."""
         return self._n_atoms
 
     def actors(self) -> list:
@@ -369,10 +370,12 @@ class CrystalScene:
             self._title_actor.SetText(7, self._title)  # 7 = vtkCornerAnnotation.UpperEdge
 
     def show_density(self, visible: bool) -> None:
+        """Density volume on or off (no render)."""
         self._density_visible = bool(visible)
         self._update_visibility()
 
     def show_atoms(self, visible: bool) -> None:
+        """Atom spheres on or off (no render)."""
         self._atoms_visible = bool(visible)
         self._update_visibility()
 
