@@ -530,9 +530,11 @@ class Session:
         return rec
 
     def decode(self, z: np.ndarray, cond: float | None = None, segment: bool = True) -> Frame:
-        """Decode one latent vector (and segment it unless ``segment`` is False); thread-safe."""
+        """Decode one latent vector (and segment it unless ``segment`` is False, at the model's
+        :attr:`~crystalstudio.core.checkpoint.CrystalModel.draw_gate`: a latent with no input
+        to compare against); thread-safe."""
         M_hat = self.model.decode(z, cond)
-        atoms = self.model.segment(M_hat) if segment else Atoms.empty()
+        atoms = self.model.segment(M_hat, gate=self.model.draw_gate) if segment else Atoms.empty()
         return Frame(np.asarray(z, np.float32), M_hat, atoms,
                      readouts(atoms, M_hat, self.model.grid.peak_scale))
 

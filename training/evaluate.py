@@ -363,7 +363,8 @@ def _random_draws(model: CrystalModel, n: int, seed: int, batch: int, method: st
         Mh_np = Mh.float().cpu().numpy()
         if method == "fit":
             probs = torch.softmax(logits, 1).cpu().numpy()
-            found = [fit_decoded(Mh_np[k], probs[k], model.grid, model.representation, model.unet_gate) for k in range(len(Mh_np))]
+            found = [fit_decoded(Mh_np[k], probs[k], model.grid, model.representation, model.draw_gate)
+                     for k in range(len(Mh_np))]
         else:
             species = logits.argmax(1).cpu().numpy()
             found = [species_map_to_atoms(species[k], model.grid, Mh_np[k]) for k in range(len(Mh_np))]
@@ -392,7 +393,7 @@ def _atoms_of(model: CrystalModel, z: np.ndarray, cond, method: str, batch: int)
     for s in range(0, len(z), batch):
         c = None if cond is None else cond[s:s + batch]
         M = model.decode(z[s:s + batch], c)
-        out += [(a.positions, a.Z) for a in model.segment_batch(M, method)]
+        out += [(a.positions, a.Z) for a in model.segment_batch(M, method, gate=model.draw_gate)]
     return out
 
 
@@ -655,6 +656,7 @@ def run(a: argparse.Namespace) -> dict:
         "draws": a.draws,
         "atoms_method": a.atoms,
         "unet_gate": model.unet_gate,
+        "draw_gate": model.draw_gate,
         "refine_steps": refine_steps,
         "refine_lr": list(refine_lr),
         "species_prior": model.species_prior is not None,

@@ -10,6 +10,11 @@ harness's rotations), fits each M_hat once, applies every candidate gate to the 
 and keeps the one with the highest mean of the three Sec. 4.1 measures (true atoms within
 0.5 Å, crystals with the exact count, species exact), ties to the smaller gate. The test
 split is never read. ``--write`` stores ``unet_gate`` (and the table) in the checkpoint.
+
+``--draws N`` chooses the *draw gate* instead (``draw_gate``: fields decoded from a latent
+with no input, i.e. random draws, interpolation midpoints and the explorer's frames): the
+gate whose N aggregate-prior draws have the atom-count distribution closest (Wasserstein) to
+the training fields', on training data only (issue 14).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from crystalstudio.core.models import max_density
 
 from .data import CrystalArrays, voxelise
 
-__all__ = ["gate_table", "choose_gate", "add_arguments", "run", "GATES", "MEASURES"]
+__all__ = ["gate_table", "choose_gate", "draw_gate_table", "choose_draw_gate", "add_arguments", "run", "GATES",
+           "MEASURES"]
 
 #: candidate gates
 GATES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
@@ -93,6 +99,50 @@ def gate_table(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, gates=
     return [{"gate": g, **{k: aggregate(rows).get(k) for k in keys}} for g, rows in per.items()]
 
 
+@torch.no_grad()
+def draw_gate_table(model: CrystalModel, data: CrystalArrays, n: int, gates=GATES, seed: int = 1,
+                    n_reference: int = 1000, batch: int = 16) -> list[dict]:
+    """Atom counts of ``n`` draws from the checkpoint's aggregate prior under each gate, against
+    ``n_reference`` rotated training fields (the evaluation harness's reference): training data
+    only, never the test split. The default seed (1) differs from the harness's (0), so the
+    draws that choose the gate are not the ones that report it.
+
+    Returns:
+        one dict per gate: ``gate``, ``atoms_per_draw``, ``count_wasserstein`` (atoms) and
+        ``reference_atoms`` (mean atoms of the training fields).
+    Raises:
+        ValueError: no aggregate prior in the checkpoint, ``n`` < 1, or a gate outside [0, 1].
+    """
+    from scipy.stats import wasserstein_distance
+
+    from crystalstudio.core.prior import draw_latents
+
+    from .evaluate import _reference_fields
+
+    if model.prior is None:
+        raise ValueError("the checkpoint has no aggregate prior: run python -m training fit-prior first")
+    if n < 1 or any(not 0.0 <= g <= 1.0 for g in gates):
+        raise ValueError(f"need n >= 1 and gates in [0, 1], not n={n}, gates={list(gates)}")
+    ref, _, _ = _reference_fields(model, data, n_reference, seed)
+    z = draw_latents(n, model.latent, seed, model.prior)
+    cond = model.prior.sample_cond(n, seed) if model.config.conditional else None
+    counts: dict[float, list[int]] = {float(g): [] for g in gates}
+    for s in range(0, n, batch):
+        c = None if cond is None else torch.as_tensor(cond[s:s + batch], dtype=torch.float32, device=model.device)
+        Mh = model.net.vae.decode(torch.as_tensor(z[s:s + batch], dtype=torch.float32, device=model.device), c)
+        probs = torch.softmax(model.net.unet(Mh).float(), 1).cpu().numpy()
+        for g, found in atoms_per_gate(model, Mh.float().cpu().numpy(), probs, counts).items():
+            counts[g] += [len(a.Z) for a in found]
+    return [{"gate": g, "atoms_per_draw": float(np.mean(c)), "count_wasserstein": float(wasserstein_distance(c, ref)),
+             "reference_atoms": float(ref.mean())} for g, c in counts.items()]
+
+
+def choose_draw_gate(table: list[dict]) -> float:
+    """The gate of a :func:`draw_gate_table` with the smallest count Wasserstein distance
+    (ties: the larger gate, fewer spurious atoms)."""
+    return float(min(table, key=lambda r: (r["count_wasserstein"], -r["gate"]))["gate"])
+
+
 def choose_gate(table: list[dict]) -> float:
     """The gate of ``table`` with the highest mean of :data:`MEASURES` (ties: the smaller gate)."""
     score = [(np.mean([float(r[m] or 0.0) for m in MEASURES]), -r["gate"]) for r in table]
@@ -107,6 +157,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the rotations (the harness's)")
     p.add_argument("--limit", type=int, default=0, help="first N crystals of the split (0 = all)")
     p.add_argument("--write", action="store_true", help="store the chosen gate in the checkpoint")
+    p.add_argument("--draws", type=int, default=0, metavar="N",
+                   help="choose the draw gate instead (draw_gate: random draws, midpoints, explorer frames): "
+                        "the gate whose N aggregate-prior draws' atom counts come closest to the training "
+                        "fields' (training data only; seed 1 unless --seed is given)")
     return p
 
 
@@ -114,6 +168,8 @@ def run(a: argparse.Namespace) -> dict:
     """Print the table (markdown) and the choice; optionally write it into the checkpoint."""
     model = load_checkpoint(a.checkpoint, jit=False)
     data = CrystalArrays.load(a.data)
+    if a.draws:
+        return _run_draws(a, model, data)
     idx = data.indices(a.split)
     idx = idx[: a.limit] if a.limit else idx
     table = gate_table(model, data, idx, [float(g) for g in a.gates.split(",") if g.strip()], a.seed)
@@ -130,4 +186,24 @@ def run(a: argparse.Namespace) -> dict:
         update_metadata(a.checkpoint, {"unet_gate": best, "unet_gate_choice": res})
         print(f"unet_gate {best:g} written to {a.checkpoint}")
     print(json.dumps({"unet_gate": best}))
+    return res
+
+
+def _run_draws(a: argparse.Namespace, model: CrystalModel, data: CrystalArrays) -> dict:
+    seed = 1 if a.seed == 0 else a.seed  # not the harness's draws (seed 0)
+    try:
+        table = draw_gate_table(model, data, a.draws, [float(g) for g in a.gates.split(",") if g.strip()], seed)
+    except ValueError as exc:
+        raise SystemExit(f"{a.checkpoint}: {exc}") from None
+    best = choose_draw_gate(table)
+    print(f"| gate | atoms per draw (training fields: {table[0]['reference_atoms']:.2f}) | count Wasserstein |")
+    print("|---|---|---|")
+    for r in table:
+        mark = " (chosen)" if r["gate"] == best else ""
+        print(f"| {r['gate']:g}{mark} | {r['atoms_per_draw']:.2f} | {r['count_wasserstein']:.2f} |")
+    res = {"draw_gate": best, "n_draws": int(a.draws), "seed": seed, "table": table}
+    if a.write:
+        update_metadata(a.checkpoint, {"draw_gate": best, "draw_gate_choice": res})
+        print(f"draw_gate {best:g} written to {a.checkpoint}")
+    print(json.dumps({"draw_gate": best}))
     return res

@@ -369,6 +369,11 @@ class CrystalModel:
         #: (:func:`~crystalstudio.core.refine.refine_latent`): the checkpoint's ``refine_lr``
         #: metadata (a number or a list) when it has one, else (REFINE_LR,)
         self.refine_lr: tuple[float, ...] = self.default_refine_lr
+        for key in ("unet_gate", "draw_gate"):  # a damaged gate is refused when loading, not when used
+            raw = info.get(key, 0.0)
+            if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0.0 <= float(raw) <= 1.0:
+                where = Path(path).name if path else "checkpoint"
+                raise CheckpointError(f"{where}: metadata {key} must be a number from 0 to 1, got {raw!r}")
 
     @property
     def unet_gate(self) -> float:
@@ -379,6 +384,16 @@ class CrystalModel:
         from .fit import UNET_GATE
 
         return float(self.info.get("unet_gate", UNET_GATE))
+
+    @property
+    def draw_gate(self) -> float:
+        """The gate of fields decoded from a latent with no input to compare against (random
+        draws, interpolation midpoints, the latent explorer's frames): the checkpoint's
+        ``draw_gate`` (chosen by ``python -m training choose-gate --draws N`` on training data:
+        the gate whose draws' atom counts come closest to the training crystals'), else
+        :attr:`unet_gate`. A reconstruction is judged against its input, a draw by whether it
+        looks like a crystal, so the two gates may differ."""
+        return float(self.info.get("draw_gate", self.unet_gate))
 
     @property
     def species_prior(self) -> np.ndarray | None:
@@ -502,12 +517,14 @@ class CrystalModel:
             _, unet = self._modules()
             return unet(self._t(M_hat)[None])[0].float().cpu().numpy()
 
-    def segment(self, M_hat: np.ndarray, method: str | None = None, refined: bool = False) -> Atoms:
+    def segment(self, M_hat: np.ndarray, method: str | None = None, refined: bool = False,
+                gate: float | None = None) -> Atoms:
         """Atoms of a decoded field by ``method`` (default :attr:`atoms_method`): see
         :meth:`segment_batch`."""
-        return self.segment_batch(np.asarray(M_hat)[None], method, refined)[0]
+        return self.segment_batch(np.asarray(M_hat)[None], method, refined, gate)[0]
 
-    def segment_batch(self, fields: np.ndarray, method: str | None = None, refined: bool = False) -> list[Atoms]:
+    def segment_batch(self, fields: np.ndarray, method: str | None = None, refined: bool = False,
+                      gate: float | None = None) -> list[Atoms]:
         """Atoms of each decoded field: (B, n, n, n) float32 -> B :class:`Atoms`.
 
         ``method`` (default :attr:`atoms_method`):
@@ -548,7 +565,8 @@ class CrystalModel:
             if method == "unet":
                 out += [species_map_to_atoms(sp, self.grid, M) for sp, M in zip(species, fields[s:s + batch])]
             else:
-                out += [fit_decoded(M, p, self.grid, self.representation, self.unet_gate, refined, prior)
+                g = self.unet_gate if gate is None else float(gate)
+                out += [fit_decoded(M, p, self.grid, self.representation, g, refined, prior)
                         for p, M in zip(probs, fields[s:s + batch])]
             s += batch
         return out
@@ -559,7 +577,7 @@ class CrystalModel:
         return 1 if self._frozen is not None and self.device.type == "cpu" else 8
 
     def decode_segment(self, z: np.ndarray, cond: float | None = None) -> tuple[np.ndarray, Atoms]:
-        """z (latent,) -> (M_hat (n, n, n) float32, :class:`Atoms`)."""
+        """z (latent,) -> (M_hat (n, n, n) float32, :class:`Atoms` read at :attr:`draw_gate`)."""
         M = self.decode(z, cond)
-        return M, self.segment(M)
+        return M, self.segment(M, gate=self.draw_gate)
 

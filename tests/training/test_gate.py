@@ -104,3 +104,56 @@ def test_update_metadata_refuses_structural_keys_and_removes_none(run_dir):
     assert "note" not in read_metadata(ck)
     assert read_metadata(ck)["representation"] == "unit_cell"
     assert np.isfinite(load_checkpoint(ck).unet_gate)
+
+
+def test_draw_gate_cli_writes_the_gate_its_table_is_the_draws_and_sessions_use_it(run_dir, capsys):
+    from scipy.stats import wasserstein_distance
+
+    from crystalstudio.core.density import Crystal, density_field
+    from crystalstudio.core.prior import draw_latents
+    from crystalstudio.session import Session
+    from training.evaluate import _reference_fields
+
+    ck = run_dir / "d.safetensors"
+    ck.write_bytes((run_dir / "m.safetensors").read_bytes())
+    data = str(run_dir / "tiny.npz")
+    with pytest.raises(SystemExit, match="d.safetensors: the checkpoint has no aggregate prior"):
+        main(["choose-gate", "--checkpoint", str(ck), "--data", data, "--draws", "6"])
+    assert main(["fit-prior", "--checkpoint", str(ck), "--data", data, "--threads", "1"]) == 0
+    model = load_checkpoint(ck, jit=False)
+    assert model.draw_gate == model.unet_gate  # none stored: the reconstructions' gate
+    assert main(["choose-gate", "--checkpoint", str(ck), "--data", data, "--draws", "6", "--gates", "0,1",
+                 "--write"]) == 0
+    chosen = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["draw_gate"]
+    meta = read_metadata(ck)
+    assert meta["draw_gate"] == chosen and meta["draw_gate_choice"]["seed"] == 1
+    # each row by hand: the same seeded draws, read at that gate, against the same training fields
+    model = load_checkpoint(ck, jit=False)
+    ref, _, _ = _reference_fields(model, CrystalArrays.load(data), 1000, 1)
+    M = model.decode(draw_latents(6, model.latent, 1, model.prior))
+    for row in meta["draw_gate_choice"]["table"]:
+        counts = [len(a) for a in model.segment_batch(M, "fit", gate=row["gate"])]
+        assert row["count_wasserstein"] == pytest.approx(wasserstein_distance(counts, ref), abs=1e-6)
+    assert chosen == min(meta["draw_gate_choice"]["table"],
+                         key=lambda r: (r["count_wasserstein"], -r["gate"]))["gate"]
+
+    # a session reads a latent's atoms at the draw gate, a reconstruction's at the U-Net gate
+    update_metadata(ck, {"draw_gate": 1.0, "unet_gate": 0.0})
+    model = load_checkpoint(ck, jit=False)
+    nacl = Crystal(np.eye(3) * 5.64, np.array([[0, 0, 0], [.5, .5, .5]]), [11, 17], "NaCl")
+    field = density_field(nacl.cartesian() + 2.5, nacl.Z, model.grid, species=False)[0]
+    model.decode = lambda z, cond=None: field  # a field whose atoms the fit certainly finds
+    assert len(model.segment(field)) == 2  # gate 0 keeps every fitted atom
+    frame = Session(model=model).decode(np.zeros(model.latent, np.float32))
+    expect = model.segment(field, gate=1.0)
+    assert len(frame.atoms) == len(expect) < 2 and np.array_equal(frame.atoms.Z, expect.Z)
+
+
+@pytest.mark.parametrize("key, value", [("draw_gate", "high"), ("draw_gate", 1.5), ("unet_gate", -0.1),
+                                        ("draw_gate", True)])
+def test_a_damaged_gate_is_refused_on_load_with_one_line(run_dir, key, value):
+    ck = run_dir / "bad_gate.safetensors"
+    ck.write_bytes((run_dir / "m.safetensors").read_bytes())
+    update_metadata(ck, {key: value})
+    with pytest.raises(CheckpointError, match=f"bad_gate.safetensors: metadata {key} must be a number from 0 to 1"):
+        load_checkpoint(ck)

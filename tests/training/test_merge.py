@@ -19,7 +19,7 @@ TINY = dict(latent=8, enc_channels=(4, 4, 4, 4), bottleneck_channels=4, dec_chan
 def _checkpoint(path, seed, **over):
     torch.manual_seed(seed)
     net = CrystalNet(ModelConfig(**{**TINY, **over}))
-    meta = {"representation": "unit_cell", "unet_gate": 0.3, "metrics": {"exact_count": 0.5},
+    meta = {"representation": "unit_cell", "unet_gate": 0.3, "draw_gate": 0.1, "metrics": {"exact_count": 0.5},
             "training": {"steps": 100 * seed, "config": {"seed": seed}}}
     return save_checkpoint(path, net, GRID, meta)
 
@@ -40,7 +40,7 @@ def test_merged_checkpoint_has_the_vae_of_one_and_the_unet_of_the_other(tmp_path
             n_unet += k.startswith("unet.")
     assert n_vae > 10 and n_unet > 10  # the two inputs really differ in both networks
     meta = read_metadata(out)
-    assert "unet_gate" not in meta and "metrics" not in meta  # they belonged to another pair of networks
+    assert "unet_gate" not in meta and "draw_gate" not in meta and "metrics" not in meta  # another U-Net's
     assert meta["training"]["steps"] == 100 and meta["training"]["unet_from"]["steps"] == 200
 
 
