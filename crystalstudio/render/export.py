@@ -523,16 +523,21 @@ def _as_path(zs: np.ndarray, latent: int) -> np.ndarray:
 def segment_batch(model, fields: np.ndarray) -> list:
     """Segment a batch of decoded fields ``(B, n, n, n)`` -> B :class:`~crystalstudio.core.segment.Atoms`.
 
-    Same result as ``[model.segment(M) for M in fields]``; uses ``model.segment_batch``
+    The frames of a latent path have no input to compare against, so their atoms are read at
+    the model's ``draw_gate`` where it has one, as the explorer reads them
+    (:meth:`crystalstudio.session.Session.decode`): the same result as
+    ``[model.segment(M, gate=model.draw_gate) for M in fields]``. Uses ``model.segment_batch``
     (one U-Net call per batch, faster per field on a CPU) when the model has one.
     """
     fields = np.asarray(fields, np.float32)
     if len(fields) == 0:
         return []
+    gate = getattr(model, "draw_gate", None)
+    kw = {} if gate is None else {"gate": gate}
     own = getattr(model, "segment_batch", None)
     if callable(own):
-        return list(own(fields))
-    return [model.segment(M) for M in fields]
+        return list(own(fields, **kw))
+    return [model.segment(M, **kw) for M in fields]
 
 
 def decode_frames(session, zs: np.ndarray, cond: float | None = None, segment: bool = True,
