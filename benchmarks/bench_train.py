@@ -1,6 +1,7 @@
 """Training throughput: samples/s of full training steps for the default model config.
 
     python benchmarks/bench_train.py [--batches 8,32] [--steps N] [--warmup N] [--data data/mp.npz]
+                                     [--vae-only] [--cpu-bf16 auto|on|off]
 
 A step is what ``training/train.py`` runs: draw a batch, voxelise it (random rotations),
 VAE + U-Net forward, the Eq. 2 + Eq. 3 losses, backward, gradient clipping, Adam.
@@ -12,13 +13,20 @@ Rows:
 * ``fp32 eager, gpu batcher`` (CUDA): the same with the data set on the device
   (:class:`training.batcher.GPUCrystalBatcher`).
 * ``bf16 autocast + channels-last, gpu batcher`` (CUDA): the CUDA default of ``train.py``.
+* ``bf16 autocast, voxelise`` and ``bf16 autocast + channels-last, voxelise`` (CPU): run
+  where the CPU has AMX tile units (:func:`training.train.cpu_bf16_fast`, where ``train.py``
+  turns both on by default) or with ``--cpu-bf16 on``.
+
+``--vae-only``: the step of ``train --vae-only`` (no U-Net forward and backward), the
+CPU recipe's.
 
 Columns: samples/s, ms/step, the model's achieved TFLOP/s (samples/s times the FLOPs of one
 sample's forward + backward, counted by ``torch.utils.flop_counter.FlopCounterMode``: convs
-and matmuls, not elementwise work) and, on CUDA, that as a fraction of a bf16 matmul peak
-(an 8192^3 bf16 matmul timed in the same run). bf16 rows need CUDA (bf16 convolutions on a
-CPU are far slower than float32). On a shared CPU a training job competes for the cores:
-the load average is printed.
+and matmuls, not elementwise work), the speed-up over the baseline row of the same batch
+(same run) and, on CUDA, the TFLOP/s as a fraction of a bf16 matmul peak (an 8192^3 bf16
+matmul timed in the same run). On an AVX2-only CPU bf16 convolutions are several times
+slower than float32, so the CPU bf16 rows are skipped there unless asked for. On a shared
+CPU a training job competes for the cores: the load average is printed.
 
 Data: synthetic crystals (1-40 atoms, cells fitting the 10 Å cube under any rotation) on the
 default 30^3 grid, or ``--data`` (a prepared ``.npz``; its grid is used).
@@ -42,7 +50,7 @@ from crystalstudio.core.density import Grid, random_rotations  # noqa: E402
 from crystalstudio.core.models import CrystalNet, ModelConfig, count_parameters  # noqa: E402
 from training.batcher import GPUCrystalBatcher  # noqa: E402
 from training.data import CrystalArrays, voxelise  # noqa: E402
-from training.train import JointNet, TrainConfig, forward_losses  # noqa: E402
+from training.train import JointNet, TrainConfig, cpu_bf16_fast, forward_losses  # noqa: E402
 
 
 def synthetic(n: int = 512, seed: int = 0) -> CrystalArrays:
@@ -83,10 +91,11 @@ def matmul_peak(device: torch.device, n: int = 8192, reps: int = 20) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 
-def flops_per_sample(net: CrystalNet, data: CrystalArrays, grid: Grid, batch: int, device: torch.device) -> float:
+def flops_per_sample(net: CrystalNet, data: CrystalArrays, grid: Grid, batch: int, device: torch.device,
+                     vae_only: bool = False) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = TrainConfig()
+    cfg = TrainConfig(vae_only=vae_only)
     M, S, _, _ = voxelise(data, np.arange(batch) % len(data), grid, None, device)
     with FlopCounterMode(display=False) as fc:
         forward_losses(JointNet(net), M, S, cfg)["total"].backward()
@@ -95,11 +104,11 @@ def flops_per_sample(net: CrystalNet, data: CrystalArrays, grid: Grid, batch: in
 
 
 def bench(data: CrystalArrays, grid: Grid, mcfg: ModelConfig, device: torch.device, batch: int, steps: int,
-          warmup: int, amp: bool, channels_last: bool, gpu_batcher: bool) -> float:
+          warmup: int, amp: bool, channels_last: bool, gpu_batcher: bool, vae_only: bool = False) -> float:
     """Seconds per training step (mean over ``steps`` after ``warmup``)."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    cfg = TrainConfig(batch=batch)
+    cfg = TrainConfig(batch=batch, vae_only=vae_only)
     net = CrystalNet(mcfg).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
@@ -134,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="", help="prepared .npz (default: synthetic crystals on the 30^3 grid)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--vae-only", action="store_true", help="time the step of train --vae-only")
+    p.add_argument("--cpu-bf16", choices=["auto", "on", "off"], default="auto",
+                   help="CPU bf16 rows: auto = where the CPU has AMX")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -153,30 +165,38 @@ def main(argv: list[str] | None = None) -> int:
           f"{count_parameters(CrystalNet(mcfg))} parameters); {steps} timed steps after {warmup} warm-up")
     if not cuda:
         print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (other jobs compete for the CPU)")
-    flops = flops_per_sample(CrystalNet(mcfg).to(device), data, grid, 2, device)
+    flops = flops_per_sample(CrystalNet(mcfg).to(device), data, grid, 2, device, a.vae_only)
     peak = matmul_peak(device) if cuda else None
-    print(f"model FLOPs per sample (forward + backward, FlopCounterMode): {flops / 1e9:.2f} GFLOP"
+    print(f"model FLOPs per sample (forward + backward{', VAE only' if a.vae_only else ''}, FlopCounterMode): "
+          f"{flops / 1e9:.2f} GFLOP"
           + (f"; measured bf16 matmul peak (8192^3): {peak:.0f} TFLOP/s" if peak else ""))
     configs = [("fp32 eager, voxelise (baseline)", False, False, False)]
     if cuda:
         configs += [("fp32 eager, gpu batcher", False, False, True),
                     ("bf16 autocast + channels-last, gpu batcher", True, True, True)]
+    amx = cpu_bf16_fast()
+    cpu_bf16 = not cuda and (a.cpu_bf16 == "on" or (a.cpu_bf16 == "auto" and amx))
+    if cpu_bf16:
+        configs += [("bf16 autocast, voxelise", True, False, False),
+                    ("bf16 autocast + channels-last, voxelise", True, True, False)]
     print()
-    print("| config | batch | samples/s | ms/step | model TFLOP/s |" + (" % of bf16 peak |" if cuda else ""))
-    print("|---|---|---|---|---|" + ("---|" if cuda else ""))
+    print("| config | batch | samples/s | ms/step | x baseline | model TFLOP/s |" + (" % of bf16 peak |" if cuda else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if cuda else ""))
+    base: dict[int, float] = {}
     for label, amp, cl, gb in configs:
         for B in batches:
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            dt = bench(data, grid, mcfg, device, B, steps, warmup, amp, cl, gb)
+            dt = bench(data, grid, mcfg, device, B, steps, warmup, amp, cl, gb, a.vae_only)
+            base.setdefault(B, dt)
             sps = B / dt
             tf = sps * flops / 1e12
-            row = f"| {label} | {B} | {sps:.1f} | {1000 * dt:.1f} | {tf:.3f} |"
+            row = f"| {label} | {B} | {sps:.1f} | {1000 * dt:.1f} | {base[B] / dt:.2f} | {tf:.3f} |"
             if cuda:
                 row += f" {100 * tf / peak:.1f}% |"
             print(row, flush=True)
-    if not cuda:
-        print("\nbf16 autocast + channels-last rows need CUDA (not run on the CPU).")
+    if not cuda and not cpu_bf16:
+        print(f"\nCPU bf16 rows skipped: this CPU has {'' if amx else 'no '}AMX (--cpu-bf16 on runs them).")
     return 0
 
 

@@ -94,6 +94,7 @@ def prepare(paths: list[str], out: str, grid: Grid = Grid(), val: float = 0.05, 
         sources.append(source)
         splits.append(_split_of(formula, val, test))
     offsets = np.concatenate([[0], np.cumsum([len(z) for z in Zs])]).astype(np.int64)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # `--out data/mp.npz` on a fresh clone
     np.savez_compressed(
         out, lattice=np.stack(lattices), offsets=offsets, frac=np.concatenate(fracs), Z=np.concatenate(Zs),
         split=np.array(splits, np.uint8), ids=np.array(ids), formula=np.array(formulas), source=np.array(sources),

@@ -20,6 +20,7 @@ import torch
 from crystalstudio.core.checkpoint import load_checkpoint, read_metadata
 from crystalstudio.core.density import Grid, random_rotations
 from crystalstudio.core.models import CrystalNet, ModelConfig, scale_grad, unet_loss, vae_loss
+import training.train as train_mod
 from training.__main__ import main
 from training.batcher import GPUCrystalBatcher, random_rotations_torch
 from training.data import CrystalArrays, voxelise
@@ -145,6 +146,7 @@ def reference_run(cfg: TrainConfig):
 
 @pytest.mark.parametrize("flags", [{}, {"amp": False, "channels_last": False, "gpu_batcher": False}])
 def test_amp_off_on_cpu_matches_the_plain_loop(npz, tmp_path, flags):
+    # {}: the defaults on a CPU without AMX (tests/training/conftest.py stubs the probe)
     cfg = tiny_cfg(npz, tmp_path / "a.safetensors", background_weight=0.3, **flags)
     train(cfg)
     ref_losses, ref_net = reference_run(cfg)
@@ -154,6 +156,19 @@ def test_amp_off_on_cpu_matches_the_plain_loop(npz, tmp_path, flags):
         assert torch.equal(got[k], v), k
     info = read_metadata(tmp_path / "a.safetensors")["training"]
     assert info["amp"] is False and info["channels_last"] is False and info["world_size"] == 1
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_amp_default_follows_the_cpu_probe(npz, tmp_path, monkeypatch, amx):
+    """On a CPU with AMX (the probe says so) the defaults turn bf16 autocast and channels-last
+    on; explicit flags still win."""
+    monkeypatch.setattr(train_mod, "cpu_bf16_fast", lambda: amx)
+    train(tiny_cfg(npz, tmp_path / "d.safetensors"))
+    info = read_metadata(tmp_path / "d.safetensors")["training"]
+    assert info["amp"] is amx and info["channels_last"] is amx
+    train(tiny_cfg(npz, tmp_path / "e.safetensors", amp=False, channels_last=False))
+    info = read_metadata(tmp_path / "e.safetensors")["training"]
+    assert info["amp"] is False and info["channels_last"] is False
 
 
 def test_amp_and_channels_last_run_on_cpu(npz, tmp_path):

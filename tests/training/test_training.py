@@ -55,7 +55,7 @@ def cif_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def npz(cif_dir, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("data") / "tiny.npz"
+    out = tmp_path_factory.mktemp("data") / "new_folder" / "tiny.npz"  # prepare makes the folder
     summary = prepare([str(cif_dir)], str(out), GRID, val=0.0, test=0.3)
     return out, summary
 
