@@ -153,19 +153,26 @@ class FileActions:
         if len(rec.atoms) == 0:
             self._error("Nothing to save", f"No atoms were segmented from the {rec.crystal.name} reconstruction.")
             return None
-        try:
+        def write() -> Path:
             if path.suffix.lower() == ".xyz":
                 ck = w.session.model.path.name if w.session.model.path else "in-memory model"
-                out = write_xyz(rec.atoms.positions, rec.atoms.Z, path,
-                                comment=f"{rec.crystal.name} reconstructed by crystalstudio ({ck}); "
-                                        f"cube {w.grid.length:g} A")
-            else:
-                out = write_cif(rec.atoms.positions, rec.atoms.Z, path, grid=w.grid)
+                return write_xyz(rec.atoms.positions, rec.atoms.Z, path,
+                                 comment=f"{rec.crystal.name} reconstructed by crystalstudio ({ck}); "
+                                         f"cube {w.grid.length:g} A")
+            return write_cif(rec.atoms.positions, rec.atoms.Z, path, grid=w.grid)
+
+        return self._write(path, write, "Cannot save", lambda out: f"Saved {n_atoms(len(rec.atoms))} to {path}")
+
+    def _write(self, path: Path, write, title: str, saved) -> Path | None:
+        """Run ``write()``; on OSError/ValueError show ``title`` and one line naming the file and
+        return None; else remember the folder, show ``saved(out)`` in the status bar, return out."""
+        try:
+            out = write()
         except (OSError, ValueError) as exc:
-            self._error("Cannot save", f"{path.name}: {getattr(exc, 'strerror', None) or _one_line(exc)}")
+            self._error(title, f"{path.name}: {getattr(exc, 'strerror', None) or _one_line(exc)}")
             return None
-        w.settings.setValue("files/last_dir", str(path.resolve().parent))
-        w.statusBar().showMessage(f"Saved {n_atoms(len(rec.atoms))} to {path}", 5000)
+        self.window.settings.setValue("files/last_dir", str(path.resolve().parent))
+        self.window.statusBar().showMessage(saved(out), 5000)
         return out
 
     def save_screenshot(self, path: str | Path) -> Path | None:
@@ -186,15 +193,9 @@ class FileActions:
         if M is None:
             self._error("Nothing to export", "Open a structure or decode a latent vector first.")
             return None
-        try:
-            out = (save_density_npy(M, path) if path.suffix.lower() == ".npy"
-                   else save_density_vti(M, w.grid, path))
-        except (OSError, ValueError) as exc:
-            self._error("Cannot export density", f"{path.name}: {getattr(exc, 'strerror', None) or _one_line(exc)}")
-            return None
-        w.settings.setValue("files/last_dir", str(path.resolve().parent))
-        w.statusBar().showMessage(f"Density field saved to {out}", 5000)
-        return out
+        return self._write(path, lambda: (save_density_npy(M, path) if path.suffix.lower() == ".npy"
+                                          else save_density_vti(M, w.grid, path)),
+                           "Cannot export density", lambda out: f"Density field saved to {out}")
 
     def export_video(self, spec: ExportSpec | None = None) -> Path | None:
         """Export a latent path to MP4 / GIF with a progress dialog and Cancel.
