@@ -188,6 +188,11 @@ def test_save_reconstruction_as_cif_and_xyz(qtbot, window, tmp_path):
     png = window.save_screenshot(tmp_path / "views.png")
     assert png is not None and png.stat().st_size > 1000
 
+    # a folder that does not exist: one line naming the file, nothing written, window up
+    assert window.save_reconstruction(tmp_path / "missing" / "x.cif") is None
+    assert window.errors[-1][0] == "Cannot save" and window.errors[-1][1].startswith("x.cif:")
+    assert not (tmp_path / "missing").exists() and window.session.current is not None
+
 
 def test_about_model_menus_and_no_reconstruction_to_save(window, tmp_path):
     assert [a.text() for a in window.samples_menu.actions()] == ["NaCl", "Si", "SrTiO3", "Ti2MnIn"]
