@@ -37,7 +37,6 @@ the explored z, its caption and the conditioning passed to the decoder, and show
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PySide6.QtCore import Signal
@@ -306,13 +305,11 @@ class LatentExplorer(QWidget):
             self.requests.segment_later()
 
     # ------------------------------------------------------------------ requests and results
-    @property
-    def _last_request(self) -> tuple[bytes, Any, bool] | None:
-        return self.requests.last_request
-
-    @_last_request.setter
-    def _last_request(self, value: tuple[bytes, Any, bool] | None) -> None:  # the window forgets it
-        self.requests.last_request = value
+    def refresh(self) -> None:
+        """Decode and segment the current z again, even where it was the last request (the
+        way atoms are read changed, so the same z now gives other atoms)."""
+        self.requests.last_request = None
+        self.request(segment=True)
 
     def request(self, segment: bool = True) -> None:
         """Decode the current z (and segment it) in the worker; the newest request wins."""

@@ -354,8 +354,7 @@ class MainWindow(QMainWindow):
         session = self.session
         if current is None or (session.z is not None and not np.array_equal(session.z, current.z)):
             # the explorer is elsewhere in latent space: re-read its frame, keep its z
-            self.explorer._last_request = None
-            self.explorer.request(segment=True)
+            self.explorer.refresh()
             return
         self._recompute_current("Reading atoms…", "Cannot read atoms")
 
