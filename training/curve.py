@@ -19,6 +19,11 @@ when that run's checkpoints are listed in the same ``--run``. Wall seconds count
 process (data, voxelisation, periodic evaluation), so a run that shared its cores is
 charged for the wait: the comparison errs against the slower-looking recipe.
 
+``--include earlier.json`` carries over the runs of an earlier output of this command
+(measured on another day, perhaps on another CPU, whose checkpoints are gone): its points
+are kept as they are and drawn beside the new runs. It must have been measured the same way
+(split, seed, limit, atom reader), else it is refused.
+
 Measures are cached in ``--cache`` (keyed by file size, mtime, split, seed, limit and atom
 reader), so adding a snapshot re-measures only that one.
 
@@ -37,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["checkpoint_cost", "chain_points", "measure", "curve", "plot_curve", "add_arguments", "run"]
+__all__ = ["checkpoint_cost", "chain_points", "measure", "curve", "include_runs", "plot_curve", "add_arguments",
+           "run"]
 
 MEASURES = ("atoms_within_tol", "exact_count", "species_accuracy", "voxel_mse")
 MILESTONES_MIN = (15, 30, 60)
@@ -245,6 +251,30 @@ def plot_curve(res: dict, path: str) -> None:
     fig.savefig(path)
 
 
+def include_runs(res: dict, earlier: dict, reach: float | None = None, name: str = "earlier curve") -> dict:
+    """``res`` with the runs of ``earlier`` (an earlier output of :func:`curve`) put first; a run
+    of ``res`` with the same label replaces the earlier one. ``reach`` recomputes their reach.
+
+    Raises:
+        ValueError: ``earlier`` was measured on another split, seed, limit or atom reader.
+    """
+    for k in ("split", "seed", "limit", "atoms"):
+        if earlier.get(k) != res.get(k):
+            raise ValueError(f"{name}: measured with {k} {earlier.get(k)!r}, this curve with {res.get(k)!r}")
+    labels = {r["label"] for r in res["runs"]}
+    kept = []
+    for r in earlier.get("runs", []):
+        if r["label"] in labels:
+            continue
+        r = dict(r)
+        if reach is not None:
+            x = np.array([q["cpu_seconds"] for q in r["points"]]) / 60
+            hit = _reach(x, np.array([q["atoms_within_tol"] for q in r["points"]]), reach)
+            r["reach"] = {"atoms_within_tol": reach, "cpu_minutes": None if hit is None else round(hit, 1)}
+        kept.append(r)
+    return {**res, "runs": kept + res["runs"]}
+
+
 def _parse_run(spec: str) -> tuple[str, list[str]]:
     if "=" not in spec:
         raise argparse.ArgumentTypeError(f"--run {spec!r}: expected LABEL=GLOB[,GLOB...]")
@@ -266,6 +296,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--atoms", default="fit-amplitude", choices=("fit-amplitude", "fit", "unet"))
     p.add_argument("--reach", type=float, default=None, help="report the CPU time to this atoms-within level")
     p.add_argument("--cache", default="runs/curve_cache.json", help="JSON cache of measures ('' = none)")
+    p.add_argument("--include", default="", metavar="JSON",
+                   help="also draw the runs of an earlier curve JSON (same split, seed, limit and atoms)")
     p.add_argument("--out", default="", help="write the curve JSON here")
     p.add_argument("--png", default="", help="write the figure here")
     return p
@@ -300,7 +332,15 @@ def format_curve(res: dict) -> str:
 
 def run(a: argparse.Namespace) -> dict:
     runs = dict(a.run)
+    earlier = None
+    if getattr(a, "include", ""):  # read first: a bad file fails before hours of measuring
+        try:
+            earlier = json.loads(Path(a.include).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{Path(a.include).name}: not a curve JSON ({exc})") from None
     res = curve(runs, a.data, a.split, a.seed, a.limit, a.atoms, a.reach, a.cache)
+    if earlier is not None:
+        res = include_runs(res, earlier, a.reach, Path(a.include).name)
     print(format_curve(res))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -120,6 +120,21 @@ def cpu_bf16_fast() -> bool:
         return False
 
 
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``'s model name, else :func:`platform.processor`), recorded
+    in a checkpoint's training block beside its seconds."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def _lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
     frac = step / max(cfg.steps, 1)
     if cfg.minutes > 0:
@@ -471,7 +486,9 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
                      "n_val": int(len(val_idx)), "n_test": int(len(test_idx)),
                      "split": "by reduced formula (sha1 hash), test never trained on",
                      "test_ids_sha1": hashlib.sha1(
-                         "\n".join(sorted(map(str, data.ids[test_idx]))).encode()).hexdigest()},
+                         "\n".join(sorted(map(str, data.ids[test_idx]))).encode()).hexdigest(),
+                     # the machine that paid the seconds (learning curves compare CPU time)
+                     "cpu": cpu_name(), "amp": amp, "channels_last": channels_last},
     }
     t0 = time.time() - float(saved.get("seconds", 0.0))
     clock = tdist.Clock(t0, dinfo, device)

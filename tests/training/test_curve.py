@@ -95,6 +95,23 @@ def test_curve_cli_measures_every_snapshot(run_dir, capsys):
     cache = json.loads((run_dir / "cache.json").read_text())
     assert len(cache) == len(snaps) + 1
 
+    # --include: an earlier curve's runs drawn beside the new one, kept as they were
+    old = {**res, "runs": [{**r, "label": "earlier recipe", "points": [{**p, "atoms_within_tol": 0.25}
+                                                                       for p in r["points"]]}]}
+    (run_dir / "old.json").write_text(json.dumps(old))
+    both = run_dir / "both.json"
+    main(["curve", "--run", f"scratch={run_dir}/scratch.safetensors", "--data", str(run_dir / "tiny.npz"),
+          "--cache", str(run_dir / "cache.json"), "--include", str(run_dir / "old.json"), "--reach", "0.2",
+          "--out", str(both)])
+    got = json.loads(both.read_text())
+    assert [r["label"] for r in got["runs"]] == ["earlier recipe", "scratch"]
+    assert got["runs"][0]["points"] == old["runs"][0]["points"] and got["runs"][0]["reach"]["cpu_minutes"] is not None
+    assert len(json.loads((run_dir / "cache.json").read_text())) == len(snaps) + 1  # nothing re-measured
+    (run_dir / "other.json").write_text(json.dumps({**old, "seed": 5}))
+    with pytest.raises(ValueError, match="other.json: measured with seed 5"):
+        main(["curve", "--run", f"scratch={run_dir}/scratch.safetensors", "--data", str(run_dir / "tiny.npz"),
+              "--cache", str(run_dir / "cache.json"), "--include", str(run_dir / "other.json")])
+
 
 def test_unet_only_trains_the_unet_and_keeps_the_vae(run_dir):
     src = run_dir / "scratch.safetensors"

@@ -166,6 +166,7 @@ def test_amp_default_follows_the_cpu_probe(npz, tmp_path, monkeypatch, amx):
     train(tiny_cfg(npz, tmp_path / "d.safetensors"))
     info = read_metadata(tmp_path / "d.safetensors")["training"]
     assert info["amp"] is amx and info["channels_last"] is amx
+    assert isinstance(info["cpu"], str) and info["cpu"]  # the machine that paid the seconds
     train(tiny_cfg(npz, tmp_path / "e.safetensors", amp=False, channels_last=False))
     info = read_metadata(tmp_path / "e.safetensors")["training"]
     assert info["amp"] is False and info["channels_last"] is False
