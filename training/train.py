@@ -18,9 +18,9 @@ is on for CUDA only):
 
 * ``--amp``: bf16 autocast of the networks; the losses are computed in float32.
 * ``--channels-last``: channels-last-3d memory format of weights and inputs. On a 2-core
-  Xeon with AMX, one thread, batch 16, a VAE-only step takes 0.25 of the float32 time with
-  both (``python benchmarks/bench_train.py``); on an AVX2-only CPU bf16 is several times slower
-  than float32, so the default there stays float32.
+  Xeon with AMX, one thread, a VAE-only step takes 0.25-0.30 of the float32 time with both
+  (batch 16 and 8; ``python benchmarks/bench_train.py --vae-only``); on an AVX2-only CPU bf16
+  is several times slower than float32, so the default there stays float32.
 * ``--gpu-batcher``: the whole data set padded on the device, batches and rotations drawn
   there (:class:`training.batcher.GPUCrystalBatcher`); no Python loop per crystal.
 * Multi-GPU: ``torchrun --standalone --nproc_per_node=N -m training train ...``
@@ -110,9 +110,10 @@ class TrainConfig:
 def cpu_bf16_fast() -> bool:
     """Whether this CPU has AMX tile units (Intel Sapphire Rapids and later), on which torch's
     oneDNN runs bf16 3-D convolutions several times faster than float32 (measured: a VAE-only
-    step at 0.25 of the float32 time with channels-last). CPUs without them (AVX2, or
-    AVX-512 without AMX) run bf16 convolutions by emulation, slower than float32. False when
-    torch cannot tell."""
+    step at 0.25-0.30 of the float32 time with channels-last). Without them bf16 convolutions
+    are emulated: several times slower than float32 on this project's AVX2-only AMD (AVX-512
+    without AMX was not measured, so it stays in float32 too). False when torch cannot tell
+    (the probe is torch's ``torch.cpu._is_amx_tile_supported``)."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     try:
         return bool(probe()) if probe is not None else False
