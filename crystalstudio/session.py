@@ -533,8 +533,10 @@ class Session:
         """Decode one latent vector (and segment it unless ``segment`` is False, at the model's
         :attr:`~crystalstudio.core.checkpoint.CrystalModel.draw_gate`: a latent with no input
         to compare against); thread-safe."""
-        M_hat = self.model.decode(z, cond)
-        atoms = self.model.segment(M_hat, gate=self.model.draw_gate) if segment else Atoms.empty()
+        if segment:
+            M_hat, atoms = self.model.decode_segment(z, cond)
+        else:
+            M_hat, atoms = self.model.decode(z, cond), Atoms.empty()
         return Frame(np.asarray(z, np.float32), M_hat, atoms,
                      readouts(atoms, M_hat, self.model.grid.peak_scale))
 

@@ -525,9 +525,9 @@ def sharpening_matrix(grid: Grid, width_A: float, lam: float = 3e-7, reach_A: fl
     the default grid, with the default ``lam``, a peak 0.8-0.9 as high and about half as
     wide at half maximum for centres in the cube) and leaves the field a sum of narrow
     bumps whose atoms are separate maxima. Only seeds come from it; the least-squares fit
-    of Eq. 1 then places the atoms. D is the Tikhonov-regularised least-squares fit of that map over 2000 centres from
-    ``reach_A`` Å outside the cube's first voxel centre to as far beyond its last (so the
-    faces need no periodic assumption): ``D^T = (G^T G + lam K I)^-1 G^T T``, G and T the
+    of Eq. 1 then places the atoms. D is the Tikhonov-regularised least-squares fit of that
+    map over 2000 centres from ``reach_A`` Å outside the cube's first voxel centre to as far
+    beyond its last (so the faces need no periodic assumption): ``D^T = (G^T G + lam K I)^-1 G^T T``, G and T the
     (K, n) profiles at sigma and at ``width_A``. Cached per grid and arguments.
 
     Raises:
