@@ -24,8 +24,8 @@ def run(session: Session, n: int, prior: str) -> tuple[float, float]:
     session.set_prior(prior)
     t0 = time.perf_counter()
     z, cond = session.draw(n, seed=0)
-    M = session.model.decode(z, cond)
-    atoms = session.model.segment_batch(M)
+    M, L = session.model.decode_fields(z, cond)
+    atoms = session.model.segment_batch(M, gate=session.model.draw_gate, light=L)
     valid = sum(check_draw(a.positions, a.Z).valid for a in atoms)
     return time.perf_counter() - t0, valid / n
 

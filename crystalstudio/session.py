@@ -387,9 +387,9 @@ class Session:
         cond = float(M.max()) if self.model.config.conditional else None  # Sec. 4.5: its own maximum
         mu, logvar = self.model.encode(M, cond)
         z = self.model.refine(M, mu, cond, progress=progress)  # mu itself when refinement is off
-        M_hat = self.model.decode(z, cond)
+        M_hat, L_hat = self.model.decode_fields(z, cond)
         # a field refined to the input's Eq. 1 heights: Z from the fitted amplitudes
-        atoms = self.model.segment(M_hat, refined=not np.array_equal(z, mu))
+        atoms = self.model.segment(M_hat, refined=not np.array_equal(z, mu), light=L_hat)
         lattice_model = self.model.representation == "repeating_lattice"
         return Reconstruction(crystal, R, pos, Z, M, mu, logvar, M_hat, atoms,
                               summarise(pos, Z, atoms, M, M_hat), uvw.copy() if lattice_model else np.zeros(3), z)

@@ -68,6 +68,7 @@ from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import CrystalNet, kl_divergence, max_density
 from crystalstudio.core.refine import REFINE_LR, frozen, learning_rates, refine_latent
 from crystalstudio.core.fit import DECODED_FIT, DEFAULT_FIT, UNET_GATE, fit_atoms, fit_decoded
+from crystalstudio.core.light import atoms_with_light
 from crystalstudio.core.segment import density_peaks, species_map_to_atoms
 
 from .data import SPLITS, CrystalArrays, voxelise
@@ -118,12 +119,14 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
         cond = max_density(M) if net.cfg.conditional else None  # Sec. 4.5: the input's own maximum
         mu, logvar = net.vae.encode(M, cond)
         kls.append(kl_divergence(mu, logvar).cpu())
-        Mh = Mh_enc = net.vae.decode(mu, cond)
+        Mh, Lh = Mh_enc, Lh_enc = net.vae.decode_fields(mu, cond)
         if refine_steps > 0:
             with frozen(net.vae):
                 z = refine_latent(net.vae.decode, M.reshape(len(b), *(grid.n,) * 3), mu, refine_steps, refine_lr,
                                   cond=cond)
-            Mh = net.vae.decode(z, cond)
+            Mh, Lh = net.vae.decode_fields(z, cond)
+        Lh_np = [None] * len(b) if Lh is None else Lh.float().cpu().numpy()
+        Lh_enc_np = [None] * len(b) if Lh_enc is None else Lh_enc.float().cpu().numpy()
         logits = net.unet(Mh)
         species_t = logits.argmax(1)
         probs = torch.softmax(logits.float(), 1).cpu().numpy() if (atoms == "fit" or stages is not None) else None
@@ -145,10 +148,13 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
             keep = Zp[k] > 0
             tp, tz = P[k][keep], Zp[k][keep]
             unet_atoms = species_map_to_atoms(species[k], grid, Mh_np[k])
-            fit_dec = (fit_decoded(Mh_np[k], probs[k], grid, representation, gate, refine_steps > 0, species_prior)
+            fit_dec = (atoms_with_light(fit_decoded(Mh_np[k], probs[k], grid, representation, gate,
+                                                    refine_steps > 0, species_prior),
+                                        Lh_np[k], grid, net.cfg, representation)
                        if probs is not None else None)
             if atoms == "fit-amplitude":  # the VAE alone: no U-Net vote, Z from the fitted amplitude
-                found = fit_atoms(Mh_np[k], grid, representation, DECODED_FIT)
+                found = atoms_with_light(fit_atoms(Mh_np[k], grid, representation, DECODED_FIT), Lh_np[k], grid,
+                                         net.cfg, representation)
             else:
                 found = fit_dec if atoms == "fit" else unet_atoms
             if stages is not None:
@@ -158,7 +164,8 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
                     stages.setdefault("fit_on_refined_M", []).append(
                         match_atoms(tp, tz, fit_dec.positions, fit_dec.Z, tol))
                     unet_atoms = species_map_to_atoms(species_enc[k], grid, Mh_enc_np[k])
-                    fit_dec = fit_decoded(Mh_enc_np[k], probs_enc[k], grid, representation, gate)
+                    fit_dec = atoms_with_light(fit_decoded(Mh_enc_np[k], probs_enc[k], grid, representation, gate),
+                                               Lh_enc_np[k], grid, net.cfg, representation)
                 stages.setdefault("unet_on_decoded_M", []).append(
                     match_atoms(tp, tz, unet_atoms.positions, unet_atoms.Z, tol))
                 stages.setdefault("fit_on_decoded_M", []).append(match_atoms(tp, tz, fit_dec.positions, fit_dec.Z, tol))
@@ -353,26 +360,15 @@ def _direction(d: np.ndarray, tol: float) -> dict:
 
 @torch.no_grad()
 def _random_draws(model: CrystalModel, n: int, seed: int, batch: int, method: str = "fit") -> dict:
-    """Decode n draws z ~ N(0, I) (Sec. 4.4), atoms read by ``method``; per-draw atom counts
-    and NN distances."""
+    """Decode n draws z ~ N(0, I) (Sec. 4.4), atoms read by ``method`` (:func:`_latent_atoms`);
+    per-draw atom counts and NN distances."""
     z = random_latents(n, model.latent, seed)
     counts, nn, close = [], [], []
-    for s in range(0, n, batch):
-        Mh = model.net.vae.decode(torch.as_tensor(z[s:s + batch], device=model.device))
-        logits = model.net.unet(Mh).float()
-        Mh_np = Mh.float().cpu().numpy()
-        if method == "fit":
-            probs = torch.softmax(logits, 1).cpu().numpy()
-            found = [fit_decoded(Mh_np[k], probs[k], model.grid, model.representation, model.draw_gate)
-                     for k in range(len(Mh_np))]
-        else:
-            species = logits.argmax(1).cpu().numpy()
-            found = [species_map_to_atoms(species[k], model.grid, Mh_np[k]) for k in range(len(Mh_np))]
-        for atoms in found:
-            d = _nn_distances(atoms.positions)
-            counts.append(len(atoms))
-            nn.append(d)
-            close.append(bool((d < CLOSE_A).any()))
+    for atoms in _latent_atoms(model, z, None, method, batch):
+        d = _nn_distances(atoms.positions)
+        counts.append(len(atoms))
+        nn.append(d)
+        close.append(bool((d < CLOSE_A).any()))
     return {"counts": np.asarray(counts, np.int64), "nn": np.concatenate(nn) if nn else np.zeros(0),
             "close": np.asarray(close, bool)}
 
@@ -388,13 +384,21 @@ def _reference_fields(model: CrystalModel, data: CrystalArrays, n: int, seed: in
             {str(f) for f in data.formula[tr]})
 
 
-def _atoms_of(model: CrystalModel, z: np.ndarray, cond, method: str, batch: int) -> list[tuple]:
+def _latent_atoms(model: CrystalModel, z: np.ndarray, cond, method: str, batch: int) -> list:
+    """Atoms of the fields decoded from latent vectors z (B, latent) as the app reads a draw:
+    :meth:`CrystalModel.decode_fields`, then :meth:`CrystalModel.segment_batch` by ``method``
+    at the checkpoint's ``draw_gate`` with the light-atom fields (where it has them).
+    ``cond``: (B,) conditions or None."""
     out = []
     for s in range(0, len(z), batch):
         c = None if cond is None else cond[s:s + batch]
-        M = model.decode(z[s:s + batch], c)
-        out += [(a.positions, a.Z) for a in model.segment_batch(M, method, gate=model.draw_gate)]
+        M, L = model.decode_fields(z[s:s + batch], c)
+        out += model.segment_batch(M, method, gate=model.draw_gate, light=L)
     return out
+
+
+def _atoms_of(model: CrystalModel, z: np.ndarray, cond, method: str, batch: int) -> list[tuple]:
+    return [(a.positions, a.Z) for a in _latent_atoms(model, z, cond, method, batch)]
 
 
 @torch.no_grad()

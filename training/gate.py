@@ -28,6 +28,7 @@ import torch
 from crystalstudio.core.checkpoint import CrystalModel, load_checkpoint, update_metadata
 from crystalstudio.core.density import random_rotations
 from crystalstudio.core.fit import DECODED_FIT, combine_with_unet, fit_atoms
+from crystalstudio.core.light import fit_light, merge_light
 from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import max_density
 
@@ -42,22 +43,29 @@ GATES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 MEASURES = ("atoms_within_tol", "exact_count", "species_accuracy")
 
 
-def atoms_per_gate(model: CrystalModel, M_hat: np.ndarray, probs: np.ndarray, gates=GATES) -> dict[float, list]:
+def atoms_per_gate(model: CrystalModel, M_hat: np.ndarray, probs: np.ndarray, gates=GATES,
+                   L_hat: np.ndarray | None = None) -> dict[float, list]:
     """Atoms of decoded fields under each U-Net gate, the Eq. 1 fit run once per field.
 
     Args:
         M_hat: (B, n, n, n) float32 decoded fields (Eq. 1 units).
         probs: (B, classes, n, n, n) float32 U-Net softmax of the same fields.
         gates: U-Net probabilities of "an atom" (:func:`~crystalstudio.core.fit.combine_with_unet`).
+        L_hat: (B, n, n, n) light-atom fields decoded beside them, or None: their atoms are
+            merged in after the gate (:func:`~crystalstudio.core.light.atoms_with_light`).
 
     Returns:
         ``{gate: [Atoms per field]}``, fields in order.
     """
     out: dict[float, list] = {float(g): [] for g in gates}
-    for M, p in zip(M_hat, probs):
+    Ls = [None] * len(M_hat) if L_hat is None else L_hat
+    for M, p, Lh in zip(M_hat, probs, Ls):
         fitted = fit_atoms(M, model.grid, model.representation, DECODED_FIT)
+        light = None if Lh is None else fit_light(Lh, model.grid, model.config.light_gain, model.config.light_z_max,
+                                                  model.representation)
         for g in out:
-            out[g].append(combine_with_unet(fitted, p, model.grid, g))
+            a = combine_with_unet(fitted, p, model.grid, g)
+            out[g].append(a if light is None else merge_light(a, light))
     return out
 
 
@@ -88,9 +96,10 @@ def gate_table(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, gates=
         M, _, P, Zp = voxelise(data, b, grid, rot[s:s + batch], model.device, model.representation)
         cond = max_density(M) if net.cfg.conditional else None
         mu, _ = net.vae.encode(M, cond)
-        Mh = net.vae.decode(mu, cond)
+        Mh, Lh = net.vae.decode_fields(mu, cond)
         probs = torch.softmax(net.unet(Mh).float(), 1).cpu().numpy()
-        for g, found in atoms_per_gate(model, Mh.float().cpu().numpy(), probs, per).items():
+        Lh = None if Lh is None else Lh.float().cpu().numpy()
+        for g, found in atoms_per_gate(model, Mh.float().cpu().numpy(), probs, per, Lh).items():
             for k, a in enumerate(found):
                 keep = Zp[k] > 0
                 per[g].append(match_atoms(P[k][keep], Zp[k][keep], a.positions, a.Z, tol))
@@ -129,9 +138,11 @@ def draw_gate_table(model: CrystalModel, data: CrystalArrays, n: int, gates=GATE
     counts: dict[float, list[int]] = {float(g): [] for g in gates}
     for s in range(0, n, batch):
         c = None if cond is None else torch.as_tensor(cond[s:s + batch], dtype=torch.float32, device=model.device)
-        Mh = model.net.vae.decode(torch.as_tensor(z[s:s + batch], dtype=torch.float32, device=model.device), c)
+        Mh, Lh = model.net.vae.decode_fields(torch.as_tensor(z[s:s + batch], dtype=torch.float32,
+                                                             device=model.device), c)
         probs = torch.softmax(model.net.unet(Mh).float(), 1).cpu().numpy()
-        for g, found in atoms_per_gate(model, Mh.float().cpu().numpy(), probs, counts).items():
+        Lh = None if Lh is None else Lh.float().cpu().numpy()
+        for g, found in atoms_per_gate(model, Mh.float().cpu().numpy(), probs, counts, Lh).items():
             counts[g] += [len(a.Z) for a in found]
     return [{"gate": g, "atoms_per_draw": float(np.mean(c)), "count_wasserstein": float(wasserstein_distance(c, ref)),
              "reference_atoms": float(ref.mean())} for g, c in counts.items()]

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from crystalstudio.core.checkpoint import save_checkpoint
-from crystalstudio.core.density import Grid, random_rotations
+from crystalstudio.core.density import Grid, light_field, random_rotations
 from crystalstudio.core.models import CrystalNet, ModelConfig, count_parameters, scale_grad, unet_loss, vae_loss
 
 from . import dist as tdist
@@ -80,6 +80,9 @@ class TrainConfig:
                                          # decoded M_hat, and the true M for unet_true_frac of a batch)
     peak_weight: float = 0.0             # peak-weighted MSE: voxel weight 1 + peak_weight * M / max(M)
     light_weight: float = 0.0            # light-atom MSE: + light_weight * min(4, (8 / Z)^2) on atom voxels of S
+    light_channel: bool = False          # decoder's second output L (light atoms, Z <= 5, at gain 4; unit cell
+                                         # only); added to a checkpoint without one (its head copied from M's)
+    light_channel_weight: float = 1.0    # weight of L's summed squared error beside M's
     snapshot_every_min: float = 0.0      # also keep <out>.step<N>.safetensors this often (learning curve)
     # runtime
     device: str = "auto"
@@ -161,18 +164,19 @@ class JointNet(nn.Module):
 
     def forward(self, M: torch.Tensor, gamma: float, n_true: int = 0, vae_only: bool = False,
                 unet_only: bool = False):
+        """Returns ``(M_hat, mu, logvar, logits or None, L_hat or None)``."""
         if unet_only:  # the VAE frozen (no graph): the U-Net learns the fields the app will show it
             with torch.no_grad():
-                M_hat, mu, logvar = self.net.vae(M)
+                M_hat, mu, logvar, L_hat = self.net.vae(M, light=True)
             u_in = M_hat.detach()
         else:
-            M_hat, mu, logvar = self.net.vae(M)
+            M_hat, mu, logvar, L_hat = self.net.vae(M, light=True)
             if vae_only:
-                return M_hat, mu, logvar, None
+                return M_hat, mu, logvar, None, L_hat
             u_in = scale_grad(M_hat, gamma)
         if n_true > 0:  # the first n_true crystals: the U-Net segments the true field instead
             u_in = torch.cat([M[:n_true, 0].to(u_in.dtype), u_in[n_true:]])
-        return M_hat, mu, logvar, self.net.unet(u_in)
+        return M_hat, mu, logvar, self.net.unet(u_in), L_hat
 
 
 def light_atom_weight(S: torch.Tensor, z_ref: float = 8.0, cap: float = 4.0) -> torch.Tensor:
@@ -189,18 +193,22 @@ def light_atom_weight(S: torch.Tensor, z_ref: float = 8.0, cap: float = 4.0) -> 
 
 
 def forward_losses(model: nn.Module, M: torch.Tensor, S: torch.Tensor, cfg: TrainConfig, amp: bool = False,
-                   channels_last: bool = False) -> dict:
+                   channels_last: bool = False, L: torch.Tensor | None = None) -> dict:
     """One forward pass of :class:`JointNet` (or its DDP wrapper) and the losses in float32.
 
+    ``L`` (B, n, n, n): the true light-atom field (:func:`~crystalstudio.core.density.light_field`)
+    for a decoder with a light channel; its summed squared error, times
+    ``cfg.light_channel_weight``, joins the loss as ``light``.
+
     Returns scalar tensors ``total`` (what is backpropagated), ``loss`` (Eq. 2 without the
-    segmentation term), ``recon``, ``kl`` and ``ce`` (Eq. 3).
+    segmentation term, with the light term), ``recon``, ``kl``, ``ce`` (Eq. 3) and ``light``.
     """
     x = M.unsqueeze(1)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last_3d)
     with torch.autocast(M.device.type, dtype=torch.bfloat16, enabled=amp):
-        M_hat, mu, logvar, logits = model(x, cfg.gamma, int(round(cfg.unet_true_frac * len(M))), cfg.vae_only,
-                                          cfg.unet_only)
+        M_hat, mu, logvar, logits, L_hat = model(x, cfg.gamma, int(round(cfg.unet_true_frac * len(M))),
+                                                 cfg.vae_only, cfg.unet_only)
     ce = (unet_loss(logits.float(), S, cfg.background_weight) if logits is not None
           else torch.zeros((), device=M.device))
     w = None
@@ -208,9 +216,13 @@ def forward_losses(model: nn.Module, M: torch.Tensor, S: torch.Tensor, cfg: Trai
         w = 1.0 + cfg.peak_weight * M / M.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
     if cfg.light_weight:
         w = (1.0 if w is None else w) + cfg.light_weight * light_atom_weight(S)
-    L = vae_loss(M, M_hat.float(), mu.float(), logvar.float(), None, cfg.beta, cfg.gamma, weight=w)
-    total = ce if cfg.unet_only else L["loss"] + ce
-    return {"total": total, "loss": L["loss"], "recon": L["recon"], "kl": L["kl"], "ce": ce}
+    V = vae_loss(M, M_hat.float(), mu.float(), logvar.float(), None, cfg.beta, cfg.gamma, weight=w)
+    light = torch.zeros((), device=M.device)
+    if L is not None and L_hat is not None:
+        light = (L_hat.float() - L).pow(2).flatten(1).sum(1).mean()
+    loss = V["loss"] + cfg.light_channel_weight * light
+    total = ce if cfg.unet_only else loss + ce
+    return {"total": total, "loss": loss, "recon": V["recon"], "kl": V["kl"], "ce": ce, "light": light}
 
 
 # ---------------------------------------------------------------- optimizer state (resume)
@@ -278,7 +290,8 @@ class _Log:
     :meth:`flush`, so logging does not synchronise with the GPU at every step.
     """
 
-    COLUMNS = ["step", "seconds", "lr", "loss", "recon", "kl", "seg_ce", "val_atoms_within", "val_species"]
+    COLUMNS = ["step", "seconds", "lr", "loss", "recon", "kl", "seg_ce", "val_atoms_within", "val_species",
+               "light"]
 
     def __init__(self, cfg: TrainConfig, path: Path, master: bool, start_step: int):
         self.master, self.pending, self.fh, self.bar, self.tb = master, [], None, None, None
@@ -325,7 +338,7 @@ class _Log:
     def add(self, step: int, seconds: float, lr: float, L: dict) -> None:
         if not self.master:
             return
-        stats = torch.stack([L["total"], L["recon"], L["kl"], L["ce"]]).detach()
+        stats = torch.stack([L["total"], L["recon"], L["kl"], L["ce"], L.get("light", L["ce"] * 0)]).detach()
         self.pending.append((step, seconds, lr, stats))
         if self.bar is not None:
             self.bar.update(max(0, int(seconds) - self.bar.n) if self.minutes else 1)
@@ -335,10 +348,11 @@ class _Log:
         if not self.master or not self.pending:
             return
         values = torch.stack([p[3] for p in self.pending]).float().cpu().tolist()
-        for i, ((step, seconds, lr, _), (tot, rec, kl, ce)) in enumerate(zip(self.pending, values)):
-            row = [step, round(seconds, 1), f"{lr:.2e}", f"{tot:.4f}", f"{rec:.4f}", f"{kl:.2f}", f"{ce:.4f}", "", ""]
+        for i, ((step, seconds, lr, _), (tot, rec, kl, ce, li)) in enumerate(zip(self.pending, values)):
+            row = [step, round(seconds, 1), f"{lr:.2e}", f"{tot:.4f}", f"{rec:.4f}", f"{kl:.2f}", f"{ce:.4f}", "", "",
+                   f"{li:.4f}"]
             if val is not None and i == len(values) - 1:
-                row[-2:] = [f"{val['atoms_within_tol']:.4f}", f"{val['species_accuracy']:.4f}"]
+                row[7:9] = [f"{val['atoms_within_tol']:.4f}", f"{val['species_accuracy']:.4f}"]
             self.w.writerow(row)
             if self.tb is not None:
                 for k, v in zip(("loss", "recon", "kl", "seg_ce"), (tot, rec, kl, ce)):
@@ -349,6 +363,8 @@ class _Log:
         if self.bar is not None:
             self.bar.set_postfix(loss=row[3], refresh=False)
         line = f"step {row[0]} {row[1]}s loss {row[3]} recon {row[4]} kl {row[5]} ce {row[6]}"
+        if li:
+            line += f" light {row[9]}"
         if val is not None:
             line += (f" | val atoms {val['atoms_within_tol']:.3f} count {val['exact_count']:.3f} "
                      f"species {val['species_accuracy']:.3f}")
@@ -451,6 +467,13 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
         raise ValueError("--unet-only and --vae-only exclude each other")
     if cfg.cond_jitter < 0 or (cfg.cond_jitter > 0 and not net.cfg.conditional):
         raise ValueError("--cond-jitter must be >= 0 and needs a conditional model (--conditional)")
+    if cfg.light_channel:
+        if cfg.representation != "unit_cell":
+            raise ValueError("--light-channel: unit cell representation only")
+        net.vae.add_light_head()
+    light = net.cfg.light_channel and not cfg.unet_only
+    if light and use_batcher:
+        raise ValueError("a light channel is trained with the CPU batcher (--no-gpu-batcher)")
     if cfg.cond_normalise:
         if not net.cfg.conditional:
             raise ValueError("--cond-normalise needs a conditional model (--conditional)")
@@ -513,14 +536,16 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
                 b = rng.choice(train_idx, size=cfg.batch, replace=len(train_idx) < cfg.batch)
                 rots = random_rotations(len(b), rng)
                 origins = (random_origins(data, b, rots, rng) if cfg.representation == "repeating_lattice" else None)
-                M, S, _, _ = voxelise(data, b, grid, rots, device, cfg.representation, origins)
+                M, S, P, Zp = voxelise(data, b, grid, rots, device, cfg.representation, origins)
             if cfg.cond_jitter > 0:  # the same geometry at another magnitude: the condition must carry it
                 s = np.exp(rng.uniform(-cfg.cond_jitter, cfg.cond_jitter, len(M)))
                 M = M * torch.as_tensor(s, dtype=M.dtype, device=M.device).view(-1, 1, 1, 1)
             model.train()
             if cfg.unet_only:
                 net.vae.eval()  # running BatchNorm statistics, as the app decodes
-            L = forward_losses(model, M, S, cfg, amp, channels_last)
+            Lt = (light_field(torch.as_tensor(P, device=device), torch.as_tensor(Zp, device=device), grid,
+                              net.cfg.light_gain, net.cfg.light_z_max) if light else None)
+            L = forward_losses(model, M, S, cfg, amp, channels_last, Lt)
             opt.zero_grad(set_to_none=True)
             L["total"].backward()
             torch.nn.utils.clip_grad_norm_(trained.parameters(), 100.0)

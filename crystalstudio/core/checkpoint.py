@@ -274,6 +274,14 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     return model
 
 
+def decoded_fields(vae, z: torch.Tensor) -> torch.Tensor:
+    """The decoder's outputs stacked: z (B, latent) -> (B, C, n, n, n), channel 0 M_hat and, for
+    a decoder with a light channel (``ModelConfig.light_channel``), channel 1 the light-atom
+    field L_hat."""
+    M, L = vae.decode_fields(z)
+    return M.unsqueeze(1) if L is None else torch.stack([M, L], 1)
+
+
 class FrozenNet:
     """The decoder and the U-Net traced and frozen for inference (``torch.jit.trace`` +
     ``torch.jit.freeze``: BatchNorm folded into the convolutions, constants inlined; on the
@@ -283,7 +291,9 @@ class FrozenNet:
     ``benchmarks/bench_decode.py``), about 3x faster per 30^3 frame on a 2-core CPU.
 
     Attributes:
-        decode: z (B, latent) -> M_hat (B, n, n, n) (unconditioned; scale z first for Sec. 4.5).
+        fields: z (B, latent) -> (B, C, n, n, n) as :func:`decoded_fields` (unconditioned;
+            scale z first for Sec. 4.5).
+        decode: z (B, latent) -> M_hat (B, n, n, n), channel 0 of ``fields``.
         unet: M_hat (B, n, n, n) -> logits (B, K, n, n, n).
     """
 
@@ -294,7 +304,7 @@ class FrozenNet:
                 self.vae = vae
 
             def forward(self, z):
-                return self.vae.decode(z)
+                return decoded_fields(self.vae, z)
 
         import warnings
 
@@ -302,13 +312,17 @@ class FrozenNet:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 points to torch.compile
             M0 = net.vae.decode(z0)
-            self.decode = torch.jit.freeze(torch.jit.trace(_Decode(net.vae).eval(), z0, check_trace=False))
+            self.fields = torch.jit.freeze(torch.jit.trace(_Decode(net.vae).eval(), z0, check_trace=False))
             self.unet = torch.jit.freeze(torch.jit.trace(net.unet.eval(), M0, check_trace=False))
             if device.type == "cpu":
-                self.decode = torch.jit.optimize_for_inference(self.decode)
+                self.fields = torch.jit.optimize_for_inference(self.fields)
                 self.unet = torch.jit.optimize_for_inference(self.unet)
             for _ in range(2):  # the JIT profiles the first calls
                 self.unet(self.decode(z0))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, latent) -> M_hat (B, n, n, n)."""
+        return self.fields(z)[:, 0]
 
 
 #: ways of reading atoms from a decoded field (see CrystalModel.segment_batch)
@@ -404,15 +418,16 @@ class CrystalModel:
         return None if sp is None else np.asarray(sp["counts"], np.float64)
 
     def _modules(self):
-        """(decode(z), unet(M)) to use; call with the lock held."""
+        """(fields(z) -> (B, C, n, n, n) as :func:`decoded_fields`, unet(M)) to use; call with
+        the lock held."""
         if self.jit and self._frozen is None and self.jit_error is None:
             try:
                 self._frozen = FrozenNet(self.net, self.device)
             except Exception as exc:  # noqa: BLE001 - an unusual torch build: stay eager
                 self.jit_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
         if self.jit and self._frozen is not None:
-            return self._frozen.decode, self._frozen.unet
-        return self.net.vae.decode, self.net.unet
+            return self._frozen.fields, self._frozen.unet
+        return (lambda z: decoded_fields(self.net.vae, z)), self.net.unet
 
     @property
     def default_refine_steps(self) -> int:
@@ -485,7 +500,6 @@ class CrystalModel:
                               progress=progress, cond=c)
         return z[0].cpu().numpy()
 
-    @torch.no_grad()
     def decode(self, z: np.ndarray, cond: float | None = None) -> np.ndarray:
         """z (latent,) or (B, latent) -> M_hat (n, n, n) or (B, n, n, n) float32, Eq. 1 units.
 
@@ -496,6 +510,17 @@ class CrystalModel:
         Raises:
             ValueError: ``cond`` has another length than z.
         """
+        return self.decode_fields(z, cond)[0]
+
+    @property
+    def has_light(self) -> bool:
+        """Whether the decoder draws a light-atom field L beside M (``ModelConfig.light_channel``)."""
+        return bool(getattr(self.config, "light_channel", False))
+
+    @torch.no_grad()
+    def decode_fields(self, z: np.ndarray, cond: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """As :meth:`decode`, returning ``(M_hat, L_hat)``: L_hat the light-atom field of the
+        same shape (:mod:`crystalstudio.core.light`), or None for a decoder without one."""
         z = np.asarray(z, np.float32)
         single = z.ndim == 1
         zt = self._t(z.reshape(-1, self.latent))
@@ -505,10 +530,14 @@ class CrystalModel:
                 raise ValueError(f"cond has {c.size} values for {len(zt)} latent vectors")
             zt = zt * (self._t(c) / self.config.cond_scale)[:, None]
         with self._lock:
-            decode, _ = self._modules()
+            fields, _ = self._modules()
             step = self._step()
-            M = torch.cat([decode(zt[s:s + step]) for s in range(0, len(zt), step)]).float().cpu().numpy()
-        return M[0] if single else M
+            out = torch.cat([fields(zt[s:s + step]) for s in range(0, len(zt), step)]).float().cpu().numpy()
+        M = out[:, 0]
+        L = out[:, 1] if out.shape[1] > 1 else None
+        if single:
+            return M[0], (None if L is None else L[0])
+        return M, L
 
     @torch.no_grad()
     def logits(self, M_hat: np.ndarray) -> np.ndarray:
@@ -518,14 +547,19 @@ class CrystalModel:
             return unet(self._t(M_hat)[None])[0].float().cpu().numpy()
 
     def segment(self, M_hat: np.ndarray, method: str | None = None, refined: bool = False,
-                gate: float | None = None) -> Atoms:
+                gate: float | None = None, light: np.ndarray | None = None) -> Atoms:
         """Atoms of a decoded field by ``method`` (default :attr:`atoms_method`): see
-        :meth:`segment_batch`."""
-        return self.segment_batch(np.asarray(M_hat)[None], method, refined, gate)[0]
+        :meth:`segment_batch`; ``light`` (n, n, n) its light-atom field or None."""
+        return self.segment_batch(np.asarray(M_hat)[None], method, refined, gate,
+                                  None if light is None else np.asarray(light)[None])[0]
 
     def segment_batch(self, fields: np.ndarray, method: str | None = None, refined: bool = False,
-                      gate: float | None = None) -> list[Atoms]:
+                      gate: float | None = None, light: np.ndarray | None = None) -> list[Atoms]:
         """Atoms of each decoded field: (B, n, n, n) float32 -> B :class:`Atoms`.
+
+        ``light`` (B, n, n, n) or None: the light-atom fields decoded beside them
+        (:meth:`decode_fields`); with ``"fit"`` their atoms are merged in
+        (:func:`~crystalstudio.core.light.atoms_with_light`).
 
         ``method`` (default :attr:`atoms_method`):
 
@@ -545,6 +579,7 @@ class CrystalModel:
             ValueError: an unknown method.
         """
         from .fit import fit_decoded
+        from .light import atoms_with_light
 
         method = method or self.atoms_method
         if method not in ATOM_METHODS:
@@ -566,8 +601,10 @@ class CrystalModel:
                 out += [species_map_to_atoms(sp, self.grid, M) for sp, M in zip(species, fields[s:s + batch])]
             else:
                 g = self.unet_gate if gate is None else float(gate)
-                out += [fit_decoded(M, p, self.grid, self.representation, g, refined, prior)
-                        for p, M in zip(probs, fields[s:s + batch])]
+                Ls = [None] * len(probs) if light is None else light[s:s + batch]
+                out += [atoms_with_light(fit_decoded(M, p, self.grid, self.representation, g, refined, prior),
+                                         Lh, self.grid, self.config, self.representation)
+                        for p, M, Lh in zip(probs, fields[s:s + batch], Ls)]
             s += batch
         return out
 
@@ -578,6 +615,6 @@ class CrystalModel:
 
     def decode_segment(self, z: np.ndarray, cond: float | None = None) -> tuple[np.ndarray, Atoms]:
         """z (latent,) -> (M_hat (n, n, n) float32, :class:`Atoms` read at :attr:`draw_gate`)."""
-        M = self.decode(z, cond)
-        return M, self.segment(M, gate=self.draw_gate)
+        M, L = self.decode_fields(z, cond)
+        return M, self.segment(M, gate=self.draw_gate, light=L)
 

@@ -30,6 +30,7 @@ __all__ = [
     "lattice_positions",
     "random_rotations",
     "density_fields",
+    "light_field",
     "density_field",
     "pad_batch",
     "fits_in_cube",
@@ -303,6 +304,21 @@ def density_fields(positions: torch.Tensor, Z: torch.Tensor, grid: Grid, species
         M += torch.einsum("bm,bmi,bmj,bmk->bijk", z * norm, g[..., 0], g[..., 1], g[..., 2])
     S = _species_matrix(pos, Z.to(dev), Zf > 0, c, grid) if species else None
     return M, S
+
+
+def light_field(positions: torch.Tensor, Z: torch.Tensor, grid: Grid, gain: float = 4.0,
+                z_max: int = 5) -> torch.Tensor:
+    """The light-atom field L: Eq. 1's Gaussians of the atoms with 1 <= Z <= ``z_max`` only, each
+    weighted by ``gain`` x Z (with gain 4 an H peaks half as high as an O does in M, a Li 1.5
+    times as high). The second output of a decoder with ``ModelConfig.light_channel``.
+
+    Args: positions (B, N, 3) float Å in the cube frame; Z (B, N) integer, 0 = padding.
+
+    Returns: L (B, n, n, n) float32, Eq. 1 units.
+    """
+    Zl = torch.where((Z > 0) & (Z <= z_max), Z, torch.zeros_like(Z))
+    occ = torch.full(Z.shape, float(gain), dtype=torch.float32, device=Z.device)
+    return density_fields(positions, Zl, grid, species=False, occupancy=occ)[0]
 
 
 def _species_matrix(pos: torch.Tensor, Z: torch.Tensor, present: torch.Tensor, c: torch.Tensor,

@@ -58,6 +58,13 @@ class ModelConfig:
             density ``cond_scale`` (its shape, not its magnitude) and its features are not
             multiplied by c, so z cannot carry the magnitude and only the condition sets it
             (the control of Sec. 4.5, Fig. 10B).
+        light_channel: the decoder has a second output, the light-atom field L
+            (:func:`crystalstudio.core.density.light_field`): the Gaussians of Eq. 1 of the atoms
+            with Z <= ``light_z_max`` only, each weighted by ``light_gain`` x Z (gain 4: an H half
+            as tall as an O is in M, a Li 1.5 times). M alone is encoded and fitted for the other atoms; L lets the fit
+            find the light atoms, which M draws at 1/8 of an O's height on an O's tail (a
+            deviation from the paper, which has M alone).
+        light_gain / light_z_max: see ``light_channel``.
     """
 
     grid_n: int = 30
@@ -73,6 +80,9 @@ class ModelConfig:
     conditional: bool = False
     cond_scale: float = 1.0
     cond_normalise: bool = False
+    light_channel: bool = False
+    light_gain: float = 4.0
+    light_z_max: int = 5
 
     def to_dict(self) -> dict:
         """JSON-ready dict of every field, as stored in checkpoint metadata."""
@@ -140,6 +150,22 @@ class DensityVAE(nn.Module):
                              f"got dec_channels={cfg.dec_channels}")
         self.dec_blocks = nn.ModuleList(ups)
         self.out = nn.Conv3d(cin, 1, cfg.dec_kernel, padding=cfg.dec_kernel // 2)
+        if cfg.light_channel:
+            self.out_light = nn.Conv3d(cin, 1, cfg.dec_kernel, padding=cfg.dec_kernel // 2)
+
+    def add_light_head(self) -> None:
+        """Give a decoder without one the light-atom output (``cfg.light_channel``) for fine-tuning
+        an M-only checkpoint. The head starts at zero weights and a small positive bias (0.01,
+        Eq. 1 units; an O peaks at 0.51): L_hat starts near zero, so its loss does not swamp
+        M's, while its ReLU passes gradient everywhere. A no-op when the head exists."""
+        if self.cfg.light_channel and hasattr(self, "out_light"):
+            return
+        self.cfg.light_channel = True
+        self.out_light = nn.Conv3d(self.out.in_channels, 1, self.out.kernel_size, padding=self.out.padding)
+        with torch.no_grad():
+            self.out_light.weight.zero_()
+            self.out_light.bias.fill_(0.01)
+        self.out_light.to(device=self.out.weight.device, dtype=self.out.weight.dtype)
 
     def _cond(self, cond: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return (cond.to(like.dtype) / self.cfg.cond_scale).view(-1, 1)
@@ -169,23 +195,33 @@ class DensityVAE(nn.Module):
         For a conditional model ``cond`` (B,) is the target largest density (Eq. 1 units);
         None decodes at the reference ``cfg.cond_scale``.
         """
+        return self.decode_fields(z, cond)[0]
+
+    def decode_fields(self, z: torch.Tensor, cond: torch.Tensor | None = None):
+        """z (B, latent) -> ``(M_hat, L_hat)``: M_hat as :meth:`decode`; L_hat (B, n, n, n) >= 0
+        the light-atom field (``cfg.light_channel``), or None for a decoder without one."""
         if self.cfg.conditional and cond is not None:
             z = z * self._cond(cond, z)
         c, s = self.dec_start
         h = F.leaky_relu(self.from_z(z), 0.2).view(-1, c, s, s, s)
         for size, block in zip(self.dec_sizes, self.dec_blocks):
             h = block(F.interpolate(h, size=(size,) * 3, mode="trilinear", align_corners=False))
-        return F.relu(self.out(h)).squeeze(1)
+        M_hat = F.relu(self.out(h)).squeeze(1)
+        if not self.cfg.light_channel:
+            return M_hat, None
+        return M_hat, F.relu(self.out_light(h)).squeeze(1)
 
-    def forward(self, M: torch.Tensor, cond: torch.Tensor | None = None, sample: bool = True):
+    def forward(self, M: torch.Tensor, cond: torch.Tensor | None = None, sample: bool = True,
+                light: bool = False):
         """Encode, draw z = mu + exp(logvar / 2) eps (``sample``; else z = mu) and decode (Eq. 2).
         ``cond`` defaults to the fields' own largest density for a conditional model. Returns
-        ``(M_hat (B, n, n, n), mu, logvar)``."""
+        ``(M_hat (B, n, n, n), mu, logvar)``, and L_hat (or None) after them with ``light``."""
         if self.cfg.conditional and cond is None:
             cond = max_density(M)
         mu, logvar = self.encode(M, cond)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
-        return self.decode(z, cond), mu, logvar
+        M_hat, L_hat = self.decode_fields(z, cond)
+        return (M_hat, mu, logvar, L_hat) if light else (M_hat, mu, logvar)
 
 
 class _AttentionGate(nn.Module):

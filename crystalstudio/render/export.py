@@ -41,6 +41,7 @@ __all__ = [
     "export_path",
     "decode_frames",
     "segment_batch",
+    "decode_fields",
     "video_format",
     "parse_size",
     "save_png",
@@ -520,24 +521,37 @@ def _as_path(zs: np.ndarray, latent: int) -> np.ndarray:
     return zs
 
 
-def segment_batch(model, fields: np.ndarray) -> list:
+def segment_batch(model, fields: np.ndarray, light: np.ndarray | None = None) -> list:
     """Segment a batch of decoded fields ``(B, n, n, n)`` -> B :class:`~crystalstudio.core.segment.Atoms`.
 
     The frames of a latent path have no input to compare against, so their atoms are read at
     the model's ``draw_gate`` where it has one, as the explorer reads them
     (:meth:`crystalstudio.session.Session.decode`): the same result as
     ``[model.segment(M, gate=model.draw_gate) for M in fields]``. Uses ``model.segment_batch``
-    (one U-Net call per batch, faster per field on a CPU) when the model has one.
+    (one U-Net call per batch, faster per field on a CPU) when the model has one. ``light``
+    (B, n, n, n): the light-atom fields decoded beside them (:func:`decode_fields`), or None.
     """
     fields = np.asarray(fields, np.float32)
     if len(fields) == 0:
         return []
     gate = getattr(model, "draw_gate", None)
     kw = {} if gate is None else {"gate": gate}
+    if light is not None:
+        kw["light"] = np.asarray(light, np.float32)
     own = getattr(model, "segment_batch", None)
     if callable(own):
         return list(own(fields, **kw))
-    return [model.segment(M, **kw) for M in fields]
+    Ls = kw.pop("light", [None] * len(fields))
+    return [model.segment(M, **kw, **({} if L is None else {"light": L})) for M, L in zip(fields, Ls)]
+
+
+def decode_fields(model, zs: np.ndarray, cond=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(M_hat, L_hat)`` of latent vectors (B, latent): the model's ``decode_fields`` where it has
+    one (L_hat None for a decoder without a light channel), else ``(model.decode(zs, cond), None)``."""
+    own = getattr(model, "decode_fields", None)
+    if callable(own):
+        return own(zs, cond)
+    return model.decode(zs, cond), None
 
 
 def decode_frames(session, zs: np.ndarray, cond: float | None = None, segment: bool = True,
@@ -550,8 +564,8 @@ def decode_frames(session, zs: np.ndarray, cond: float | None = None, segment: b
     model = session.model
     zs = _as_path(zs, model.latent)
     for s in range(0, len(zs), batch):
-        Ms = model.decode(zs[s:s + batch], cond)
-        atoms = segment_batch(model, Ms) if segment else [Atoms.empty() for _ in Ms]
+        Ms, Ls = decode_fields(model, zs[s:s + batch], cond)
+        atoms = segment_batch(model, Ms, Ls) if segment else [Atoms.empty() for _ in Ms]
         for z, M, at in zip(zs[s:s + batch], Ms, atoms):
             yield Frame(z.copy(), M, at, readouts(at, M, model.grid.peak_scale))
 
@@ -623,11 +637,14 @@ def export_path(session, zs: np.ndarray, path: str | os.PathLike, fps: float = 3
     _report(progress, 0, total)
     # All densities first (cheap, batched): a colour range fixed for the whole video keeps the
     # frames comparable.
-    fields = []
+    fields, lights = [], []
     for s in range(0, total, batch):
-        fields.append(np.asarray(model.decode(zs[s:s + batch], _cond_slice(cond, s, batch, total)), np.float32))
+        Ms, Ls = decode_fields(model, zs[s:s + batch], _cond_slice(cond, s, batch, total))
+        fields.append(np.asarray(Ms, np.float32))
+        lights.append(Ls)
         _report(progress, 0, total)
     M_all = np.concatenate(fields)
+    L_all = None if any(L is None for L in lights) else np.concatenate(lights).astype(np.float32)
     if clim is None and show_density:
         peak = float(np.nan_to_num(M_all).max()) * model.grid.peak_scale
         clim = (0.0, max(DEFAULT_CLIM_MAX, math.ceil(peak / 10.0) * 10.0))
@@ -637,7 +654,7 @@ def export_path(session, zs: np.ndarray, path: str | os.PathLike, fps: float = 3
     def atoms_of(s: int) -> list:
         if not show_atoms:
             return [Atoms.empty()] * len(M_all[s:s + batch])
-        return segment_batch(model, M_all[s:s + batch])
+        return segment_batch(model, M_all[s:s + batch], None if L_all is None else L_all[s:s + batch])
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-segment") as pool, \
             FrameRenderer(model.grid, size, show_density=show_density, show_atoms=show_atoms,

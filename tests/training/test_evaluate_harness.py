@@ -275,6 +275,7 @@ def test_perfect_predictor_reference(files, tmp_path, monkeypatch, shift):
         n = model.grid.n
         model.net.vae.encode = lambda M, cond=None: (M.flatten(1), torch.zeros_like(M.flatten(1)))
         model.net.vae.decode = lambda z, cond=None: z.view(-1, n, n, n)
+        model.net.vae.decode_fields = lambda z, cond=None: (z.view(-1, n, n, n), None)
         model.net.unet = _OneHotUNet(model.config.n_classes, store, shift)
         return model
 

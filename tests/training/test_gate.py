@@ -142,7 +142,7 @@ def test_draw_gate_cli_writes_the_gate_its_table_is_the_draws_and_sessions_use_i
     model = load_checkpoint(ck, jit=False)
     nacl = Crystal(np.eye(3) * 5.64, np.array([[0, 0, 0], [.5, .5, .5]]), [11, 17], "NaCl")
     field = density_field(nacl.cartesian() + 2.5, nacl.Z, model.grid, species=False)[0]
-    model.decode = lambda z, cond=None: field  # a field whose atoms the fit certainly finds
+    model.decode_fields = lambda z, cond=None: (field, None)  # a field whose atoms the fit certainly finds
     assert len(model.segment(field)) == 2  # gate 0 keeps every fitted atom
     frame = Session(model=model).decode(np.zeros(model.latent, np.float32))
     expect = model.segment(field, gate=1.0)

@@ -273,7 +273,7 @@ def test_light_atom_weight_against_a_direct_float64_sum():
 
     class Stub(torch.nn.Module):
         def forward(self, x, gamma, n_true, vae_only, unet_only):
-            return M_hat, mu, logvar, None
+            return M_hat, mu, logvar, None, None
 
     cfg = TrainConfig(peak_weight=1.0, light_weight=4.0, vae_only=True, beta=0.0)
     got = float(forward_losses(Stub(), M, S, cfg)["recon"])

@@ -1,0 +1,90 @@
+"""Light atoms from a decoder's light-atom field L (a deviation from the paper; issue 13).
+
+A Z-weighted field (Eq. 1) draws H at 1/8 and Li at 3/8 of an O's height, usually on the tail
+of a heavier neighbour 1-2 Å away: a decoder trained on M alone does not draw them, and the
+fit of a decoded M_hat (amplitude floor 6, :data:`~crystalstudio.core.fit.DECODED_FIT`) cannot
+read them. A checkpoint with ``ModelConfig.light_channel`` decodes a second field,
+L = Eq. 1 of the atoms with Z <= ``light_z_max`` alone, each weighted by ``light_gain`` x Z
+(:func:`~crystalstudio.core.density.light_field`). There a light atom stands alone, so the
+same least-squares fit reads it (:func:`fit_light`), and :func:`merge_light` adds those atoms
+to the ones read from M_hat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from .density import Grid
+from .fit import DECODED_FIT, fit_atoms
+from .segment import Atoms
+
+__all__ = ["LIGHT_FIT", "LIGHT_MIN_SEPARATION", "fit_light", "merge_light", "atoms_with_light"]
+
+#: fit settings of L / gain (amplitudes in Z units): the decoded-field settings with an
+#: amplitude floor of half an H and a merge distance below the shortest light-light pairs
+#: (H-H in a water molecule 1.5 Å)
+LIGHT_FIT = replace(DECODED_FIT, min_amplitude=0.5, merge_A=1.0)
+#: a light atom closer than this (Å) to an atom read from M_hat is taken to be that atom
+LIGHT_MIN_SEPARATION = 0.7
+
+
+def fit_light(L_hat: np.ndarray, grid: Grid, gain: float, z_max: int, representation: str = "unit_cell",
+              settings=LIGHT_FIT) -> Atoms:
+    """Light atoms of a decoded light-atom field.
+
+    Args:
+        L_hat: (n, n, n) float light-atom field (Eq. 1 units, each atom weighted gain x Z).
+        grid: its :class:`Grid`. gain, z_max: the checkpoint's ``light_gain`` and ``light_z_max``.
+        settings: :class:`~crystalstudio.core.fit.FitSettings` for ``L_hat / gain``.
+
+    Returns:
+        :class:`Atoms` with Z = the rounded amplitude clipped to 1..z_max and ``amplitude`` in
+        Z units (the fit of ``L_hat / gain``).
+
+    Raises:
+        FieldError: as :func:`~crystalstudio.core.fit.fit_atoms`.
+        ValueError: gain not positive.
+    """
+    if not gain > 0:
+        raise ValueError(f"light-field gain must be positive, got {gain!r}")
+    a = fit_atoms(np.asarray(L_hat, np.float32) / np.float32(gain), grid, representation, settings)
+    Z = np.clip(np.rint(a.amplitude), 1, z_max).astype(np.int64) if len(a) else a.Z
+    return Atoms(a.positions, Z, None, a.amplitude, a.amplitude_sigma)
+
+
+def merge_light(atoms: Atoms, light: Atoms, min_separation: float = LIGHT_MIN_SEPARATION) -> Atoms:
+    """``atoms`` (read from M_hat) plus the ``light`` atoms farther than ``min_separation`` Å from
+    all of them (a nearer one is the same atom, read in both fields; M_hat's reading stays).
+
+    Returns:
+        :class:`Atoms`: ``atoms`` first, then the light atoms kept; ``voxels`` None;
+        amplitudes (Z units) kept where both carry them.
+    """
+    if len(light) == 0:
+        return atoms
+    keep = np.ones(len(light), bool)
+    if len(atoms):
+        d = np.linalg.norm(light.positions[:, None, :] - atoms.positions[None, :, :], axis=2)
+        keep = d.min(1) > min_separation
+    if not keep.any():
+        return atoms
+
+    def cat(a, b):
+        return None if a is None or b is None else np.concatenate([a, b[keep]])
+
+    return Atoms(np.concatenate([atoms.positions, light.positions[keep]]),
+                 np.concatenate([atoms.Z, light.Z[keep]]).astype(np.int64), None,
+                 cat(atoms.amplitude, light.amplitude), cat(atoms.amplitude_sigma, light.amplitude_sigma))
+
+
+def atoms_with_light(atoms: Atoms, L_hat: np.ndarray | None, grid: Grid, config, representation: str = "unit_cell",
+                     min_separation: float = LIGHT_MIN_SEPARATION) -> Atoms:
+    """``atoms`` with the light atoms of ``L_hat`` merged in (:func:`fit_light`, :func:`merge_light`);
+    ``atoms`` unchanged when ``L_hat`` is None. ``config``: the checkpoint's
+    :class:`~crystalstudio.core.models.ModelConfig` (its ``light_gain``, ``light_z_max``)."""
+    if L_hat is None:
+        return atoms
+    light = fit_light(L_hat, grid, config.light_gain, config.light_z_max, representation)
+    return merge_light(atoms, light, min_separation)
