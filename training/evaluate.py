@@ -68,7 +68,7 @@ from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import CrystalNet, kl_divergence, max_density
 from crystalstudio.core.refine import REFINE_LR, frozen, learning_rates, refine_latent
 from crystalstudio.core.fit import DECODED_FIT, DEFAULT_FIT, UNET_GATE, fit_atoms, fit_decoded
-from crystalstudio.core.light import atoms_with_light
+from crystalstudio.core.light import atoms_with_light, refine_problem
 from crystalstudio.core.segment import density_peaks, species_map_to_atoms
 
 from .data import SPLITS, CrystalArrays, voxelise
@@ -121,9 +121,9 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
         kls.append(kl_divergence(mu, logvar).cpu())
         Mh, Lh = Mh_enc, Lh_enc = net.vae.decode_fields(mu, cond)
         if refine_steps > 0:
+            decode, target = refine_problem(net.vae, M.reshape(len(b), *(grid.n,) * 3), grid)
             with frozen(net.vae):
-                z = refine_latent(net.vae.decode, M.reshape(len(b), *(grid.n,) * 3), mu, refine_steps, refine_lr,
-                                  cond=cond)
+                z = refine_latent(decode, target, mu, refine_steps, refine_lr, cond=cond)
             Mh, Lh = net.vae.decode_fields(z, cond)
         Lh_np = [None] * len(b) if Lh is None else Lh.float().cpu().numpy()
         Lh_enc_np = [None] * len(b) if Lh_enc is None else Lh_enc.float().cpu().numpy()

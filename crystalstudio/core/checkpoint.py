@@ -476,7 +476,8 @@ class CrystalModel:
     def refine(self, M: np.ndarray, z0: np.ndarray, cond: float | None = None, steps: int | None = None,
                progress=None) -> np.ndarray:
         """The encoder's latent polished so that the decoder reproduces ``M``
-        (:func:`~crystalstudio.core.refine.refine_latent`, semi-amortised inference).
+        (:func:`~crystalstudio.core.refine.refine_latent`, semi-amortised inference); with a
+        light channel, M and its light-atom field (:func:`~crystalstudio.core.light.refine_problem`).
 
         Args:
             M: (n, n, n) float32 field (Eq. 1 units); z0: (latent,) start (the encoder's mu).
@@ -487,6 +488,7 @@ class CrystalModel:
         Returns:
             (latent,) float32. The decoder's weights are not changed.
         """
+        from .light import refine_problem
         from .refine import frozen, refine_latent
 
         steps = self.refine_steps if steps is None else int(steps)
@@ -495,9 +497,9 @@ class CrystalModel:
             return z0.copy()
         vae = self.net.vae
         c = None if (cond is None or not self.config.conditional) else self._t([cond])
+        decode, target = refine_problem(vae, self._t(M)[None], self.grid)  # [M, L] with a light channel
         with self._lock, frozen(vae):
-            z = refine_latent(vae.decode, self._t(M)[None], self._t(z0)[None], steps, self.refine_lr,
-                              progress=progress, cond=c)
+            z = refine_latent(decode, target, self._t(z0)[None], steps, self.refine_lr, progress=progress, cond=c)
         return z[0].cpu().numpy()
 
     def decode(self, z: np.ndarray, cond: float | None = None) -> np.ndarray:

@@ -66,7 +66,8 @@ def refine_objective(M_hat: torch.Tensor, M: torch.Tensor, z: torch.Tensor, peak
     """Per-field objective of :func:`refine_latent`, (B,) float32.
 
     Args:
-        M_hat, M: (B, n, n, n) decoded and target density fields (Eq. 1 units).
+        M_hat, M: (B, n, n, n) decoded and target density fields (Eq. 1 units), or (B, C, n, n, n)
+            stacked fields (the peak weight then takes the largest voxel over all channels).
         z: (B, latent) latent vectors that made M_hat.
         peak_weight: w = 1 + peak_weight * M / max M per voxel (0: the plain squared error).
         prior_weight: lambda of the (lambda / 2) ||z||^2 term.
@@ -120,7 +121,9 @@ def refine_latent(decode: Callable[..., torch.Tensor], M: torch.Tensor, z0: torc
             eval mode; its parameters are not changed), with R = B * len(lr) rows, start-major
             (row k * B + b is field b). With ``cond`` given it is called as ``decode(z, c)``,
             c the condition tiled to the R rows (:func:`repeat_condition`).
-        M: (B, n, n, n) float32 target fields (Eq. 1 units).
+        M: (B, n, n, n) float32 target fields (Eq. 1 units), or (B, C, n, n, n) for a decoder of
+            C stacked outputs (M and the light-atom field, :func:`crystalstudio.core.light.refine_problem`);
+            ``decode`` then returns (R, C, n, n, n) and all channels are fitted together.
         z0: (B, latent) float32 start, the encoder's mean.
         steps: Adam steps (0 returns ``z0``).
         lr: Adam learning rate, or several (a *multi-start*: each field is refined once per
@@ -140,9 +143,9 @@ def refine_latent(decode: Callable[..., torch.Tensor], M: torch.Tensor, z0: torc
     Raises:
         ValueError: shapes that do not match, an empty or non-positive ``lr``, or a non-finite M.
     """
-    if M.dim() != 4 or z0.dim() != 2 or len(M) != len(z0):
-        raise ValueError(f"refine_latent needs M (B, n, n, n) and z0 (B, latent), got {tuple(M.shape)} "
-                         f"and {tuple(z0.shape)}")
+    if M.dim() not in (4, 5) or z0.dim() != 2 or len(M) != len(z0):
+        raise ValueError(f"refine_latent needs M (B, n, n, n) or (B, C, n, n, n) and z0 (B, latent), got "
+                         f"{tuple(M.shape)} and {tuple(z0.shape)}")
     if not torch.isfinite(M).all():
         raise ValueError("refine_latent: the field holds NaN or infinite values")
     lrs = learning_rates(lr)
@@ -155,7 +158,7 @@ def refine_latent(decode: Callable[..., torch.Tensor], M: torch.Tensor, z0: torc
     # K starts per field, start-major: row k * B + b is field b at rate lrs[k]. Each row moves as
     # z = z0 + lr_row * u with Adam at rate 1 on u: Adam's step is invariant to the gradient's
     # scale, so row r takes Adam steps of size lr_row in z (up to eps), all in one optimiser.
-    zs, Ms = z0.repeat(K, 1), M.repeat(K, 1, 1, 1)
+    zs, Ms = z0.repeat(K, 1), M.repeat(K, *([1] * (M.dim() - 1)))
     if cond is not None:
         cs = repeat_condition(cond, K * B)
         dec = decode

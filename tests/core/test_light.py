@@ -126,3 +126,53 @@ def test_a_session_reads_the_light_atoms_of_a_decoded_frame():
     k = int(np.flatnonzero(frame.atoms.Z == 3)[0])
     assert np.linalg.norm(frame.atoms.positions[k] - [8.0, 2.0, 5.0]) < 0.1
     assert sorted(model.segment(M, gate=0.0).Z.tolist()) == [11, 17]  # without L: the heavy atoms only
+
+
+def test_refinement_fits_the_latent_to_m_and_to_the_light_field_of_the_input():
+    from crystalstudio.core.light import light_target, refine_problem
+    from crystalstudio.core.refine import frozen, refine_latent
+
+    torch.manual_seed(1)
+    pos = np.array([[3.0, 3.0, 3.0], [3.0, 3.0, 4.05], [6.5, 6.0, 5.5], [6.0, 3.5, 7.0]])
+    Z = np.array([8, 1, 3, 26])  # an OH pair, a Li, an Fe
+    M = density_field(pos, Z, GRID, species=False)[0]
+    cfg = ModelConfig(grid_n=30, light_channel=True, **TINY)
+    truth = light_field(torch.as_tensor(pos)[None], torch.as_tensor(Z)[None], GRID, cfg.light_gain)[0].numpy()
+    L = light_target(M, GRID, cfg)  # from the field alone, by the exact Eq. 1 fit
+    assert np.abs(L - truth).max() < 1e-3 * truth.max()
+    vae = DensityVAE(cfg).eval()
+    with torch.no_grad():  # both outputs above zero, so the ReLUs pass gradient to z
+        vae.out.bias.fill_(0.05)
+        vae.out_light.bias.fill_(0.05)
+    Mt = torch.as_tensor(M)[None]
+    decode, target = refine_problem(vae, Mt, GRID)
+    assert target.shape == (1, 2, 30, 30, 30) and torch.equal(target[:, 0], Mt)
+    assert np.allclose(target[0, 1].numpy(), L)
+    z0 = torch.zeros(1, cfg.latent)
+    assert decode(z0).shape == (1, 2, 30, 30, 30)
+    with frozen(vae):
+        z = refine_latent(decode, target, z0, steps=20, lr=(0.05, 0.1))
+    err = lambda zz: float(((decode(zz) - target) ** 2).sum())  # noqa: E731
+    with torch.no_grad():
+        assert err(z) < err(z0)
+    plain = DensityVAE(ModelConfig(grid_n=30, **TINY))
+    d2, t2 = refine_problem(plain, Mt, GRID)
+    assert t2 is Mt and d2 == plain.decode
+
+
+def test_a_light_model_refines_a_reconstruction_on_m_and_l(monkeypatch):
+    from crystalstudio.core import refine as refine_mod
+
+    net = CrystalNet(ModelConfig(grid_n=30, light_channel=True, **TINY))
+    model = CrystalModel(net, GRID, {"representation": "unit_cell"}, jit=False)
+    seen = []
+    real = refine_mod.refine_latent
+
+    def spy(decode, M, z0, *a, **k):
+        seen.append(tuple(M.shape))
+        return real(decode, M, z0, *a, **k)
+
+    monkeypatch.setattr(refine_mod, "refine_latent", spy)
+    M = density_field(np.array([[5.0, 5.0, 5.0], [5.0, 5.0, 6.0]]), np.array([8, 1]), GRID, species=False)[0]
+    z = model.refine(M, np.zeros(model.latent, np.float32), steps=3)
+    assert seen == [(1, 2, 30, 30, 30)] and z.shape == (model.latent,) and np.isfinite(z).all()
