@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 from pymatgen.core import Lattice, Structure
@@ -10,6 +11,7 @@ from pymatgen.core import Lattice, Structure
 from crystalstudio.core.checkpoint import load_checkpoint
 from crystalstudio.core.density import Grid
 from training.data import prepare
+from training.evaluate import main as evaluate_main
 from training.train import TrainConfig, train
 
 GRID = Grid(n=16, length=10.0)
@@ -50,6 +52,15 @@ def test_light_channel_training_learns_l_and_ships_the_head(light_npz, tmp_path)
         assert float(r["loss"]) == pytest.approx(expect, rel=1e-3, abs=1e-3)
     # the base run had no light term
     assert all(float(r["light"]) == 0.0 for r in csv.DictReader(open(base.with_suffix(".csv"))))
+
+    # the harness reads the light checkpoint end to end: refinement on [M, L], L's atoms merged,
+    # draws through the same reading (the aggregate prior is absent: standard draws only)
+    js = tmp_path / "light.json"
+    assert evaluate_main(["--checkpoint", str(out), "--data", str(light_npz), "--split", "train", "--draws", "3",
+                          "--batch", "2", "--refine-steps", "2", "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert res["n_crystals"] == 4 and res["n_true_atoms"] == 4 * 8
+    assert len(res["per_crystal"]) == 4
 
 
 def test_light_channel_is_refused_for_the_repeating_lattice(light_npz, tmp_path):
