@@ -60,10 +60,11 @@ class ModelConfig:
             (the control of Sec. 4.5, Fig. 10B).
         light_channel: the decoder has a second output, the light-atom field L
             (:func:`crystalstudio.core.density.light_field`): the Gaussians of Eq. 1 of the atoms
-            with Z <= ``light_z_max`` only, each weighted by ``light_gain`` x Z (gain 4: an H half
-            as tall as an O is in M, a Li 1.5 times). M alone is encoded and fitted for the other atoms; L lets the fit
-            find the light atoms, which M draws at 1/8 of an O's height on an O's tail (a
-            deviation from the paper, which has M alone).
+            with Z <= ``light_z_max`` only, each weighted by ``light_gain`` x Z (gain 4: an H
+            half as tall as an O is in M, a Li 1.5 times). The encoder still sees M alone, and
+            M_hat is fitted for the other atoms; L lets the fit find the light atoms, which M
+            draws at 1/8 of an O's height on an O's tail (a deviation from the paper, which
+            has M alone; :mod:`crystalstudio.core.light`).
         light_gain / light_z_max: see ``light_channel``.
     """
 
