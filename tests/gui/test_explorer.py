@@ -222,8 +222,8 @@ def test_randomise_seed_and_conditioning_control(qtbot, window, model, monkeypat
     net = CrystalNet(ModelConfig(conditional=True))
     cmodel = CrystalModel(net, model.grid, {"representation": "unit_cell"})
     conds: list = []
-    real_decode = cmodel.decode
-    monkeypatch.setattr(cmodel, "decode", lambda z, cond=None: conds.append(cond) or real_decode(z, cond))
+    real_decode = cmodel.decode_fields  # what a segmented frame decodes through (M_hat and L_hat)
+    monkeypatch.setattr(cmodel, "decode_fields", lambda z, cond=None: conds.append(cond) or real_decode(z, cond))
     window.session.model = cmodel
     ex.model_changed()
     assert ex.cond_group.isEnabled() and ex.cond_group.toolTip() == ""
