@@ -150,11 +150,11 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
             unet_atoms = species_map_to_atoms(species[k], grid, Mh_np[k])
             fit_dec = (atoms_with_light(fit_decoded(Mh_np[k], probs[k], grid, representation, gate,
                                                     refine_steps > 0, species_prior),
-                                        Lh_np[k], grid, net.cfg, representation)
+                                        Lh_np[k], grid, net.cfg, representation, species_prior=species_prior)
                        if probs is not None else None)
             if atoms == "fit-amplitude":  # the VAE alone: no U-Net vote, Z from the fitted amplitude
                 found = atoms_with_light(fit_atoms(Mh_np[k], grid, representation, DECODED_FIT), Lh_np[k], grid,
-                                         net.cfg, representation)
+                                         net.cfg, representation, species_prior=species_prior)
             else:
                 found = fit_dec if atoms == "fit" else unet_atoms
             if stages is not None:
@@ -165,7 +165,8 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
                         match_atoms(tp, tz, fit_dec.positions, fit_dec.Z, tol))
                     unet_atoms = species_map_to_atoms(species_enc[k], grid, Mh_enc_np[k])
                     fit_dec = atoms_with_light(fit_decoded(Mh_enc_np[k], probs_enc[k], grid, representation, gate),
-                                               Lh_enc_np[k], grid, net.cfg, representation)
+                                               Lh_enc_np[k], grid, net.cfg, representation,
+                                               species_prior=species_prior)
                 stages.setdefault("unet_on_decoded_M", []).append(
                     match_atoms(tp, tz, unet_atoms.positions, unet_atoms.Z, tol))
                 stages.setdefault("fit_on_decoded_M", []).append(match_atoms(tp, tz, fit_dec.positions, fit_dec.Z, tol))

@@ -62,7 +62,7 @@ def atoms_per_gate(model: CrystalModel, M_hat: np.ndarray, probs: np.ndarray, ga
     for M, p, Lh in zip(M_hat, probs, Ls):
         fitted = fit_atoms(M, model.grid, model.representation, DECODED_FIT)
         light = None if Lh is None else fit_light(Lh, model.grid, model.config.light_gain, model.config.light_z_max,
-                                                  model.representation)
+                                                  model.representation, species_prior=model.species_prior)
         for g in out:
             a = combine_with_unet(fitted, p, model.grid, g)
             out[g].append(a if light is None else merge_light(a, light))

@@ -605,7 +605,7 @@ class CrystalModel:
                 g = self.unet_gate if gate is None else float(gate)
                 Ls = [None] * len(probs) if light is None else light[s:s + batch]
                 out += [atoms_with_light(fit_decoded(M, p, self.grid, self.representation, g, refined, prior),
-                                         Lh, self.grid, self.config, self.representation)
+                                         Lh, self.grid, self.config, self.representation, species_prior=prior)
                         for p, M, Lh in zip(probs, fields[s:s + batch], Ls)]
             s += batch
         return out

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .density import Grid, light_field
-from .fit import DECODED_FIT, DEFAULT_FIT, fit_atoms
+from .fit import DECODED_FIT, DEFAULT_FIT, fit_atoms, species_from_amplitude
 from .segment import Atoms
 
 __all__ = ["LIGHT_FIT", "LIGHT_MIN_SEPARATION", "fit_light", "merge_light", "atoms_with_light", "light_target",
@@ -43,17 +43,25 @@ LIGHT_MIN_SEPARATION = 0.5
 
 
 def fit_light(L_hat: np.ndarray, grid: Grid, gain: float, z_max: int, representation: str = "unit_cell",
-              settings=LIGHT_FIT) -> Atoms:
+              settings=LIGHT_FIT, species_prior: np.ndarray | None = None) -> Atoms:
     """Light atoms of a decoded light-atom field.
 
     Args:
         L_hat: (n, n, n) float light-atom field (Eq. 1 units, each atom weighted gain x Z).
         grid: its :class:`Grid`. gain, z_max: the checkpoint's ``light_gain`` and ``light_z_max``.
         settings: :class:`~crystalstudio.core.fit.FitSettings` for ``L_hat / gain``.
+        species_prior: (K,) training-split counts of each Z (the checkpoint's ``species_prior``)
+            or None.
 
     Returns:
-        :class:`Atoms` with Z = the rounded amplitude clipped to 1..z_max and ``amplitude`` in
-        Z units (the fit of ``L_hat / gain``).
+        :class:`Atoms` with ``amplitude`` in Z units (the fit of ``L_hat / gain``) and Z read
+        from it: without a prior the rounded amplitude clipped to 1..z_max, with one the
+        maximum a posteriori Z in 1..z_max (:func:`~crystalstudio.core.fit.species_from_amplitude`,
+        width :data:`~crystalstudio.core.fit.SPECIES_PRIOR_SD`). The prior was chosen on the
+        validation split (session 17, runs/light18, 165 crystals): species exact 69.9% -> 71.8%
+        of the matched atoms, the mean of the three Sec. 4.1 measures 0.745 -> 0.751; a light
+        amplitude reads low, and H and Li, far more frequent than He and Be, take the
+        in-between amplitudes.
 
     Raises:
         FieldError: as :func:`~crystalstudio.core.fit.fit_atoms`.
@@ -62,7 +70,7 @@ def fit_light(L_hat: np.ndarray, grid: Grid, gain: float, z_max: int, representa
     if not gain > 0:
         raise ValueError(f"light-field gain must be positive, got {gain!r}")
     a = fit_atoms(np.asarray(L_hat, np.float32) / np.float32(gain), grid, representation, settings)
-    Z = np.clip(np.rint(a.amplitude), 1, z_max).astype(np.int64) if len(a) else a.Z
+    Z = species_from_amplitude(a.amplitude, species_prior, z_max=z_max) if len(a) else a.Z
     return Atoms(a.positions, Z, None, a.amplitude, a.amplitude_sigma)
 
 
@@ -92,13 +100,15 @@ def merge_light(atoms: Atoms, light: Atoms, min_separation: float = LIGHT_MIN_SE
 
 
 def atoms_with_light(atoms: Atoms, L_hat: np.ndarray | None, grid: Grid, config, representation: str = "unit_cell",
-                     min_separation: float = LIGHT_MIN_SEPARATION) -> Atoms:
+                     min_separation: float = LIGHT_MIN_SEPARATION, species_prior: np.ndarray | None = None) -> Atoms:
     """``atoms`` with the light atoms of ``L_hat`` merged in (:func:`fit_light`, :func:`merge_light`);
     ``atoms`` unchanged when ``L_hat`` is None. ``config``: the checkpoint's
-    :class:`~crystalstudio.core.models.ModelConfig` (its ``light_gain``, ``light_z_max``)."""
+    :class:`~crystalstudio.core.models.ModelConfig` (its ``light_gain``, ``light_z_max``);
+    ``species_prior``: as :func:`fit_light`."""
     if L_hat is None:
         return atoms
-    light = fit_light(L_hat, grid, config.light_gain, config.light_z_max, representation)
+    light = fit_light(L_hat, grid, config.light_gain, config.light_z_max, representation,
+                      species_prior=species_prior)
     return merge_light(atoms, light, min_separation)
 
 

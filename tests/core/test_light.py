@@ -99,6 +99,22 @@ def test_fit_light_reads_light_atoms_and_their_z_from_a_true_light_field():
         fit_light(L, GRID, gain=0.0, z_max=5)
 
 
+def test_fit_light_reads_a_low_amplitude_as_the_more_frequent_light_element():
+    # a decoded L draws its atoms low: a Li at 0.8 of its height fits to amplitude ~2.4, which
+    # rounds to He; with the training split's counts (Li 100x He) the prior reads Li
+    pos = np.array([[3.0, 3.0, 3.0], [7.0, 7.0, 7.0]])
+    Z = np.array([3, 5])
+    L = 0.8 * light_field(torch.as_tensor(pos)[None], torch.as_tensor(Z)[None], GRID, gain=4.0)[0].numpy()
+    counts = np.zeros(10)
+    counts[[1, 2, 3, 4, 5, 8]] = [1000, 1, 100, 5, 500, 5000]  # H, He, Li, Be, B, O
+    plain = fit_light(L, GRID, gain=4.0, z_max=5)
+    prior = fit_light(L, GRID, gain=4.0, z_max=5, species_prior=counts)
+    order = np.argsort(plain.positions[:, 0])
+    assert np.allclose(plain.amplitude[order], 0.8 * Z, atol=0.1)
+    assert plain.Z[order].tolist() == [2, 4]  # rounded: He, Be
+    assert prior.Z[np.argsort(prior.positions[:, 0])].tolist() == [3, 5]  # Li, B; never O (z_max 5)
+
+
 def test_merge_light_adds_only_atoms_the_m_field_did_not_read():
     heavy = Atoms(np.array([[1.0, 1.0, 1.0], [5.0, 5.0, 5.0]]), np.array([8, 26]), None,
                   np.array([7.8, 25.0]), np.array([0.1, 0.2]))
