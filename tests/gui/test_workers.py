@@ -56,3 +56,9 @@ def test_latest_runner_survives_a_stream_of_requests_and_collections(qtbot):
     assert runner.started < 300  # requests that waited behind a running job were coalesced
     qtbot.waitUntil(lambda: not [c for c in runner.children() if type(c).__name__ == "_Signals"], timeout=5000)
     runner.shutdown()
+
+
+def test_gui_tests_run_with_the_cyclic_collector_off():
+    # tests/gui/conftest.py: a window is freed between tests, never by a collection that
+    # fires in the middle of the next window's construction (a CI segmentation fault)
+    assert not gc.isenabled()
