@@ -17,8 +17,11 @@ view's content ("Decoded"). The dock "Slices" shows M, M_hat and their differenc
 :class:`MainWindow` ties the parts together and keeps the settings; the parts live in
 their own modules: the two linked views in :mod:`.views` (:class:`~.views.LinkedViews`),
 the worker-thread jobs and their progress bar in :mod:`.jobs` (:class:`~.jobs.JobRunner`),
+opening a structure file in :mod:`.structure_opener` (:class:`~.structure_opener.StructureOpener`),
 the file dialogs, saving, exporting and recent files in :mod:`.file_actions`
-(:class:`~.file_actions.FileActions`), the menus in :mod:`.menus` and the About-model text in
+(:class:`~.file_actions.FileActions`), the View menu's toggles in :mod:`.view_toggles`
+(:class:`~.view_toggles.ViewToggles`), the Model menu's choices in :mod:`.model_actions`
+(:class:`~.model_actions.ModelActions`), the menus in :mod:`.menus` and the About-model text in
 :mod:`.about`.
 """
 
@@ -28,22 +31,22 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PySide6.QtCore import QSettings, QSignalBlocker, Qt, Signal
+from PySide6.QtCore import QSettings, Qt, Signal
 from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent
-from PySide6.QtWidgets import QDockWidget, QInputDialog, QLabel, QMainWindow, QMessageBox, QScrollArea, QWidget
+from PySide6.QtWidgets import QDockWidget, QLabel, QMainWindow, QMessageBox, QScrollArea, QWidget
 
-from ..core.checkpoint import load_checkpoint
 from ..core.density import Grid
-from ..io.structures import StructureError, cif_blocks
 from ..session import Frame, Reconstruction, Session, disordered_sites
 from .about import about_model_html
 from .explorer import LatentExplorer
 from .export_dialog import ExportSpec
 from .file_actions import STRUCTURE_FILTER, FileActions, n_atoms
 from .jobs import JobRunner
-from .jobs import one_line as _one_line
 from .menus import build_menus
-from .views import VOLUME_OPACITY, LinkedViews
+from .model_actions import ModelActions
+from .structure_opener import StructureOpener
+from .view_toggles import ViewToggles
+from .views import LinkedViews
 
 __all__ = ["MainWindow", "status_text", "STRUCTURE_FILTER"]
 
@@ -90,7 +93,6 @@ class MainWindow(QMainWindow):
         self.session: Session | None = None
         self.settings = settings if settings is not None else QSettings()
         self._closed = False
-        self._camera_fitted = False
         self._session_event.connect(self._on_session_event)
 
         self.setWindowTitle(APP_NAME)
@@ -117,6 +119,12 @@ class MainWindow(QMainWindow):
         self.block_chooser: Callable[[list[str]], int | bool] | None = None
         #: the File menu's dialogs, saving, exporting and the recent files
         self.files = FileActions(self, self._error)
+        #: opens structure files (worker-thread reconstruction, notes about the file)
+        self.opener = StructureOpener(self, self._error)
+        #: the View menu's toggles, opacity, colour range and camera
+        self.view_toggles = ViewToggles(self)
+        #: the Model menu: checkpoints, atoms method, refinement, lattice window
+        self.model_choices = ModelActions(self, self._error)
 
         self._build_docks()
         build_menus(self)
@@ -177,15 +185,7 @@ class MainWindow(QMainWindow):
         state = s.value("window/state")
         if state is not None:
             self.restoreState(state)
-        self.fit_range_action.setChecked(s.value("view/fit_range", False, type=bool))
-        # setChecked emits toggled only on a change: start from True so the scenes match.
-        self.density_action.setChecked(True)
-        self.bonds_action.setChecked(s.value("view/bonds", False, type=bool))
-        self.cell_action.setChecked(s.value("view/cell", True, type=bool))
-        self.opacity_slider.setValue(round(100 * float(s.value("view/opacity", VOLUME_OPACITY))))
-        self.atoms_action.setChecked(True)
-        self.density_action.setChecked(s.value("view/density", True, type=bool))
-        self.atoms_action.setChecked(s.value("view/atoms", True, type=bool))
+        self.view_toggles.restore()
         uvw = s.value("view/window_origin")
         if self.session is not None and uvw is not None:
             try:
@@ -244,23 +244,11 @@ class MainWindow(QMainWindow):
         self.files.add_recent(path)
 
     def _ask_window_origin(self) -> None:
-        from .window_origin import WindowOriginDialog
-
-        if self.session is None:
-            return
-        dialog = WindowOriginDialog(self.session.window_origin, self)
-        if dialog.exec():
-            self.set_window_origin(dialog.value())
+        self.model_choices.ask_window_origin()
 
     def set_window_origin(self, uvw) -> None:
-        """Move the repeating-lattice window (fractional ``uvw`` of the cell at the cube's
-        corner), remembered; the current crystal is reconstructed again with a lattice model."""
-        try:
-            self.session.set_window_origin(uvw)
-        except ValueError as exc:
-            self._error("Lattice window origin", str(exc))
-            return
-        self.settings.setValue("view/window_origin", [float(x) for x in self.session.window_origin])
+        """Move the repeating-lattice window (see :meth:`ModelActions.set_window_origin`)."""
+        self.model_choices.set_window_origin(uvw)
 
     # ------------------------------------------------------------------ jobs
     def _job_failed(self, title: str, text: str) -> None:
@@ -270,177 +258,39 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage(status_text(self.session.current), 0)
 
     def open_file(self, path: str | Path) -> None:
-        """Read ``path`` and reconstruct it in the background; errors end in :meth:`show_error`."""
-        path = Path(path)
-        if self.session is None:
-            self._error("No model", "No model is loaded; use File > Open checkpoint… first.")
-            return
-        session = self.session
-        progress = self.jobs.report_progress
-        block = self._choose_block(path)
-        if block is False:
-            return  # the user cancelled the data-block choice
-        def work():
-            try:
-                # a cell too large for the cube comes with the repeating-lattice model to use;
-                # the swap happens in done(), on the GUI thread
-                crystal, model = session.read_for_model(path, block)
-                if model is not None:
-                    model.refine_steps = session.model.refine_steps
-                    return (Session(model=model, device=session.device).compute(crystal, progress=progress),
-                            model)
-                return session.compute(crystal, progress=progress), None
-            except Exception as exc:
-                msg = _one_line(exc)
-                if not msg.startswith(path.name):  # StructureError messages already name the file
-                    raise RuntimeError(f"{path.name}: {type(exc).__name__}: {msg}") from exc
-                raise
+        """Read ``path`` and reconstruct it in the background (see :class:`StructureOpener`)."""
+        self.opener.open_file(path)
 
-        def done(result) -> None:
-            rec, model = result
-            self._add_recent(path)
-            if model is not None:
-                session.model = model
-                self.explorer.model_changed()
-                self.setWindowTitle(self._title())
-                self._mark_model()
-            session.set_current(rec)  # -> "reconstruction" event -> views
-            notes = [rec.crystal.meta.get("note")] if rec.crystal.meta.get("note") else []
-            d = rec.crystal.meta.get("disorder")
-            if d:
-                notes.append(f"disordered input: {d['mixed_sites']} mixed and {d['vacant_sites']} partly vacant "
-                             f"of {d['sites']} sites; compared with each site's dominant species")
-            warns = rec.crystal.meta.get("warnings") or []
-            self.notes_label.setText(" · ".join(notes + ([f"{len(warns)} CIF warning(s)"] if warns else [])))
-            self.notes_label.setToolTip("\n".join(notes + [f"pymatgen: {w}" for w in warns]))
-            self.notes_label.setVisible(bool(notes or warns))
-
-        self.jobs.start(f"Reconstructing {path.name}…", work, done=done, title="Cannot open structure")
-
-    def _choose_block(self, path: Path):
-        """For a CIF with several structures, ask which (None: the only one; False: cancelled)."""
-        if path.suffix.lower() not in (".cif", ".mcif"):
-            return None
-        try:
-            blocks = cif_blocks(path)
-        except StructureError:
-            return None  # reading it again reports the problem in one line
-        if len(blocks) < 2:
-            return None
-        if self.block_chooser is not None:  # tests and scripts answer without a dialog
-            return self.block_chooser(blocks)
-        item, ok = QInputDialog.getItem(self, "Several structures",
-                                        f"{path.name} holds {len(blocks)} structures. Open which?", blocks, 0, False)
-        return blocks.index(item) if ok else False
-
+    # ------------------------------------------------------------------ model choices (see ModelActions)
     def atoms_method(self) -> str:
         """The remembered way of reading atoms from a decoded field ("fit" or "unet")."""
-        from ..core.checkpoint import ATOM_METHODS, DEFAULT_ATOMS_METHOD
-
-        m = str(self.settings.value("model/atoms_method", DEFAULT_ATOMS_METHOD))
-        return m if m in ATOM_METHODS else DEFAULT_ATOMS_METHOD
+        return self.model_choices.atoms_method()
 
     def set_atoms_method(self, method: str) -> None:
-        """Read atoms by ``method`` from now on (remembered); the current crystal is redone
-        in the background and the explorer's frame re-read."""
-        self.settings.setValue("model/atoms_method", method)
-        a = self.atoms_method_actions.get(method)
-        if a is not None and not a.isChecked():
-            a.setChecked(True)
-        if self.session is None or self.session.model.atoms_method == method:
-            return
-        self.session.model.atoms_method = method
-        current = self.session.current
-        session = self.session
-        if current is None or (session.z is not None and not np.array_equal(session.z, current.z)):
-            # the explorer is elsewhere in latent space: re-read its frame, keep its z
-            self.explorer.refresh()
-            return
-        self._recompute_current("Reading atoms…", "Cannot read atoms")
+        """Read atoms by ``method`` from now on (see :meth:`ModelActions.set_atoms_method`)."""
+        self.model_choices.set_atoms_method(method)
 
     def refine_enabled(self) -> bool:
         """The remembered choice of latent refinement after encoding (default on)."""
-        v = self.settings.value("model/refine", True)
-        return v if isinstance(v, bool) else str(v).lower() in ("true", "1")
+        return self.model_choices.refine_enabled()
 
     def set_refine_enabled(self, on: bool) -> None:
-        """Refine the latent after encoding (on) or use the encoder's mean alone (off);
-        remembered; the current crystal is reconstructed again in the background."""
-        on = bool(on)
-        self.settings.setValue("model/refine", on)
-        if self.refine_action.isChecked() != on:
-            self.refine_action.setChecked(on)
-        if self.session is None:
-            return
-        steps = self.session.model.default_refine_steps if on else 0
-        if self.session.model.refine_steps == steps:
-            return
-        self.session.model.refine_steps = steps
-        if self.session.current is not None:
-            self._recompute_current("Reconstructing…", "Cannot reconstruct")
-
-    def _recompute_current(self, message: str, title: str) -> None:
-        """Reconstruct the current crystal again in the background (after a change of how)."""
-        current, session = self.session.current, self.session
-        self.jobs.start(message, lambda: session.compute(current.crystal, current.rotation,
-                                                         progress=self.jobs.report_progress),
-                    done=session.set_current, title=title)
+        """Latent refinement on or off (see :meth:`ModelActions.set_refine_enabled`)."""
+        self.model_choices.set_refine_enabled(on)
 
     def open_checkpoint(self, path: str | Path) -> None:
-        """Load another model in the background; the current crystal is reconstructed with it."""
-        path = Path(path)
-        device = self.session.device if self.session is not None else "cpu"
-        current = self.session.current if self.session is not None else None
-        method = self.atoms_method()
-        refine = self.refine_enabled()
-
-        def work():
-            model = load_checkpoint(path, device)
-            model.atoms_method = method
-            if not refine:
-                model.refine_steps = 0
-            rec = (Session(model=model, device=device).compute(current.crystal, current.rotation,
-                                                               progress=self.jobs.report_progress)
-                   if current else None)
-            return model, rec
-
-        def done(result) -> None:
-            model, rec = result
-            if self.session is None:
-                self._set_session(Session(model=model, device=device))
-            else:
-                self.session.model = model
-                self.explorer.model_changed()
-            self.setWindowTitle(self._title())
-            self._mark_model()
-            self.settings.setValue("model/checkpoint", str(path.resolve()))
-            if rec is not None:
-                self.session.set_current(rec)
-            else:
-                self.statusBar().showMessage(f"Model {path.name} loaded; drop a structure file to reconstruct it.")
-
-        self.jobs.start(f"Loading {path.name}…", work, done=done, title="Cannot load checkpoint")
-
-    def _mark_model(self) -> None:
-        """Tick the Model menu entry of the loaded checkpoint (none for another file)."""
-        path = self.session.model.path if self.session is not None else None
-        key = str(Path(path).resolve()) if path else ""
-        for k, a in self.model_actions.items():
-            a.setChecked(k == key)
+        """Load another model in the background (see :meth:`ModelActions.open_checkpoint`)."""
+        self.model_choices.open_checkpoint(path)
 
     # ------------------------------------------------------------------ session -> views
     def _set_session(self, session: Session | None) -> None:
         self.session = session
         if session is not None:
-            session.model.atoms_method = self.atoms_method()
-            if not self.refine_enabled():
-                session.model.refine_steps = 0
-            prior = str(self.settings.value("sample/prior", "aggregate"))
-            session.set_prior(prior if prior in ("aggregate", "standard") else "aggregate")
+            self.model_choices.configure(session)
         if hasattr(self, "atoms_method_actions"):
             self.atoms_method_actions[self.atoms_method()].setChecked(True)
         if hasattr(self, "model_actions"):
-            self._mark_model()
+            self.model_choices.mark_model()
         if session is not None:
             # The callback may be called from any thread; the signal brings it to the GUI thread.
             session.subscribe(lambda event, value: self._session_event.emit(event, value))
@@ -460,10 +310,10 @@ class MainWindow(QMainWindow):
         grid = self.grid
         n_in, n_out = len(rec.Z), len(rec.atoms)
         self.input.set_crystal(rec.M, grid, rec.positions, rec.Z, f"{rec.crystal.name}, {n_atoms(n_in)}",
-                               cell=self._input_cell() if self.cell_action.isChecked() else None)
+                               cell=self.view_toggles.input_cell() if self.cell_action.isChecked() else None)
         self.input.overlays.set_site_labels(*disordered_sites(rec, self.session.model.representation, grid))
         self.output.title = "Reconstruction"
-        self._fit_output_range(rec.M_hat)
+        self.view_toggles.fit_output_range(rec.M_hat)
         self.output.set_crystal(rec.M_hat, grid, rec.atoms.positions, rec.atoms.Z, f"{n_atoms(n_out)} segmented")
         self.atoms_table.set_atoms(rec.atoms, self.session.model.atoms_method)
         self.explorer.on_reconstruction(rec)
@@ -487,7 +337,7 @@ class MainWindow(QMainWindow):
         grid = self.grid
         out = self.output
         out.title = "Decoded"
-        self._fit_output_range(frame.M_hat)
+        self.view_toggles.fit_output_range(frame.M_hat)
         if segmented:
             out.set_crystal(frame.M_hat, grid, frame.atoms.positions, frame.atoms.Z,
                             f"{caption} · {n_atoms(len(frame.atoms))}")
@@ -499,90 +349,34 @@ class MainWindow(QMainWindow):
         out.view.render()
         self.frame_shown.emit(frame, segmented)
 
-    def _fit_output_range(self, M_hat: np.ndarray | None) -> None:
-        if self.fit_range_action.isChecked() and M_hat is not None and M_hat.size:
-            self.output.set_colour_range(float(M_hat.max()) * self.grid.peak_scale)
-
+    # ------------------------------------------------------------------ view actions (see ViewToggles)
     def fit_colour_range(self, on: bool) -> None:
         """Fit the decoded view's colour range to its field (on) or use the fixed 0-30 Z (off)."""
-        if self.fit_range_action.isChecked() != bool(on):
-            self.fit_range_action.setChecked(bool(on))
-            return
-        self.settings.setValue("view/fit_range", bool(on))
-        field = self.explorer.frame.M_hat if self.explorer.frame is not None else None
-        if on:
-            self._fit_output_range(field)
-        else:
-            self.output.set_colour_range(None)
-            if field is not None:
-                self.output.scene.set_density(field, self.grid)  # may raise the range again
-        self.output.view.render()
+        self.view_toggles.fit_colour_range(on)
 
-    # ------------------------------------------------------------------ view actions
     def show_density(self, visible: bool) -> None:
         """Density volume on or off in both views (remembered)."""
-        if self.density_action.isChecked() != bool(visible):
-            self.density_action.setChecked(bool(visible))  # re-enters through toggled
-            return
-        self.views.show_density(visible)
-        self.settings.setValue("view/density", bool(visible))
-        self.render()
+        self.view_toggles.show_density(visible)
 
     def show_atoms(self, visible: bool) -> None:
         """Atoms and element legend on or off in both views (remembered)."""
-        if self.atoms_action.isChecked() != bool(visible):
-            self.atoms_action.setChecked(bool(visible))
-            return
-        self.views.show_atoms(visible)
-        self.settings.setValue("view/atoms", bool(visible))
-        self.render()
+        self.view_toggles.show_atoms(visible)
 
     def show_bonds(self, visible: bool) -> None:
         """Bonds on or off in both views (remembered)."""
-        if self.bonds_action.isChecked() != bool(visible):
-            self.bonds_action.setChecked(bool(visible))
-            return
-        self.views.show_bonds(visible)
-        self.settings.setValue("view/bonds", bool(visible))
-        self.render()
+        self.view_toggles.show_bonds(visible)
 
     def show_cell(self, visible: bool) -> None:
         """The input's unit cell on or off (remembered)."""
-        if self.cell_action.isChecked() != bool(visible):
-            self.cell_action.setChecked(bool(visible))
-            return
-        self.views.show_cell(visible, self._input_cell())
-        self.settings.setValue("view/cell", bool(visible))
-        self.render()
+        self.view_toggles.show_cell(visible)
 
     def set_opacity(self, value: float) -> None:
         """Opacity of the densest voxels in both views, 0.05..1 (remembered)."""
-        value = min(max(float(value), 0.05), 1.0)
-        self.views.set_opacity(value)
-        self.settings.setValue("view/opacity", value)
-        if self.opacity_slider.value() != round(100 * value):
-            with QSignalBlocker(self.opacity_slider):
-                self.opacity_slider.setValue(round(100 * value))
-        self.render()
-
-    def _input_cell(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(origin, lattice vectors) of the current input in the cube frame, Å."""
-        rec = self.session.current if self.session is not None else None
-        if rec is None:
-            return None
-        L = rec.crystal.lattice @ np.asarray(rec.rotation, np.float64).T
-        if self.session.model.representation == "repeating_lattice":
-            return -(np.asarray(rec.window_origin, np.float64) @ L), L  # uvw of the cell at the corner
-        return 0.5 * self.grid.length - 0.5 * L.sum(axis=0), L  # the cell centred in the cube
+        self.view_toggles.set_opacity(value)
 
     def reset_camera(self, render: bool = True, whole_cube: bool = False) -> None:
-        """Isometric view framed on the input's atoms, 1.5 Å of margin (``whole_cube``: the
-        whole cube); the camera is shared, so both views follow."""
-        rec = self.session.current if self.session is not None else None
-        self.views.reset_camera(rec.positions if rec is not None else None, self.grid, whole_cube)
-        self._camera_fitted = self.session is not None and self.session.current is not None
-        if render:
-            self.render()
+        """Isometric view framed on the input's atoms (``whole_cube``: the whole cube)."""
+        self.view_toggles.reset_camera(render, whole_cube)
 
     # ------------------------------------------------------------------ saving and exporting (see FileActions)
     def save_reconstruction(self, path: str | Path) -> Path | None:

@@ -52,3 +52,32 @@ def test_dropped_cif_shows_fitted_atoms_and_the_method_is_a_remembered_choice(qt
     assert w2.atoms_method_actions["unet"].isChecked()
     w2.session.model.atoms_method = "fit"  # the fixture's model is shared by the module
     w2.close()
+
+
+def test_switching_the_method_away_from_the_crystal_rereads_the_explorer_frame(qtbot, window, model):
+    """With the explorer elsewhere in latent space (z = 0), Model > Atoms re-reads the frame on
+    screen by the new method at the same z; the crystal's reconstruction is not redone."""
+    rec = drop_and_wait(qtbot, window, SRTIO3)
+    ex = window.explorer
+    z0 = np.zeros(model.latent, np.float32)
+
+    def at_z0(frame, segmented):
+        return segmented and np.array_equal(frame.z, z0)
+
+    with qtbot.waitSignal(ex.frame_shown, timeout=WAIT_MS, check_params_cb=at_z0) as blocker:
+        ex.set_z(z0)
+    assert blocker.args[0].atoms.amplitude is not None  # read by the fit
+    shown: list = []
+    window.reconstruction_shown.connect(shown.append)
+    try:
+        with qtbot.waitSignal(ex.frame_shown, timeout=WAIT_MS, check_params_cb=at_z0) as blocker:
+            window.atoms_method_actions["unet"].trigger()
+        frame = blocker.args[0]
+        assert frame.atoms.amplitude is None  # the U-Net path carries no amplitudes
+        assert "U-Net" in window.atoms_table.caption.text()
+        assert window.atoms_table.table.rowCount() == len(frame.atoms)
+        qtbot.wait(200)
+        assert not shown and window.session.current is rec and not window.busy
+        np.testing.assert_array_equal(window.session.z, z0)  # the explorer stayed where it was
+    finally:
+        window.session.model.atoms_method = "fit"  # the fixture's model is shared by the module
