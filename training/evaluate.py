@@ -374,27 +374,32 @@ def _random_draws(model: CrystalModel, n: int, seed: int, batch: int, method: st
             "close": np.asarray(close, bool)}
 
 
-def _reference_fields(model: CrystalModel, data: CrystalArrays, n: int, seed: int) -> tuple:
-    """(atom counts, numbers of elements, reduced formulas) of up to ``n`` training fields
-    as the model sees them (rotated cell, or the cube of the lattice at the cell origin)."""
+def _reference_Z(model: CrystalModel, data: CrystalArrays, n: int, seed: int) -> list[np.ndarray]:
+    """Atomic numbers of the atoms in each of up to ``n`` training fields as the model sees
+    them (rotated cell, or the cube of the lattice at the cell origin): a list of (N_i,) int."""
     tr = data.indices("train")
     b = np.random.default_rng(seed).choice(tr, size=min(n, len(tr)), replace=False)
     _, _, _, Zp = voxelise(data, b, model.grid, random_rotations(len(b), seed), "cpu", model.representation)
-    Zp = np.asarray(Zp)
-    return (np.array([(z > 0).sum() for z in Zp], np.int64), np.array([len(np.unique(z[z > 0])) for z in Zp]),
-            {str(f) for f in data.formula[tr]})
+    return [z[z > 0] for z in np.asarray(Zp)]
+
+
+def _reference_fields(model: CrystalModel, data: CrystalArrays, n: int, seed: int) -> tuple:
+    """(atom counts, numbers of elements, reduced formulas) of up to ``n`` training fields
+    as the model sees them (:func:`_reference_Z`)."""
+    Zs = _reference_Z(model, data, n, seed)
+    return (np.array([len(z) for z in Zs], np.int64), np.array([len(np.unique(z)) for z in Zs]),
+            {str(f) for f in data.formula[data.indices("train")]})
 
 
 def _latent_atoms(model: CrystalModel, z: np.ndarray, cond, method: str, batch: int) -> list:
     """Atoms of the fields decoded from latent vectors z (B, latent) as the app reads a draw:
-    :meth:`CrystalModel.decode_fields`, then :meth:`CrystalModel.segment_batch` by ``method``
-    at the checkpoint's ``draw_gate`` with the light-atom fields (where it has them).
-    ``cond``: (B,) conditions or None."""
+    :meth:`CrystalModel.decode_fields`, then :meth:`CrystalModel.segment_draws` by ``method``
+    (the checkpoint's ``draw_gate`` and ``draw_light``). ``cond``: (B,) conditions or None."""
     out = []
     for s in range(0, len(z), batch):
         c = None if cond is None else cond[s:s + batch]
         M, L = model.decode_fields(z[s:s + batch], c)
-        out += model.segment_batch(M, method, gate=model.draw_gate, light=L)
+        out += model.segment_draws(M, L, method)
     return out
 
 

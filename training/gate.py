@@ -14,7 +14,12 @@ split is never read. ``--write`` stores ``unet_gate`` (and the table) in the che
 ``--draws N`` chooses the *draw gate* instead (``draw_gate``: fields decoded from a latent
 with no input, i.e. random draws, interpolation midpoints and the explorer's frames): the
 gate whose N aggregate-prior draws have the atom-count distribution closest (Wasserstein) to
-the training fields', on training data only (issue 14).
+the training fields', on training data only (issue 14). The light-atom count (Z <= the
+checkpoint's ``light_z_max``) is matched too: the score is the sum of the two Wasserstein
+distances, and a checkpoint with a light-atom channel is scored with and without the light
+atoms of its draws' L_hat, the better stored as ``draw_light``. (Session 17: a refined
+reconstruction's L_hat holds its light atoms, but the prior's draws decode about 7 light
+blobs each against 1.1 light atoms in a training crystal.)
 """
 
 from __future__ import annotations
@@ -111,14 +116,17 @@ def gate_table(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, gates=
 @torch.no_grad()
 def draw_gate_table(model: CrystalModel, data: CrystalArrays, n: int, gates=GATES, seed: int = 1,
                     n_reference: int = 1000, batch: int = 16) -> list[dict]:
-    """Atom counts of ``n`` draws from the checkpoint's aggregate prior under each gate, against
-    ``n_reference`` rotated training fields (the evaluation harness's reference): training data
-    only, never the test split. The default seed (1) differs from the harness's (0), so the
-    draws that choose the gate are not the ones that report it.
+    """Atom counts of ``n`` draws from the checkpoint's aggregate prior under each gate (and,
+    with a light-atom channel, with and without its light atoms), against ``n_reference``
+    rotated training fields (the evaluation harness's reference): training data only, never
+    the test split. The default seed (1) differs from the harness's (0), so the draws that
+    choose the gate are not the ones that report it.
 
     Returns:
-        one dict per gate: ``gate``, ``atoms_per_draw``, ``count_wasserstein`` (atoms) and
-        ``reference_atoms`` (mean atoms of the training fields).
+        one dict per (gate, light): ``gate``, ``light`` (the draws took L_hat's atoms),
+        ``atoms_per_draw``, ``light_per_draw`` (atoms with Z <= ``light_z_max``),
+        ``count_wasserstein``, ``light_wasserstein`` (atoms), ``score`` (their sum),
+        ``reference_atoms`` and ``reference_light`` (means over the training fields).
     Raises:
         ValueError: no aggregate prior in the checkpoint, ``n`` < 1, or a gate outside [0, 1].
     """
@@ -126,32 +134,52 @@ def draw_gate_table(model: CrystalModel, data: CrystalArrays, n: int, gates=GATE
 
     from crystalstudio.core.prior import draw_latents
 
-    from .evaluate import _reference_fields
+    from .evaluate import _reference_Z
 
     if model.prior is None:
         raise ValueError("the checkpoint has no aggregate prior: run python -m training fit-prior first")
     if n < 1 or any(not 0.0 <= g <= 1.0 for g in gates):
         raise ValueError(f"need n >= 1 and gates in [0, 1], not n={n}, gates={list(gates)}")
-    ref, _, _ = _reference_fields(model, data, n_reference, seed)
+    z_max = model.config.light_z_max
+    ref_Z = _reference_Z(model, data, n_reference, seed)
+    ref, ref_light = (np.array([len(z) for z in ref_Z]), np.array([int((z <= z_max).sum()) for z in ref_Z]))
     z = draw_latents(n, model.latent, seed, model.prior)
     cond = model.prior.sample_cond(n, seed) if model.config.conditional else None
-    counts: dict[float, list[int]] = {float(g): [] for g in gates}
+    variants = (True, False) if model.has_light else (False,)
+    counts: dict[tuple, list[tuple[int, int]]] = {(float(g), v): [] for v in variants for g in gates}
     for s in range(0, n, batch):
         c = None if cond is None else torch.as_tensor(cond[s:s + batch], dtype=torch.float32, device=model.device)
         Mh, Lh = model.net.vae.decode_fields(torch.as_tensor(z[s:s + batch], dtype=torch.float32,
                                                              device=model.device), c)
         probs = torch.softmax(model.net.unet(Mh).float(), 1).cpu().numpy()
-        Lh = None if Lh is None else Lh.float().cpu().numpy()
-        for g, found in atoms_per_gate(model, Mh.float().cpu().numpy(), probs, counts, Lh).items():
-            counts[g] += [len(a.Z) for a in found]
-    return [{"gate": g, "atoms_per_draw": float(np.mean(c)), "count_wasserstein": float(wasserstein_distance(c, ref)),
-             "reference_atoms": float(ref.mean())} for g, c in counts.items()]
+        heavy = atoms_per_gate(model, Mh.float().cpu().numpy(), probs, gates)
+        lights = ([fit_light(L, model.grid, model.config.light_gain, z_max, model.representation,
+                             species_prior=model.species_prior) for L in Lh.float().cpu().numpy()]
+                  if model.has_light else None)
+        for (g, v), out in counts.items():
+            for k, a in enumerate(heavy[g]):
+                a = merge_light(a, lights[k]) if v else a
+                out.append((len(a.Z), int((a.Z <= z_max).sum())))
+    rows = []
+    for (g, v), c in counts.items():
+        c = np.array(c)
+        cw, lw = float(wasserstein_distance(c[:, 0], ref)), float(wasserstein_distance(c[:, 1], ref_light))
+        rows.append({"gate": g, "light": v, "atoms_per_draw": float(c[:, 0].mean()),
+                     "light_per_draw": float(c[:, 1].mean()), "count_wasserstein": cw, "light_wasserstein": lw,
+                     "score": cw + lw, "reference_atoms": float(ref.mean()),
+                     "reference_light": float(ref_light.mean())})
+    return rows
+
+
+def choose_draw_row(table: list[dict]) -> dict:
+    """The row of a :func:`draw_gate_table` with the smallest ``score`` (count plus light-count
+    Wasserstein distance; ties: the larger gate, fewer spurious atoms, then without light)."""
+    return min(table, key=lambda r: (r["score"], -r["gate"], r["light"]))
 
 
 def choose_draw_gate(table: list[dict]) -> float:
-    """The gate of a :func:`draw_gate_table` with the smallest count Wasserstein distance
-    (ties: the larger gate, fewer spurious atoms)."""
-    return float(min(table, key=lambda r: (r["count_wasserstein"], -r["gate"]))["gate"])
+    """The gate of :func:`choose_draw_row`."""
+    return float(choose_draw_row(table)["gate"])
 
 
 def choose_gate(table: list[dict]) -> float:
@@ -206,15 +234,19 @@ def _run_draws(a: argparse.Namespace, model: CrystalModel, data: CrystalArrays) 
         table = draw_gate_table(model, data, a.draws, [float(g) for g in a.gates.split(",") if g.strip()], seed)
     except ValueError as exc:
         raise SystemExit(f"{a.checkpoint}: {exc}") from None
-    best = choose_draw_gate(table)
-    print(f"| gate | atoms per draw (training fields: {table[0]['reference_atoms']:.2f}) | count Wasserstein |")
-    print("|---|---|---|")
+    row = choose_draw_row(table)
+    best, light = float(row["gate"]), bool(row["light"])
+    print(f"| gate | light atoms | atoms per draw (training fields: {table[0]['reference_atoms']:.2f}) | "
+          f"light atoms per draw ({table[0]['reference_light']:.2f}) | count Wasserstein | light Wasserstein | sum |")
+    print("|---|---|---|---|---|---|---|")
     for r in table:
-        mark = " (chosen)" if r["gate"] == best else ""
-        print(f"| {r['gate']:g}{mark} | {r['atoms_per_draw']:.2f} | {r['count_wasserstein']:.2f} |")
-    res = {"draw_gate": best, "n_draws": int(a.draws), "seed": seed, "table": table}
+        mark = " (chosen)" if r is row else ""
+        print(f"| {r['gate']:g}{mark} | {'yes' if r['light'] else 'no'} | {r['atoms_per_draw']:.2f} | "
+              f"{r['light_per_draw']:.2f} | {r['count_wasserstein']:.2f} | {r['light_wasserstein']:.2f} | "
+              f"{r['score']:.2f} |")
+    res = {"draw_gate": best, "draw_light": light, "n_draws": int(a.draws), "seed": seed, "table": table}
     if a.write:
-        update_metadata(a.checkpoint, {"draw_gate": best, "draw_gate_choice": res})
-        print(f"draw_gate {best:g} written to {a.checkpoint}")
-    print(json.dumps({"draw_gate": best}))
+        update_metadata(a.checkpoint, {"draw_gate": best, "draw_light": light, "draw_gate_choice": res})
+        print(f"draw_gate {best:g}, draw_light {str(light).lower()} written to {a.checkpoint}")
+    print(json.dumps({"draw_gate": best, "draw_light": light}))
     return res

@@ -22,7 +22,7 @@ from pathlib import Path
 from crystalstudio.core.checkpoint import CheckpointError, _write, load_checkpoint
 
 _STRUCTURAL_KEYS = ("model_config", "grid", "representation", "classes")
-_DROPPED = ("unet_gate", "unet_gate_choice", "draw_gate", "draw_gate_choice", "metrics")
+_DROPPED = ("unet_gate", "unet_gate_choice", "draw_gate", "draw_light", "draw_gate_choice", "metrics")
 
 
 def merge_unet(vae_path: str | Path, unet_path: str | Path, out: str | Path) -> Path:

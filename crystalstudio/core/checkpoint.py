@@ -388,6 +388,9 @@ class CrystalModel:
             if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0.0 <= float(raw) <= 1.0:
                 where = Path(path).name if path else "checkpoint"
                 raise CheckpointError(f"{where}: metadata {key} must be a number from 0 to 1, got {raw!r}")
+        if not isinstance(info.get("draw_light", True), bool):
+            where = Path(path).name if path else "checkpoint"
+            raise CheckpointError(f"{where}: metadata draw_light must be true or false, got {info['draw_light']!r}")
 
     @property
     def unet_gate(self) -> float:
@@ -408,6 +411,16 @@ class CrystalModel:
         :attr:`unet_gate`. A reconstruction is judged against its input, a draw by whether it
         looks like a crystal, so the two gates may differ."""
         return float(self.info.get("draw_gate", self.unet_gate))
+
+    @property
+    def draw_light(self) -> bool:
+        """Whether fields decoded from a latent with no input (as :attr:`draw_gate`) take the
+        light atoms of their light-atom field L_hat: the checkpoint's ``draw_light``, chosen
+        with the draw gate by ``python -m training choose-gate --draws N`` (the pair whose
+        draws' atom counts and light-atom counts come closest to the training crystals'),
+        else True. A reconstruction always takes them: its latent was refined to fit the
+        input's L, a draw's was not."""
+        return bool(self.info.get("draw_light", True))
 
     @property
     def species_prior(self) -> np.ndarray | None:
@@ -616,7 +629,16 @@ class CrystalModel:
         return 1 if self._frozen is not None and self.device.type == "cpu" else 8
 
     def decode_segment(self, z: np.ndarray, cond: float | None = None) -> tuple[np.ndarray, Atoms]:
-        """z (latent,) -> (M_hat (n, n, n) float32, :class:`Atoms` read at :attr:`draw_gate`)."""
+        """z (latent,) -> (M_hat (n, n, n) float32, :class:`Atoms` read as a draw,
+        :meth:`segment_draws`)."""
         M, L = self.decode_fields(z, cond)
-        return M, self.segment(M, gate=self.draw_gate, light=L)
+        return M, self.segment_draws(M[None], None if L is None else L[None])[0]
+
+    def segment_draws(self, fields: np.ndarray, light: np.ndarray | None = None,
+                      method: str | None = None) -> list[Atoms]:
+        """Atoms of fields decoded from latents with no input to compare against (random
+        draws, interpolation frames, the explorer): :meth:`segment_batch` at
+        :attr:`draw_gate`, with the light-atom fields ``light`` (B, n, n, n) only where
+        :attr:`draw_light`. fields: (B, n, n, n) float32. Raises ValueError: an unknown method."""
+        return self.segment_batch(fields, method, gate=self.draw_gate, light=light if self.draw_light else None)
 

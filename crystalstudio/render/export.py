@@ -526,14 +526,18 @@ def segment_batch(model, fields: np.ndarray, light: np.ndarray | None = None) ->
 
     The frames of a latent path have no input to compare against, so their atoms are read at
     the model's ``draw_gate`` where it has one, as the explorer reads them
-    (:meth:`crystalstudio.session.Session.decode`): the same result as
-    ``[model.segment(M, gate=model.draw_gate) for M in fields]``. Uses ``model.segment_batch``
-    (one U-Net call per batch, faster per field on a CPU) when the model has one. ``light``
-    (B, n, n, n): the light-atom fields decoded beside them (:func:`decode_fields`), or None.
+    (:meth:`crystalstudio.session.Session.decode`): ``model.segment_draws`` (its draw gate
+    and ``draw_light``, one U-Net call per batch) for a
+    :class:`~crystalstudio.core.checkpoint.CrystalModel`, else
+    ``[model.segment(M, gate=model.draw_gate) for M in fields]``. ``light`` (B, n, n, n): the
+    light-atom fields decoded beside them (:func:`decode_fields`), or None.
     """
     fields = np.asarray(fields, np.float32)
     if len(fields) == 0:
         return []
+    own = getattr(model, "segment_draws", None)
+    if callable(own):  # a CrystalModel: its draw gate and draw_light
+        return list(own(fields, None if light is None else np.asarray(light, np.float32)))
     gate = getattr(model, "draw_gate", None)
     kw = {} if gate is None else {"gate": gate}
     if light is not None:

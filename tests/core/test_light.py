@@ -142,6 +142,15 @@ def test_a_session_reads_the_light_atoms_of_a_decoded_frame():
     k = int(np.flatnonzero(frame.atoms.Z == 3)[0])
     assert np.linalg.norm(frame.atoms.positions[k] - [8.0, 2.0, 5.0]) < 0.1
     assert sorted(model.segment(M, gate=0.0).Z.tolist()) == [11, 17]  # without L: the heavy atoms only
+    # a checkpoint whose draws were chosen without their light atoms (draw_light false): a
+    # latent's frame and the export's frames read M_hat alone, a reconstruction still merges L
+    from crystalstudio.render.export import segment_batch
+
+    model.info["draw_light"] = False
+    frame = Session(model=model).decode(np.zeros(model.latent, np.float32))
+    assert sorted(frame.atoms.Z.tolist()) == [11, 17]
+    assert [sorted(a.Z.tolist()) for a in segment_batch(model, M[None], L[None])] == [[11, 17]]
+    assert sorted(model.segment(M, gate=0.0, light=L).Z.tolist()) == [1, 3, 11, 17]
 
 
 def test_refinement_fits_the_latent_to_m_and_to_the_light_field_of_the_input():

@@ -112,7 +112,7 @@ def test_draw_gate_cli_writes_the_gate_its_table_is_the_draws_and_sessions_use_i
     from crystalstudio.core.density import Crystal, density_field
     from crystalstudio.core.prior import draw_latents
     from crystalstudio.session import Session
-    from training.evaluate import _reference_fields
+    from training.evaluate import _reference_Z
 
     ck = run_dir / "d.safetensors"
     ck.write_bytes((run_dir / "m.safetensors").read_bytes())
@@ -129,13 +129,19 @@ def test_draw_gate_cli_writes_the_gate_its_table_is_the_draws_and_sessions_use_i
     assert meta["draw_gate"] == chosen and meta["draw_gate_choice"]["seed"] == 1
     # each row by hand: the same seeded draws, read at that gate, against the same training fields
     model = load_checkpoint(ck, jit=False)
-    ref, _, _ = _reference_fields(model, CrystalArrays.load(data), 1000, 1)
+    assert not model.has_light and meta["draw_light"] is False and model.draw_light is False
+    ref_Z = _reference_Z(model, CrystalArrays.load(data), 1000, 1)
+    ref, ref_light = [len(z) for z in ref_Z], [int((z <= 5).sum()) for z in ref_Z]
     M = model.decode(draw_latents(6, model.latent, 1, model.prior))
-    for row in meta["draw_gate_choice"]["table"]:
-        counts = [len(a) for a in model.segment_batch(M, "fit", gate=row["gate"])]
+    table = meta["draw_gate_choice"]["table"]
+    assert [r["light"] for r in table] == [False, False]  # no light channel: no light variant
+    for row in table:
+        found = model.segment_batch(M, "fit", gate=row["gate"])
+        counts, light = [len(a) for a in found], [int((a.Z <= 5).sum()) for a in found]
         assert row["count_wasserstein"] == pytest.approx(wasserstein_distance(counts, ref), abs=1e-6)
-    assert chosen == min(meta["draw_gate_choice"]["table"],
-                         key=lambda r: (r["count_wasserstein"], -r["gate"]))["gate"]
+        assert row["light_wasserstein"] == pytest.approx(wasserstein_distance(light, ref_light), abs=1e-6)
+        assert row["score"] == pytest.approx(row["count_wasserstein"] + row["light_wasserstein"])
+    assert chosen == min(table, key=lambda r: (r["count_wasserstein"] + r["light_wasserstein"], -r["gate"]))["gate"]
 
     # a session reads a latent's atoms at the draw gate, a reconstruction's at the U-Net gate
     update_metadata(ck, {"draw_gate": 1.0, "unet_gate": 0.0})
@@ -150,10 +156,11 @@ def test_draw_gate_cli_writes_the_gate_its_table_is_the_draws_and_sessions_use_i
 
 
 @pytest.mark.parametrize("key, value", [("draw_gate", "high"), ("draw_gate", 1.5), ("unet_gate", -0.1),
-                                        ("draw_gate", True)])
+                                        ("draw_gate", True), ("draw_light", "yes"), ("draw_light", 1)])
 def test_a_damaged_gate_is_refused_on_load_with_one_line(run_dir, key, value):
     ck = run_dir / "bad_gate.safetensors"
     ck.write_bytes((run_dir / "m.safetensors").read_bytes())
     update_metadata(ck, {key: value})
-    with pytest.raises(CheckpointError, match=f"bad_gate.safetensors: metadata {key} must be a number from 0 to 1"):
+    what = "must be true or false" if key == "draw_light" else "must be a number from 0 to 1"
+    with pytest.raises(CheckpointError, match=f"bad_gate.safetensors: metadata {key} {what}"):
         load_checkpoint(ck)
