@@ -667,6 +667,7 @@ def run(a: argparse.Namespace) -> dict:
         "atoms_method": a.atoms,
         "unet_gate": model.unet_gate,
         "draw_gate": model.draw_gate,
+        "draw_light": model.draw_light,
         "refine_steps": refine_steps,
         "refine_lr": list(refine_lr),
         "species_prior": model.species_prior is not None,
