@@ -25,7 +25,7 @@ def run(session: Session, n: int, prior: str) -> tuple[float, float]:
     t0 = time.perf_counter()
     z, cond = session.draw(n, seed=0)
     M, L = session.model.decode_fields(z, cond)
-    atoms = session.model.segment_batch(M, gate=session.model.draw_gate, light=L)
+    atoms = session.model.segment_draws(M, L)  # as the app reads a draw (draw gate, draw_light)
     valid = sum(check_draw(a.positions, a.Z).valid for a in atoms)
     return time.perf_counter() - t0, valid / n
 
