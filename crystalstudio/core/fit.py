@@ -36,7 +36,9 @@ decoded field's errors are smooth, so the floor ``min_amplitude`` is what counts
 
 For the repeating lattice (representation 2) atoms just outside the cube still reach it:
 they are fitted too (positions up to ``outside_sigmas`` sigma outside) and only the atoms
-inside the cube are returned.
+inside the cube are returned. A true lattice field is then refitted with every image tied
+to its site through the lattice the fitted atoms repeat on
+(:mod:`crystalstudio.core.lattice_fit`).
 """
 
 from __future__ import annotations
@@ -107,6 +109,11 @@ class FitSettings:
             atom counts it lowered on the validation split). With it on, the damping falls
             by x0.5 after an accepted step instead of x0.1. 100 atoms: 318 -> 100 Cholesky
             factorisations per field, all atoms still exact (benchmarks/bench_fit.py).
+        tie_lattice: repeating lattice: after the free fit, find the lattice its atoms repeat
+            on and refit sites and lattice together, every image a translate of its site
+            (:mod:`crystalstudio.core.lattice_fit`); kept when it explains the field better by
+            the information criterion (residual energy against parameter count). False for
+            decoded fields (not chosen on them).
     """
 
     min_amplitude: float = 0.5
@@ -128,6 +135,7 @@ class FitSettings:
     round_stall: float = 0.2
     sharpen_A: float = 0.45
     sharpen_lambda: float = 3e-7
+    tie_lattice: bool = True
 
 
 #: for true (noise-free) fields and the tests: hydrogen (Z = 1) is found
@@ -144,7 +152,7 @@ DEFAULT_FIT = FitSettings()
 #: 77.8 / 77.7 / 78.0 / 77.7 / 76.6 / 69.2% (docs/refine.md)
 DECODED_FIT = FitSettings(min_amplitude=6.0, merge_A=1.4, detect=0.5, max_rounds=3, laplacian=False, backoff=False,
                           max_iter=20, round_iter=20, verify_passes=1, round_stall=0.0,
-                          sharpen_A=0.0)
+                          sharpen_A=0.0, tie_lattice=False)
 #: species rule for decoded fields (chosen on the validation split): a fitted atom is kept
 #: when the U-Net gives it at least this probability of being an atom
 UNET_GATE = 0.2
@@ -740,6 +748,13 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
     if len(A):
         gb, dgb = _basis(P, c, sig)
         H, _ = _normal_equations(r, A, gb, dgb)
+    if representation == "repeating_lattice" and settings.tie_lattice and len(A):
+        from .lattice_fit import TIED_EDGE_A, tie_if_better
+
+        tied = tie_if_better(F, grid, P, A, float(np.vdot(r, r)), hi - L, settings.min_amplitude)
+        if tied is not None:
+            return _result(tied.positions, tied.image_amplitudes, tied.image_sigma, L, keep_outside, settings.z_max,
+                           edge=TIED_EDGE_A)
     sigA = _amplitude_sigma(H, r, len(A))
     return _result(P, A, sigA, L, keep_outside, settings.z_max)
 

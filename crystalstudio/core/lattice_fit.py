@@ -1,0 +1,381 @@
+"""The repeating lattice's atoms tied to their lattice: one site per atom of the cell.
+
+A field of representation 2 (Hoffmann et al. 2019, Sec. 4.2) is periodic: every atom in the
+cube, and every image just outside it whose Gaussian reaches in, is a translate ``r_b + n L``
+of one of the cell's sites ``b`` (``n`` integer, ``L`` the lattice, rows the lattice vectors
+in Å). The free fit (:func:`crystalstudio.core.fit.fit_atoms`) treats each image as its own
+atom; the images outside the cube are seen only through their tails, so they are weakly
+constrained and drag the atoms near the faces (docs/atom_fit.md: misses of 0.1-0.2 Å within
+0.6 Å of a face). Here the free fit's atoms are tied back to the lattice:
+
+1. :func:`find_lattice`: translations that map the fitted atoms onto atoms of the same
+   amplitude (within ``match_A``) are the lattice's vectors; the three of smallest
+   non-zero volume that generate all found ones are the basis. No lattice (a cell longer
+   than the cube along some axis, or a field that is not periodic) -> None.
+2. :func:`tied_fit`: the sites (the fitted atoms modulo the lattice) and the lattice are
+   refined together by Levenberg-Marquardt against Eq. 1, every image within ``4 sigma`` of
+   the cube (as :func:`crystalstudio.core.density.lattice_positions` builds the field) taking
+   its site's position plus its lattice translation and its site's amplitude. The normal
+   equations are the free fit's over the images, ``J^T J`` and ``J^T r``, mapped to the
+   tied parameters by the (images x sites) chain rule ``T``: ``T^T (J^T J) T``.
+
+:func:`crystalstudio.core.fit.fit_atoms` keeps the tied atoms when they explain the field
+better by the Bayesian information criterion (residual energy against parameter count).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from scipy import linalg
+from scipy.spatial import cKDTree
+
+from .density import Grid
+
+__all__ = ["find_lattice", "tied_fit", "TiedFit", "tie_if_better", "TIED_EDGE_A"]
+
+#: atoms this close (Å) after a lattice translation are the same site
+MATCH_A = 0.3
+#: a translation is a lattice vector when this fraction of the atoms it can be checked on map
+#: onto an atom of the same amplitude
+MIN_SCORE = 0.9
+#: images of the true field reach this many sigma outside the cube (lattice_positions)
+IMAGE_SIGMAS = 4.0
+#: a tied atom counts as inside the cube up to this far (Å) beyond a face: tied positions are
+#: exact to ~1e-5 Å on a true field, and an atom 3e-4 Å outside is outside (val cube ScF3)
+TIED_EDGE_A = 1e-4
+
+
+def _same_kind(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Amplitudes of one element (within 0.75 Z or 4%: Sm 62 and Ho 67 differ)."""
+    return np.abs(a - b) <= np.maximum(0.75, 0.04 * np.maximum(a, b))
+
+
+def _score(t: np.ndarray, P: np.ndarray, A: np.ndarray, tree: cKDTree, src: np.ndarray,
+           lo: float, hi: float) -> tuple[int, int, np.ndarray]:
+    """(atoms of ``src`` whose translate by ``t`` lands in [lo, hi]^3, of those with a partner of
+    the same amplitude within ``MATCH_A``, and the mean displacement to the partners (Å))."""
+    Q = P[src] + t
+    ok = np.all((Q >= lo) & (Q <= hi), axis=1)
+    if not ok.any():
+        return 0, 0, t
+    d, k = tree.query(Q[ok], distance_upper_bound=MATCH_A)
+    hit = np.isfinite(d)
+    hit[hit] &= _same_kind(A[src][ok][hit], A[k[hit]])
+    mean = (P[k[hit]] - P[src][ok][hit]).mean(0) if hit.any() else t
+    return int(ok.sum()), int(hit.sum()), mean
+
+
+def find_lattice(P: np.ndarray, A: np.ndarray, length: float, reach: float) -> np.ndarray | None:
+    """The lattice of atoms fitted to a repeating-lattice field.
+
+    Tried on all atoms first, then on the stronger half, then on those of at least half the
+    strongest amplitude: every site's images repeat on the lattice, and heavy atoms are
+    fitted best, so a free fit that confused a light atom beside a heavy one still shows its
+    lattice through the heavy ones (where those alone repeat more finely, the tied fit
+    cannot explain the field and is not kept).
+
+    Args:
+        P: (N, 3) float64 fitted positions in Å (cube frame, up to ``reach`` outside the cube).
+        A: (N,) float64 fitted amplitudes (Z units).
+        length: the cube's edge in Å. reach: how far outside the cube (Å) atoms were fitted.
+
+    Returns:
+        (3, 3) float64 lattice vectors as rows (Å), or None when three independent
+        translations that map the atoms onto themselves are not found.
+    """
+    P = np.asarray(P, np.float64).reshape(-1, 3)
+    A = np.asarray(A, np.float64).reshape(-1)
+    if not len(A):
+        return None
+    for keep in (np.ones(len(A), bool), A >= np.median(A), A >= 0.5 * A.max()):
+        L = _lattice_of(P[keep], A[keep], length, reach)
+        if L is not None:
+            return L
+    return None
+
+
+def _lattice_of(P: np.ndarray, A: np.ndarray, length: float, reach: float) -> np.ndarray | None:
+    """:func:`find_lattice` on one set of atoms."""
+    inside = np.all((P >= 0) & (P <= length), axis=1)
+    if inside.sum() < 2:
+        return None
+    tree = cKDTree(P)
+    src = np.flatnonzero(inside)
+    # translations are checked where the fit is reliable: the cube and one sigma-ish around it
+    lo, hi = -0.25 * reach, length + 0.25 * reach
+    centre = np.full(3, length / 2)
+    refs = src[np.argsort(np.linalg.norm(P[src] - centre, axis=1))][:3]
+    cands = []
+    reliable = np.all((P >= lo) & (P <= hi), axis=1)
+    for i in refs:
+        j = np.flatnonzero(_same_kind(A, A[i]) & reliable)
+        t = P[j] - P[i]
+        cands.append(t[np.linalg.norm(t, axis=1) > 2 * MATCH_A])
+    if not cands:
+        return None
+    T = np.concatenate(cands)
+    need = max(3, int(0.2 * len(src)))
+    good = []
+    for t in T:
+        n, hit, mean = _score(t, P, A, tree, src, lo, hi)
+        if n >= need and hit >= MIN_SCORE * n:
+            good.append(mean)  # averaged over every matched pair: one misfit atom does not skew it
+    if len(good) < 3:
+        return None
+    V = np.array(good)
+    V = V[np.argsort(np.linalg.norm(V, axis=1))]
+    # one of each +-t pair, then merge near-duplicates found from different reference atoms
+    uniq: list[np.ndarray] = []
+    for v in V:
+        if not any(np.linalg.norm(v - u) < MATCH_A or np.linalg.norm(v + u) < MATCH_A for u in uniq):
+            uniq.append(v)
+    U = np.array(uniq[:16])
+    best, best_key = None, None
+    for a, b, c in itertools.combinations(range(len(U)), 3):
+        B = U[[a, b, c]]
+        vol = abs(float(np.linalg.det(B)))
+        if vol < 0.05 * float(np.prod(np.linalg.norm(B, axis=1))):  # (near-)coplanar: sums of others
+            continue
+        key = (round(vol, 1), float(np.linalg.norm(B, axis=1).sum()))
+        if best_key is None or key < best_key:
+            best, best_key = B, key
+    if best is None:
+        return None
+    # every found translation must be a whole-number combination of the basis
+    coef = np.array(uniq) @ np.linalg.inv(best)
+    if np.abs(np.array(uniq) - np.rint(coef) @ best).max() > MATCH_A:
+        return None
+    return best
+
+
+class TiedFit:
+    """Result of :func:`tied_fit`.
+
+    Attributes:
+        lattice: (3, 3) float64 rows = lattice vectors (Å).
+        sites: (Nb, 3) float64 site positions (Å, cube frame; one image of each site).
+        amplitudes: (Nb,) float64 site amplitudes (Z units). sigma: (Nb,) their standard errors.
+        positions, image_amplitudes, image_sigma: every image within ``IMAGE_SIGMAS`` sigma
+            of the cube, (K, 3) Å and (K,) Z units.
+        rss: residual energy (F units squared). n_params: 4 Nb + 9.
+    """
+
+    def __init__(self, lattice, sites, amplitudes, sigma, positions, image_amplitudes, image_sigma, rss):
+        self.lattice, self.sites, self.amplitudes, self.sigma = lattice, sites, amplitudes, sigma
+        self.positions, self.image_amplitudes, self.image_sigma = positions, image_amplitudes, image_sigma
+        self.rss = float(rss)
+        self.n_params = 4 * len(amplitudes) + 9
+
+
+def _images(sites: np.ndarray, lattice: np.ndarray, lo: float, hi: float, max_images: int = 4000):
+    """(site index (K,), shifts n (K, 3) int) of every image ``r_b + n L`` inside [lo, hi]^3."""
+    inv = np.linalg.inv(lattice)
+    corners = np.array([[x, y, z] for x in (lo, hi) for y in (lo, hi) for z in (lo, hi)])
+    bs, ns = [], []
+    for b, r in enumerate(sites):
+        f = (corners - r) @ inv
+        nmin, nmax = np.floor(f.min(0)).astype(int), np.ceil(f.max(0)).astype(int)
+        if np.prod(nmax - nmin + 1) > 50 * max_images:
+            raise ValueError("lattice too small for the cube")
+        n = np.stack(np.meshgrid(*[np.arange(a, c + 1) for a, c in zip(nmin, nmax)], indexing="ij"), -1).reshape(-1, 3)
+        Q = r + n @ lattice
+        keep = np.all((Q >= lo) & (Q <= hi), axis=1)
+        bs.append(np.full(int(keep.sum()), b))
+        ns.append(n[keep])
+    b, n = np.concatenate(bs), np.concatenate(ns)
+    if len(b) > max_images:
+        raise ValueError("too many images")
+    return b, n
+
+
+def _sites_of(P: np.ndarray, A: np.ndarray, lattice: np.ndarray, length: float, margin: float):
+    """One site per set of fitted atoms that are lattice translates of each other (within
+    ``MATCH_A``, whatever their amplitudes): its member nearest the cube's centre and the
+    median amplitude of its members inside the cube (of all members if none is). Only atoms
+    within ``margin`` Å of the cube make sites: the images further out are seen through
+    their tails alone, and a misfit one would become a second copy of its site."""
+    near = np.all((P >= -margin) & (P <= length + margin), axis=1)
+    P, A = P[near], A[near]
+    inv = np.linalg.inv(lattice)
+    centre = np.full(3, length / 2)
+    order = np.argsort(np.linalg.norm(P - centre, axis=1))
+    sites: list[np.ndarray] = []
+    members: list[list[int]] = []
+    for i in order:
+        for s, q in enumerate(sites):
+            d = (P[i] - q) @ inv
+            if np.linalg.norm((d - np.rint(d)) @ lattice) < MATCH_A:
+                members[s].append(i)
+                break
+        else:
+            sites.append(P[i].copy())
+            members.append([i])
+    amps = []
+    for m in members:
+        m = np.array(m)
+        inside = np.all((P[m] >= 0) & (P[m] <= length), axis=1)
+        amps.append(float(np.median(A[m[inside]] if inside.any() else A[m])))
+    return np.array(sites), np.array(amps)
+
+
+def tied_fit(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, lattice: np.ndarray, reach: float,
+             min_amplitude: float = 0.5, max_iter: int = 100) -> TiedFit | None:
+    """Refine sites and lattice together against a repeating-lattice field (module docstring).
+
+    Args:
+        F: (n, n, n) float64 field in F units (``M * grid.peak_scale``).
+        grid: its :class:`Grid`. P, A: the free fit's atoms ((N, 3) Å, (N,) Z units), inside
+            and outside the cube. lattice: (3, 3) from :func:`find_lattice`. reach: how far
+            outside the cube (Å) the free fit placed atoms.
+        min_amplitude: sites below it are removed (Z units). max_iter: LM iterations per pass.
+
+    Returns:
+        :class:`TiedFit`, or None when the sites or images cannot be built (a degenerate or
+        tiny lattice).
+    """
+    from .fit import _basis, _model, _normal_equations
+
+    c = grid.centres()
+    sig = grid.sigma
+    lo, hi = -IMAGE_SIGMAS * sig, grid.length + IMAGE_SIGMAS * sig
+    try:
+        sites, amps = _sites_of(P, A, lattice, grid.length, 0.25 * reach)
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+    L = np.array(lattice, np.float64)
+    H_t = None
+    for _pass in range(4):
+        try:
+            bidx, shifts = _images(sites, L, lo, hi)
+        except (np.linalg.LinAlgError, ValueError):
+            return None
+        Nb, K = len(sites), len(bidx)
+        # chain rule: image parameters [A (K), px, py, pz (K each)] from [a (Nb), rx, ry, rz (Nb), L (9)]
+        T = np.zeros((4 * K, 4 * Nb + 9))
+        T[np.arange(K), bidx] = 1.0
+        for ax in range(3):
+            T[(ax + 1) * K + np.arange(K), (ax + 1) * Nb + bidx] = 1.0
+            for i in range(3):
+                T[(ax + 1) * K + np.arange(K), 4 * Nb + 3 * i + ax] = shifts[:, i]
+
+        def images(sites_, amps_, L_):
+            return sites_[bidx] + shifts @ L_, amps_[bidx]
+
+        Pk, Ak = images(sites, amps, L)
+        g, dg = _basis(Pk, c, sig)
+        r = F - _model(Ak, g)
+        rss = float(np.vdot(r, r))
+        lam = 1e-3
+        for _ in range(max_iter):
+            H, b = _normal_equations(r, Ak, g, dg)
+            H_t, b_t = T.T @ H @ T, T.T @ b
+            diag = np.maximum(np.diag(H_t).copy(), 1e-12 * max(float(np.diag(H_t).max()), 1e-300))
+            accepted = False
+            for _try in range(12):
+                try:
+                    delta = linalg.cho_solve(linalg.cho_factor(H_t + lam * np.diag(diag), check_finite=False), b_t,
+                                             check_finite=False)
+                except np.linalg.LinAlgError:
+                    delta = linalg.lstsq(H_t + lam * np.diag(diag), b_t, check_finite=False)[0]
+                amps1 = amps + delta[:Nb]
+                sites1 = sites + delta[Nb:4 * Nb].reshape(3, Nb).T
+                L1 = L + delta[4 * Nb:].reshape(3, 3)
+                Pk1, Ak1 = images(sites1, amps1, L1)
+                g1, dg1 = _basis(Pk1, c, sig)
+                r1 = F - _model(Ak1, g1)
+                rss1 = float(np.vdot(r1, r1))
+                if rss1 <= rss:
+                    drel = (rss - rss1) / max(rss, 1e-300)
+                    step = float(np.abs(delta[Nb:]).max()) if len(delta) > Nb else 0.0
+                    sites, amps, L, Pk, Ak, g, dg, r, rss = sites1, amps1, L1, Pk1, Ak1, g1, dg1, r1, rss1
+                    lam = max(lam * 0.1, 1e-7)
+                    accepted = True
+                    break
+                lam *= 10.0
+            if not accepted or drel < 1e-9 or step < 1e-6:
+                break
+        sites, amps, merged = _merge_sites(sites, amps, L)
+        low = amps < min_amplitude
+        # wrap each site to its image nearest the cube's centre, then rebuild the images
+        d = (sites - grid.length / 2) @ np.linalg.inv(L)
+        sites = sites - np.rint(d) @ L
+        if low.any() and (~low).any():
+            sites, amps = sites[~low], amps[~low]
+            continue
+        if _pass > 0 and not low.any() and not merged:
+            break
+    if not len(amps):
+        return None
+    bidx, shifts = _images(sites, L, lo, hi)
+    Pk, Ak = sites[bidx] + shifts @ L, amps[bidx]
+    g, dg = _basis(Pk, c, sig)
+    r = F - _model(Ak, g)
+    rss = float(np.vdot(r, r))
+    sigma = _site_sigma(H_t, rss, F.size, len(amps))
+    return TiedFit(L, sites, amps, sigma, Pk, Ak, sigma[bidx] if len(sigma) == len(amps) else np.zeros(len(Ak)), rss)
+
+
+def _merge_sites(sites: np.ndarray, amps: np.ndarray, L: np.ndarray):
+    """Sites that converged onto one position modulo the lattice (within ``MATCH_A``) become
+    one, at the amplitude-weighted mean, with the summed amplitude; (sites, amps, any merged)."""
+    inv = np.linalg.inv(L)
+    keep = np.ones(len(amps), bool)
+    sites, amps = sites.copy(), amps.copy()
+    for i in range(len(amps)):
+        if not keep[i]:
+            continue
+        for j in range(i + 1, len(amps)):
+            if not keep[j]:
+                continue
+            d = (sites[j] - sites[i]) @ inv
+            dj = (d - np.rint(d)) @ L  # j's image nearest i, minus i
+            if np.linalg.norm(dj) < MATCH_A:
+                w = amps[i] + amps[j]
+                if abs(w) > 1e-9:
+                    sites[i] = sites[i] + dj * (amps[j] / w)
+                amps[i] = w
+                keep[j] = False
+    return sites[keep], amps[keep], bool((~keep).any())
+
+
+def _site_sigma(H_t: np.ndarray | None, rss: float, n_vox: int, Nb: int) -> np.ndarray:
+    """Standard errors of the site amplitudes, ``s sqrt([H^-1]_aa)`` (as the free fit's)."""
+    if H_t is None or H_t.shape[0] != 4 * Nb + 9:
+        return np.zeros(Nb)
+    s2 = rss / max(n_vox - (4 * Nb + 9), 1)
+    try:
+        Hinv = linalg.pinvh(H_t)
+    except (linalg.LinAlgError, ValueError):
+        return np.full(Nb, np.inf)
+    return np.sqrt(np.maximum(np.diag(Hinv)[:Nb], 0.0) * s2)
+
+
+def tie_if_better(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, rss_free: float, reach: float,
+                  min_amplitude: float = 0.5) -> TiedFit | None:
+    """The tied fit of a free fit's atoms, when it explains the field better.
+
+    Args:
+        F: (n, n, n) float64 field (F units). grid: its grid. P, A: the free fit's atoms
+            ((N, 3) Å inside and outside the cube, (N,) Z units). rss_free: the free fit's
+            residual energy. reach: how far outside the cube (Å) the free fit placed atoms.
+
+    Returns:
+        :class:`TiedFit` when a lattice is found and the tied fit's Bayesian information
+        criterion ``n ln(RSS / n) + k ln n`` (n voxels, k parameters: 4 per atom free, 4 per
+        site + 9 tied) is the lower; None otherwise.
+    """
+    L = find_lattice(P, A, grid.length, reach)
+    if L is None:
+        return None
+    tf = tied_fit(F, grid, P, A, L, reach, min_amplitude)
+    if tf is None:
+        return None
+    n = F.size
+    tiny = 1e-300
+
+    def bic(rss: float, k: int) -> float:
+        return n * np.log(max(rss, tiny) / n) + k * np.log(n)
+
+    return tf if bic(tf.rss, tf.n_params) < bic(rss_free, 4 * len(A)) else None

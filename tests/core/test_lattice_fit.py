@@ -1,0 +1,106 @@
+"""crystalstudio.core.lattice_fit: the repeating lattice's atoms tied to their lattice, checked
+against lattices built in the test (images from lattice_positions, fields as a direct float64
+sum over atoms and voxels)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from crystalstudio.core.density import Crystal, Grid, lattice_positions
+from crystalstudio.core.fit import DEFAULT_FIT, fit_atoms
+from crystalstudio.core.lattice_fit import TIED_EDGE_A, find_lattice, tie_if_better, tied_fit
+from crystalstudio.core.metrics import match_atoms
+
+from .test_fit import direct_field
+
+GRID = Grid()
+# an oblique cell of four sites: Sr at the cell origin (the cube's corner), Ti, O and an H
+# 0.73 Å from the O (closer than a hydroxide's 0.97 Å: the free fit reads the pair as junk)
+LATTICE = np.array([[4.2, 0.0, 0.0], [0.3, 5.1, 0.0], [0.5, 0.7, 6.3]])
+FRAC = np.array([[0, 0, 0], [0.5, 0.5, 0.5], [0.25, 0.1, 0.6], [0.4, 0.1, 0.65]])
+Z = np.array([38, 22, 8, 1])
+
+
+def cube(rotation_seed: int, lattice: np.ndarray = LATTICE, frac: np.ndarray = FRAC, Zs: np.ndarray = Z):
+    R = Rotation.random(random_state=rotation_seed).as_matrix()
+    P, Zi = lattice_positions(Crystal(lattice, frac, Zs), GRID, R)
+    return P, Zi, lattice @ R.T
+
+
+def same_lattice(A: np.ndarray, B: np.ndarray, tol: float = 1e-3) -> bool:
+    """Do the rows of A and of B generate one lattice (each a whole-number combination of the other)?"""
+    for X, Y in ((A, B), (B, A)):
+        c = X @ np.linalg.inv(Y)
+        if np.abs(c - np.rint(c)).max() > tol:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_find_lattice_recovers_the_cells_lattice_from_exact_images(seed):
+    P, Zi, L = cube(seed)
+    found = find_lattice(P, Zi.astype(float), GRID.length, 3.5)
+    assert found is not None and same_lattice(found, L)
+    assert abs(abs(np.linalg.det(found)) - abs(np.linalg.det(L))) < 1e-6
+
+
+def test_find_lattice_gives_none_for_atoms_that_do_not_repeat():
+    rng = np.random.default_rng(0)
+    P = rng.uniform(0, 10, (25, 3))
+    assert find_lattice(P, rng.integers(1, 90, 25).astype(float), GRID.length, 3.5) is None
+
+
+def test_find_lattice_tells_neighbours_in_the_table_apart():
+    # Sm (62) on one site, Ho (67) on the other: reading them as one element halves the cell
+    P, Zi, L = cube(4, np.eye(3) * 4.0, np.array([[0, 0, 0], [0.5, 0.5, 0.5]]), np.array([62, 67]))
+    found = find_lattice(P, Zi.astype(float), GRID.length, 3.5)
+    assert found is not None and abs(abs(np.linalg.det(found)) - 64.0) < 1e-6
+
+
+def test_tied_fit_repairs_a_free_fit_that_misplaced_images_at_the_faces():
+    # the free fit's atoms, with every image beyond a face moved 0.2 Å at random and one
+    # outside image doubled: the tie puts every atom of the cube back within 1e-3 Å
+    P, Zi, L = cube(1)
+    F = direct_field(P, Zi, GRID) * GRID.peak_scale
+    rng = np.random.default_rng(1)
+    out = ~np.all((P >= 0) & (P <= GRID.length), axis=1)
+    Pf = P.copy()
+    Pf[out] += rng.normal(0, 0.2 / np.sqrt(3), (out.sum(), 3))
+    k = np.flatnonzero(out)[0]
+    Pf, Af = np.vstack([Pf, Pf[k] + 0.1]), np.append(Zi.astype(float) * 0.98, Zi[k] * 0.5)
+    tf = tied_fit(F, GRID, Pf, Af, L, 3.5)
+    assert tf is not None and len(tf.amplitudes) == len(FRAC)
+    np.testing.assert_allclose(np.sort(tf.amplitudes), np.sort(Z), atol=1e-3)
+    assert same_lattice(tf.lattice, L, 1e-4)
+    inside = np.all((P >= 0) & (P <= GRID.length), axis=1)
+    got = np.all((tf.positions >= -TIED_EDGE_A) & (tf.positions <= GRID.length + TIED_EDGE_A), axis=1)
+    assert got.sum() == inside.sum()
+    m = match_atoms(P[inside], Zi[inside], tf.positions[got], np.rint(tf.image_amplitudes[got]).astype(int), tol=1e-3)
+    assert m["true_matched"] == inside.sum() and m["species_correct"] == inside.sum()
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_fit_atoms_returns_every_atom_of_a_lattice_cube_exactly(seed):
+    P, Zi, _ = cube(seed)
+    M = direct_field(P, Zi, GRID)
+    inside = np.all((P >= 0) & (P <= GRID.length), axis=1)
+    atoms = fit_atoms(M, GRID, "repeating_lattice")
+    assert len(atoms) == inside.sum()
+    m = match_atoms(P[inside], Zi[inside], atoms.positions, atoms.Z, tol=1e-3)
+    assert m["true_matched"] == inside.sum() and m["species_correct"] == inside.sum()
+    np.testing.assert_allclose(atoms.amplitude, np.rint(atoms.amplitude), atol=1e-3)
+
+
+def test_tie_if_better_keeps_the_free_fit_when_the_field_is_not_periodic():
+    rng = np.random.default_rng(3)
+    P = rng.uniform(1, 9, (12, 3))
+    Zs = rng.integers(1, 60, 12)
+    F = direct_field(P, Zs, GRID) * GRID.peak_scale
+    assert tie_if_better(F, GRID, P, Zs.astype(float), 1e-9, 3.5) is None
+    # and fit_atoms with the tie off is the free fit (same settings otherwise)
+    free = fit_atoms(F / GRID.peak_scale, GRID, "repeating_lattice", replace(DEFAULT_FIT, tie_lattice=False))
+    assert len(free) == 12
