@@ -40,11 +40,14 @@ MATCH_A = 0.3
 #: a translation is a lattice vector when this fraction of the atoms it can be checked on map
 #: onto an atom of the same amplitude
 MIN_SCORE = 0.9
+#: a residual maximum this far (Å) from every image may be a missing site
+MERGE_NEW_A = 0.5
 #: images of the true field reach this many sigma outside the cube (lattice_positions)
 IMAGE_SIGMAS = 4.0
-#: a tied atom counts as inside the cube up to this far (Å) beyond a face: tied positions are
-#: exact to ~1e-5 Å on a true field, and an atom 3e-4 Å outside is outside (val cube ScF3)
-TIED_EDGE_A = 1e-4
+#: a tied atom counts as inside the cube up to this far (Å) beyond a face: tied positions of a
+#: true field are exact to ~1e-7 Å (val cube CuSnPd2: an atom 5.77e-5 Å outside fitted
+#: 5.76e-5 Å outside), and the cell origin sits on the cube's corner
+TIED_EDGE_A = 1e-5
 
 
 def _same_kind(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -74,7 +77,8 @@ def find_lattice(P: np.ndarray, A: np.ndarray, length: float, reach: float) -> n
     strongest amplitude: every site's images repeat on the lattice, and heavy atoms are
     fitted best, so a free fit that confused a light atom beside a heavy one still shows its
     lattice through the heavy ones (where those alone repeat more finely, the tied fit
-    cannot explain the field and is not kept).
+    cannot explain the field and is not kept). Last, on positions alone, whatever the
+    amplitudes.
 
     Args:
         P: (N, 3) float64 fitted positions in Å (cube frame, up to ``reach`` outside the cube).
@@ -93,7 +97,8 @@ def find_lattice(P: np.ndarray, A: np.ndarray, length: float, reach: float) -> n
         L = _lattice_of(P[keep], A[keep], length, reach)
         if L is not None:
             return L
-    return None
+    # last: positions alone (a free fit stopped early has amplitudes off by 10-20%)
+    return _lattice_of(P, np.zeros(len(A)), length, reach)
 
 
 def _lattice_of(P: np.ndarray, A: np.ndarray, length: float, reach: float) -> np.ndarray | None:
@@ -221,8 +226,14 @@ def _sites_of(P: np.ndarray, A: np.ndarray, lattice: np.ndarray, length: float, 
 
 
 def tied_fit(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, lattice: np.ndarray, reach: float,
-             min_amplitude: float = 0.5, max_iter: int = 100) -> TiedFit | None:
+             min_amplitude: float = 0.5, max_iter: int = 100, grow_rounds: int = 4) -> TiedFit | None:
     """Refine sites and lattice together against a repeating-lattice field (module docstring).
+
+    After the sites from the free fit converge, maxima of the residual inside the cube that
+    no image explains become new sites (one per set of lattice translates), and the fit is
+    converged again; a round is kept when it lowers the Bayesian information criterion
+    (``grow_rounds`` rounds at most). So a site the free fit missed, or fitted only as junk,
+    is still found.
 
     Args:
         F: (n, n, n) float64 field in F units (``M * grid.peak_scale``).
@@ -235,22 +246,78 @@ def tied_fit(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, lattice: n
         :class:`TiedFit`, or None when the sites or images cannot be built (a degenerate or
         tiny lattice).
     """
+    try:
+        sites, amps = _sites_of(P, A, lattice, grid.length, 0.25 * reach)
+        state = _converge(F, grid, sites, amps, np.array(lattice, np.float64), min_amplitude, max_iter)
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+    if state is None:
+        return None
+    for _round in range(grow_rounds):
+        new, new_amps = _missing_sites(state, grid, min_amplitude)
+        if not len(new):
+            break
+        sites, amps, L = state["sites"], state["amps"], state["L"]
+        try:
+            grown = _converge(F, grid, np.vstack([sites, new]), np.concatenate([amps, new_amps]), L,
+                              min_amplitude, max_iter)
+        except (np.linalg.LinAlgError, ValueError):
+            break
+        if grown is None or _bic(grown["rss"], 4 * len(grown["amps"]) + 9, F.size) >= _bic(
+                state["rss"], 4 * len(amps) + 9, F.size):
+            break
+        state = grown
+    sites, amps, L, H_t, rss = state["sites"], state["amps"], state["L"], state["H"], state["rss"]
+    bidx = state["bidx"]
+    sigma = _site_sigma(H_t, rss, F.size, len(amps))
+    return TiedFit(L, sites, amps, sigma, state["Pk"], state["Ak"],
+                   sigma[bidx] if len(sigma) == len(amps) else np.zeros(len(bidx)), rss)
+
+
+def _bic(rss: float, k: int, n: int) -> float:
+    """Bayesian information criterion of a least-squares fit: ``n ln(RSS / n) + k ln n``."""
+    return n * np.log(max(rss, 1e-300) / n) + k * np.log(n)
+
+
+def _missing_sites(state: dict, grid: Grid, min_amplitude: float):
+    """Residual maxima inside the cube that no image explains (farther than ``MERGE_NEW_A``
+    from every image), one per set of lattice translates, strongest first: ((K, 3) Å, (K,))."""
+    from .fit import _candidates
+
+    cand, strength = _candidates(state["r"], grid, 0.5 * min_amplitude, 5.0, True, 0.0)
+    if not len(cand):
+        return cand, strength
+    inside = np.all((cand >= 0) & (cand <= grid.length), axis=1)
+    cand, strength = cand[inside], strength[inside]
+    if len(cand) and len(state["Pk"]):
+        d, _ = cKDTree(state["Pk"]).query(cand)
+        cand, strength = cand[d > MERGE_NEW_A], strength[d > MERGE_NEW_A]
+    L = state["L"]
+    inv = np.linalg.inv(L)
+    keep: list[int] = []
+    for i in range(len(cand)):
+        if strength[i] < 0.25 * strength[0]:  # weaker ones wait for the next round
+            break
+        if all(np.linalg.norm(((cand[i] - cand[j]) @ inv - np.rint((cand[i] - cand[j]) @ inv)) @ L) >= MATCH_A
+               for j in keep):
+            keep.append(i)
+    return cand[keep], np.maximum(strength[keep], min_amplitude)
+
+
+def _converge(F: np.ndarray, grid: Grid, sites: np.ndarray, amps: np.ndarray, L: np.ndarray,
+              min_amplitude: float, max_iter: int) -> dict | None:
+    """Levenberg-Marquardt on sites, amplitudes and lattice; sites that meet are merged, those
+    below ``min_amplitude`` removed, the images rebuilt, up to four passes. Returns the state
+    (sites, amps, L, H the tied J^T J, rss, r the residual, Pk/Ak/bidx the images), or None
+    when no site is left. Raises ValueError for a lattice too small for the cube."""
     from .fit import _basis, _model, _normal_equations
 
     c = grid.centres()
     sig = grid.sigma
     lo, hi = -IMAGE_SIGMAS * sig, grid.length + IMAGE_SIGMAS * sig
-    try:
-        sites, amps = _sites_of(P, A, lattice, grid.length, 0.25 * reach)
-    except (np.linalg.LinAlgError, ValueError):
-        return None
-    L = np.array(lattice, np.float64)
     H_t = None
     for _pass in range(4):
-        try:
-            bidx, shifts = _images(sites, L, lo, hi)
-        except (np.linalg.LinAlgError, ValueError):
-            return None
+        bidx, shifts = _images(sites, L, lo, hi)
         Nb, K = len(sites), len(bidx)
         # chain rule: image parameters [A (K), px, py, pz (K each)] from [a (Nb), rx, ry, rz (Nb), L (9)]
         T = np.zeros((4 * K, 4 * Nb + 9))
@@ -301,20 +368,21 @@ def tied_fit(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, lattice: n
         # wrap each site to its image nearest the cube's centre, then rebuild the images
         d = (sites - grid.length / 2) @ np.linalg.inv(L)
         sites = sites - np.rint(d) @ L
-        if low.any() and (~low).any():
+        if low.all():
+            return None
+        if low.any():
             sites, amps = sites[~low], amps[~low]
             continue
-        if _pass > 0 and not low.any() and not merged:
+        if _pass > 0 and not merged:
             break
-    if not len(amps):
-        return None
     bidx, shifts = _images(sites, L, lo, hi)
     Pk, Ak = sites[bidx] + shifts @ L, amps[bidx]
-    g, dg = _basis(Pk, c, sig)
+    g, _ = _basis(Pk, c, sig)
     r = F - _model(Ak, g)
-    rss = float(np.vdot(r, r))
-    sigma = _site_sigma(H_t, rss, F.size, len(amps))
-    return TiedFit(L, sites, amps, sigma, Pk, Ak, sigma[bidx] if len(sigma) == len(amps) else np.zeros(len(Ak)), rss)
+    if H_t is not None and H_t.shape[0] != 4 * len(amps) + 9:
+        H_t = None
+    return {"sites": sites, "amps": amps, "L": L, "H": H_t, "rss": float(np.vdot(r, r)), "r": r,
+            "Pk": Pk, "Ak": Ak, "bidx": bidx}
 
 
 def _merge_sites(sites: np.ndarray, amps: np.ndarray, L: np.ndarray):
@@ -372,10 +440,4 @@ def tie_if_better(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, rss_f
     tf = tied_fit(F, grid, P, A, L, reach, min_amplitude)
     if tf is None:
         return None
-    n = F.size
-    tiny = 1e-300
-
-    def bic(rss: float, k: int) -> float:
-        return n * np.log(max(rss, tiny) / n) + k * np.log(n)
-
-    return tf if bic(tf.rss, tf.n_params) < bic(rss_free, 4 * len(A)) else None
+    return tf if _bic(tf.rss, tf.n_params, F.size) < _bic(rss_free, 4 * len(A), F.size) else None
