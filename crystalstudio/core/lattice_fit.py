@@ -9,7 +9,7 @@ constrained and drag the atoms near the faces (docs/atom_fit.md: misses of 0.1-0
 0.6 Å of a face). Here the free fit's atoms are tied back to the lattice:
 
 1. :func:`find_lattice`: translations that map the fitted atoms onto atoms of the same
-   amplitude (within ``match_A``) are the lattice's vectors; the three of smallest
+   amplitude (within ``MATCH_A``) are the lattice's vectors; the three of smallest
    non-zero volume that generate all found ones are the basis. No lattice (a cell longer
    than the cube along some axis, or a field that is not periodic) -> None.
 2. :func:`tied_fit`: the sites (the fitted atoms modulo the lattice) and the lattice are
@@ -17,7 +17,8 @@ constrained and drag the atoms near the faces (docs/atom_fit.md: misses of 0.1-0
    the cube (as :func:`crystalstudio.core.density.lattice_positions` builds the field) taking
    its site's position plus its lattice translation and its site's amplitude. The normal
    equations are the free fit's over the images, ``J^T J`` and ``J^T r``, mapped to the
-   tied parameters by the (images x sites) chain rule ``T``: ``T^T (J^T J) T``.
+   tied parameters by the (images x sites) chain rule ``T``: ``T^T (J^T J) T``. Residual
+   maxima that no image explains become new sites (a site the free fit missed).
 
 :func:`crystalstudio.core.fit.fit_atoms` keeps the tied atoms when they explain the field
 better by the Bayesian information criterion (residual energy against parameter count).
