@@ -34,7 +34,7 @@ from scipy.spatial import cKDTree
 
 from .density import Grid
 
-__all__ = ["find_lattice", "tied_fit", "TiedFit", "tie_if_better", "TIED_EDGE_A"]
+__all__ = ["find_lattice", "lattice_candidates", "tied_fit", "TiedFit", "tie_if_better", "TIED_EDGE_A"]
 
 #: atoms this close (Å) after a lattice translation are the same site
 MATCH_A = 0.3
@@ -57,53 +57,79 @@ def _same_kind(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _score(t: np.ndarray, P: np.ndarray, A: np.ndarray, tree: cKDTree, src: np.ndarray,
-           lo: float, hi: float) -> tuple[int, int, np.ndarray]:
+           lo: float, hi: float, match: float = MATCH_A) -> tuple[int, int, np.ndarray]:
     """(atoms of ``src`` whose translate by ``t`` lands in [lo, hi]^3, of those with a partner of
-    the same amplitude within ``MATCH_A``, and the mean displacement to the partners (Å))."""
+    the same amplitude within ``match`` Å, and the mean displacement to the partners (Å))."""
     Q = P[src] + t
     ok = np.all((Q >= lo) & (Q <= hi), axis=1)
     if not ok.any():
         return 0, 0, t
-    d, k = tree.query(Q[ok], distance_upper_bound=MATCH_A)
+    d, k = tree.query(Q[ok], distance_upper_bound=match)
     hit = np.isfinite(d)
     hit[hit] &= _same_kind(A[src][ok][hit], A[k[hit]])
     mean = (P[k[hit]] - P[src][ok][hit]).mean(0) if hit.any() else t
     return int(ok.sum()), int(hit.sum()), mean
 
 
-def find_lattice(P: np.ndarray, A: np.ndarray, length: float, reach: float) -> np.ndarray | None:
-    """The lattice of atoms fitted to a repeating-lattice field.
+def lattice_candidates(P: np.ndarray, A: np.ndarray, length: float, reach: float):
+    """Candidate lattices of atoms fitted to a repeating-lattice field, most trusted first.
 
-    Tried on all atoms first, then on the stronger half, then on those of at least half the
-    strongest amplitude: every site's images repeat on the lattice, and heavy atoms are
-    fitted best, so a free fit that confused a light atom beside a heavy one still shows its
-    lattice through the heavy ones (where those alone repeat more finely, the tied fit
-    cannot explain the field and is not kept). Last, on positions alone, whatever the
-    amplitudes.
+    Tiers, each on all atoms, then on the stronger half, then on those of at least half the
+    strongest amplitude (every site's images repeat on the lattice, and heavy atoms are
+    fitted best):
+
+    1. every checked atom maps onto an atom of the same amplitude within 0.1 Å;
+    2. at least 95%, then 90% of them within ``MATCH_A`` (a free fit with misfit atoms);
+    3. positions alone, whatever the amplitudes, 90% within ``MATCH_A`` (a free fit stopped
+       early has amplitudes off by 10-20%).
+
+    A pseudo-translation (val: Li5Mn(CoO4)2, HgO, H8PtO6, whose atoms nearly repeat on half
+    the cell) passes the looser tiers and gives too small a cell, whose tied fit cannot
+    explain the field; the strict tier comes first so that the true lattice is tried first.
 
     Args:
         P: (N, 3) float64 fitted positions in Å (cube frame, up to ``reach`` outside the cube).
         A: (N,) float64 fitted amplitudes (Z units).
         length: the cube's edge in Å. reach: how far outside the cube (Å) atoms were fitted.
 
-    Returns:
-        (3, 3) float64 lattice vectors as rows (Å), or None when three independent
-        translations that map the atoms onto themselves are not found.
+    Yields:
+        (3, 3) float64 lattice vectors as rows (Å), each lattice once.
     """
     P = np.asarray(P, np.float64).reshape(-1, 3)
     A = np.asarray(A, np.float64).reshape(-1)
     if not len(A):
-        return None
-    for keep in (np.ones(len(A), bool), A >= np.median(A), A >= 0.5 * A.max()):
-        L = _lattice_of(P[keep], A[keep], length, reach)
-        if L is not None:
-            return L
-    # last: positions alone (a free fit stopped early has amplitudes off by 10-20%)
-    return _lattice_of(P, np.zeros(len(A)), length, reach)
+        return
+    subsets = (np.ones(len(A), bool), A >= np.median(A), A >= 0.5 * A.max())
+    tiers = [(1.0, 0.1, False), (0.95, MATCH_A, False), (MIN_SCORE, MATCH_A, False), (MIN_SCORE, MATCH_A, True)]
+    seen: list[np.ndarray] = []
+    for min_score, match, positions_only in tiers:
+        for keep in (subsets[:1] if positions_only else subsets):
+            amp = np.zeros(int(keep.sum())) if positions_only else A[keep]
+            L = _lattice_of(P[keep], amp, length, reach, min_score, match)
+            if L is not None and not any(_same_lattice(L, S) for S in seen):
+                seen.append(L)
+                yield L
 
 
-def _lattice_of(P: np.ndarray, A: np.ndarray, length: float, reach: float) -> np.ndarray | None:
-    """:func:`find_lattice` on one set of atoms."""
+def find_lattice(P: np.ndarray, A: np.ndarray, length: float, reach: float) -> np.ndarray | None:
+    """The first of :func:`lattice_candidates` ((3, 3) float64 rows, Å), or None when three
+    independent translations that map the atoms onto themselves are not found."""
+    return next(lattice_candidates(P, A, length, reach), None)
+
+
+def _same_lattice(A: np.ndarray, B: np.ndarray, tol_A: float = MATCH_A) -> bool:
+    """Do the rows of A and of B generate one lattice (each a whole-number combination of the
+    other, within ``tol_A`` Å)?"""
+    for X, Y in ((A, B), (B, A)):
+        c = X @ np.linalg.inv(Y)
+        if np.abs(X - np.rint(c) @ Y).max() > tol_A:
+            return False
+    return True
+
+
+def _lattice_of(P: np.ndarray, A: np.ndarray, length: float, reach: float, min_score: float = MIN_SCORE,
+                match: float = MATCH_A) -> np.ndarray | None:
+    """One lattice of one set of atoms (:func:`lattice_candidates`), or None."""
     inside = np.all((P >= 0) & (P <= length), axis=1)
     if inside.sum() < 2:
         return None
@@ -125,8 +151,8 @@ def _lattice_of(P: np.ndarray, A: np.ndarray, length: float, reach: float) -> np
     need = max(3, int(0.2 * len(src)))
     good = []
     for t in T:
-        n, hit, mean = _score(t, P, A, tree, src, lo, hi)
-        if n >= need and hit >= MIN_SCORE * n:
+        n, hit, mean = _score(t, P, A, tree, src, lo, hi, match)
+        if n >= need and hit >= min_score * n:
             good.append(mean)  # averaged over every matched pair: one misfit atom does not skew it
     if len(good) < 3:
         return None
@@ -422,7 +448,7 @@ def _site_sigma(H_t: np.ndarray | None, rss: float, n_vox: int, Nb: int) -> np.n
 
 
 def tie_if_better(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, rss_free: float, reach: float,
-                  min_amplitude: float = 0.5) -> TiedFit | None:
+                  min_amplitude: float = 0.5, max_lattices: int = 3) -> TiedFit | None:
     """The tied fit of a free fit's atoms, when it explains the field better.
 
     Args:
@@ -431,14 +457,13 @@ def tie_if_better(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, rss_f
             residual energy. reach: how far outside the cube (Å) the free fit placed atoms.
 
     Returns:
-        :class:`TiedFit` when a lattice is found and the tied fit's Bayesian information
-        criterion ``n ln(RSS / n) + k ln n`` (n voxels, k parameters: 4 per atom free, 4 per
-        site + 9 tied) is the lower; None otherwise.
+        :class:`TiedFit` of the first of (at most ``max_lattices``) candidate lattices whose
+        tied fit has the lower Bayesian information criterion ``n ln(RSS / n) + k ln n``
+        (n voxels, k parameters: 4 per atom free, 4 per site + 9 tied); None otherwise.
     """
-    L = find_lattice(P, A, grid.length, reach)
-    if L is None:
-        return None
-    tf = tied_fit(F, grid, P, A, L, reach, min_amplitude)
-    if tf is None:
-        return None
-    return tf if _bic(tf.rss, tf.n_params, F.size) < _bic(rss_free, 4 * len(A), F.size) else None
+    free = _bic(rss_free, 4 * len(A), F.size)
+    for L in itertools.islice(lattice_candidates(P, A, grid.length, reach), max_lattices):
+        tf = tied_fit(F, grid, P, A, L, reach, min_amplitude)
+        if tf is not None and _bic(tf.rss, tf.n_params, F.size) < free:
+            return tf
+    return None
