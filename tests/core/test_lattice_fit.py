@@ -104,3 +104,19 @@ def test_tie_if_better_keeps_the_free_fit_when_the_field_is_not_periodic():
     # and fit_atoms with the tie off is the free fit (same settings otherwise)
     free = fit_atoms(F / GRID.peak_scale, GRID, "repeating_lattice", replace(DEFAULT_FIT, tie_lattice=False))
     assert len(free) == 12
+
+
+def test_lattice_candidates_put_the_exact_lattice_before_a_pseudo_translation():
+    # Fe and Co alternate along a (cell 8 x 4 x 4 Å): by position alone the atoms repeat every
+    # 4 Å, by amplitude only every 8 Å. The true cell comes first; the half cell (what a
+    # positions-only search finds) later, for tie_if_better to try only if the first fails
+    from crystalstudio.core.lattice_fit import lattice_candidates
+
+    frac = np.array([[0, 0, 0], [0.5, 0, 0]])
+    P, Zi, L = cube(5, np.diag([8.0, 4.0, 4.0]), frac, np.array([26, 27]))
+    cands = list(lattice_candidates(P, Zi.astype(float), GRID.length, 3.5))
+    assert same_lattice(cands[0], L)
+    assert any(abs(abs(np.linalg.det(c)) - 64.0) < 1e-6 for c in cands[1:])
+    F = direct_field(P, Zi, GRID) * GRID.peak_scale
+    tf = tie_if_better(F, GRID, P, Zi.astype(float), 1.0, 3.5)
+    assert tf is not None and same_lattice(tf.lattice, L, 1e-4)
