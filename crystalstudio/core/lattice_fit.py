@@ -276,8 +276,10 @@ def _sites_of(P: np.ndarray, A: np.ndarray, lattice: np.ndarray, length: float, 
             sites.append(P[i].copy())
             members.append([i])
     # a true site recurs in every cell of the region; a misfit atom of the free fit makes a
-    # "site" seen once or twice (val CrB4: 32 sites from a free fit, 5 true): those are
-    # dropped, and what they explained is found again from the residual (tied_fit's growth)
+    # "site" seen once or twice: those are dropped, and what they explained is found again
+    # from the residual (tied_fit's growth)
+    if not members:
+        return np.zeros((0, 3)), np.zeros(0)
     counts = np.array([len(m) for m in members])
     recurring = counts >= 0.25 * np.median(counts)
     amps = []
