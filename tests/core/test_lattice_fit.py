@@ -25,9 +25,10 @@ FRAC = np.array([[0, 0, 0], [0.5, 0.5, 0.5], [0.25, 0.1, 0.6], [0.4, 0.1, 0.65]]
 Z = np.array([38, 22, 8, 1])
 
 
-def cube(rotation_seed: int, lattice: np.ndarray = LATTICE, frac: np.ndarray = FRAC, Zs: np.ndarray = Z):
+def cube(rotation_seed: int, lattice: np.ndarray = LATTICE, frac: np.ndarray = FRAC, Zs: np.ndarray = Z,
+         grid: Grid = GRID):
     R = Rotation.random(random_state=rotation_seed).as_matrix()
-    P, Zi = lattice_positions(Crystal(lattice, frac, Zs), GRID, R)
+    P, Zi = lattice_positions(Crystal(lattice, frac, Zs), grid, R)
     return P, Zi, lattice @ R.T
 
 
@@ -120,3 +121,26 @@ def test_lattice_candidates_put_the_exact_lattice_before_a_pseudo_translation():
     F = direct_field(P, Zi, GRID) * GRID.peak_scale
     tf = tie_if_better(F, GRID, P, Zi.astype(float), 1.0, 3.5)
     assert tf is not None and same_lattice(tf.lattice, L, 1e-4)
+
+
+def test_tied_fit_finds_the_sites_a_junk_free_fit_missed():
+    # a dense cell (one Cr and four B in 3.9 Å, as val CrB4, whose free fit gave 28 "sites"
+    # for 5): given only the Cr images and 12 junk atoms, the tie finds the four B sites from
+    # its residual and returns every atom of the cube exactly (a 6 Å window)
+    lattice = np.eye(3) * 3.9
+    frac = np.array([[0, 0, 0], [0.5, 0.25, 0.3], [0.5, 0.75, 0.7], [0.2, 0.5, 0.75], [0.8, 0.5, 0.25]])
+    Zs = np.array([24, 5, 5, 5, 5])
+    grid = Grid(n=18, length=6.0)  # h = 1/3 Å as in the default grid, a smaller window
+    P, Zi, L = cube(6, lattice, frac, Zs, grid)
+    F = direct_field(P, Zi, grid) * grid.peak_scale
+    rng = np.random.default_rng(6)
+    cr = Zi == 24
+    Pf = np.vstack([P[cr], rng.uniform(0, grid.length, (12, 3))])
+    Af = np.concatenate([Zi[cr].astype(float), rng.uniform(5, 14, 12)])
+    tf = tied_fit(F, grid, Pf, Af, L, 3.5)
+    assert tf is not None and len(tf.amplitudes) == 5
+    np.testing.assert_allclose(np.sort(tf.amplitudes), np.sort(Zs), atol=1e-3)
+    inside = np.all((P >= 0) & (P <= grid.length), axis=1)
+    got = np.all((tf.positions >= -TIED_EDGE_A) & (tf.positions <= grid.length + TIED_EDGE_A), axis=1)
+    m = match_atoms(P[inside], Zi[inside], tf.positions[got], np.rint(tf.image_amplitudes[got]).astype(int), tol=1e-3)
+    assert got.sum() == inside.sum() and m["true_matched"] == inside.sum() and m["species_correct"] == inside.sum()
