@@ -745,9 +745,6 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
     if low.any():
         P, A = P[~low], A[~low]
         r = F - field_model(P, A, grid) if len(A) else F
-    if len(A):
-        gb, dgb = _basis(P, c, sig)
-        H, _ = _normal_equations(r, A, gb, dgb)
     if representation == "repeating_lattice" and settings.tie_lattice and len(A):
         from .lattice_fit import TIED_EDGE_A, tie_if_better
 
@@ -755,6 +752,9 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
         if tied is not None:
             return _result(tied.positions, tied.image_amplitudes, tied.image_sigma, L, keep_outside, settings.z_max,
                            edge=TIED_EDGE_A)
+    if len(A):  # the free fit's normal equations, for its amplitudes' standard errors
+        gb, dgb = _basis(P, c, sig)
+        H, _ = _normal_equations(r, A, gb, dgb)
     sigA = _amplitude_sigma(H, r, len(A))
     return _result(P, A, sigA, L, keep_outside, settings.z_max)
 
