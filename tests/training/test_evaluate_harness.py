@@ -485,6 +485,17 @@ def test_true_fit_limit_fits_the_first_crystals_only(files, result, tmp_path, ca
     assert ev.main(_args(files, out, None, "--true-fit-limit", "-1")) == 2
 
 
+def test_fit_workers_give_the_same_measures(files, result, tmp_path):
+    """--fit-workers 2: the true-M fits run in two worker processes and every measure is the
+    single-process run's; 0 workers is refused with exit 2."""
+    out = tmp_path / "workers.json"
+    assert ev.main(_args(files, out, None, "--fit-workers", "2")) == 0
+    res, plain = json.loads(out.read_text()), json.loads(result[0].read_text())
+    assert res["error_budget"] == plain["error_budget"]
+    assert res["per_crystal"] == plain["per_crystal"]
+    assert ev.main(_args(files, out, None, "--fit-workers", "0")) == 2
+
+
 def test_multi_start_refinement_of_a_conditional_model(files, tmp_path):
     """A conditional checkpoint (Sec. 4.5) refined from several rates: its condition is tiled
     over the starts (a batch of 4 fields, 2 rates: 8 decoder rows), and the best of the starts
