@@ -119,7 +119,8 @@ class FitSettings:
             final iterations) and keep it when it explains the field to within
             :data:`crystalstudio.core.lattice_fit.FIELD_EXPLAINED` of its energy; only when it
             does not is the full free fit run. Val cubes 0-11: 617 of 617 atoms exact from
-            the quick seed, 8.6 s per cube instead of 45 s (docs/atom_fit.md). 0 turns it off.
+            the quick seed, 8.6 s per cube (the free fits alone took 54 s; docs/atom_fit.md).
+            0 turns it off.
         tie_seed_iter: Levenberg-Marquardt iterations of that quick fit's chosen atoms.
     """
 
