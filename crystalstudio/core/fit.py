@@ -114,14 +114,16 @@ class FitSettings:
             (:mod:`crystalstudio.core.lattice_fit`); kept when it explains the field better by
             the information criterion (residual energy against parameter count). False for
             decoded fields (not chosen on them).
-        tie_seed_rounds: repeating lattice with ``tie_lattice``: first try the tie from a
-            quick free fit of this many detection rounds (no verify pass, ``tie_seed_iter``
-            final iterations) and keep it when it explains the field to within
-            :data:`crystalstudio.core.lattice_fit.FIELD_EXPLAINED` of its energy; only when it
-            does not is the full free fit run. Val cubes 0-11: 617 of 617 atoms exact from
-            the quick seed, 8.6 s per cube (the free fits alone took 54 s; docs/atom_fit.md).
-            0 turns it off.
-        tie_seed_iter: Levenberg-Marquardt iterations of that quick fit's chosen atoms.
+        tie_seed_rounds: repeating lattice with ``tie_lattice``: first try the tie from quick
+            free fits of these many detection rounds, in turn (no verify pass, the matching
+            ``tie_seed_iter`` final iterations), and keep the first tie that explains the field
+            to within :data:`crystalstudio.core.lattice_fit.FIELD_EXPLAINED` of its energy;
+            only when none does is the full free fit run. Val cubes 0-11: 617 of 617 atoms
+            exact from the 4-round seed, 8.6 s per cube (the free fits alone took 54 s;
+            docs/atom_fit.md); 10 of 13 val cubes that it could not explain (50-450 s each
+            through the full free fit) are explained from the 8-round seed in 10-100 s. Empty
+            turns it off.
+        tie_seed_iter: Levenberg-Marquardt iterations of each quick fit's chosen atoms.
     """
 
     min_amplitude: float = 0.5
@@ -144,8 +146,8 @@ class FitSettings:
     sharpen_A: float = 0.45
     sharpen_lambda: float = 3e-7
     tie_lattice: bool = True
-    tie_seed_rounds: int = 4
-    tie_seed_iter: int = 100
+    tie_seed_rounds: tuple[int, ...] = (4, 8)
+    tie_seed_iter: tuple[int, ...] = (100, 200)
 
 
 #: for true (noise-free) fields and the tests: hydrogen (Z = 1) is found
@@ -740,13 +742,12 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
     if F.max() <= 0.5 * settings.min_amplitude:
         return _result(np.zeros((0, 3)), np.zeros(0), np.zeros(0), L, keep_outside)
     tie = representation == "repeating_lattice" and settings.tie_lattice
-    if tie and settings.tie_seed_rounds > 0:
+    for rounds, iters in (zip(settings.tie_seed_rounds, settings.tie_seed_iter) if tie else ()):
         # a quick free fit is enough to find the lattice and seed the tie; kept only when the
-        # tied atoms explain the field, else the full free fit below decides
+        # tied atoms explain the field, else a longer seed, and last the full free fit, decide
         from dataclasses import replace
 
-        quick = replace(settings, max_rounds=settings.tie_seed_rounds, verify_passes=0,
-                        max_iter=settings.tie_seed_iter)
+        quick = replace(settings, max_rounds=rounds, verify_passes=0, max_iter=iters)
         P, A, r, H = _free_fit(F, grid, quick, c, lo, hi, representation)
         tied = _tied(F, grid, P, A, r, hi - L, settings, True, keep_outside)
         if tied is not None:

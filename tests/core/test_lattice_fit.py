@@ -112,30 +112,30 @@ def _spy_free_fits(monkeypatch):
 
 
 def test_fit_atoms_keeps_the_quick_seeds_tie_when_it_explains_the_field(monkeypatch):
-    # the quick free fit (tie_seed_rounds rounds) finds the lattice; its tie explains the field,
-    # so the full free fit never runs, and every atom is still exact
+    # the first quick free fit (tie_seed_rounds[0] rounds) finds the lattice; its tie explains
+    # the field, so neither the longer seed nor the full free fit runs, and every atom is exact
     calls = _spy_free_fits(monkeypatch)
     P, Zi, _ = cube(2)
     inside = np.all((P >= 0) & (P <= GRID.length), axis=1)
     atoms = fit_atoms(direct_field(P, Zi, GRID), GRID, "repeating_lattice")
-    assert calls == [DEFAULT_FIT.tie_seed_rounds]
+    assert calls == [DEFAULT_FIT.tie_seed_rounds[0]]
     m = match_atoms(P[inside], Zi[inside], atoms.positions, atoms.Z, tol=1e-3)
     assert len(atoms) == inside.sum() and m["true_matched"] == m["species_correct"] == inside.sum()
 
 
 def test_fit_atoms_runs_the_full_free_fit_when_the_quick_tie_fails(monkeypatch):
-    # random atoms repeat on no lattice: the quick seed gives no tie, the full free fit decides
+    # random atoms repeat on no lattice: the quick seeds give no tie, the full free fit decides
     calls = _spy_free_fits(monkeypatch)
     rng = np.random.default_rng(3)
     P = rng.uniform(1, 9, (12, 3))
     Zs = rng.integers(1, 60, 12)
     atoms = fit_atoms(direct_field(P, Zs, GRID), GRID, "repeating_lattice")
-    assert calls == [DEFAULT_FIT.tie_seed_rounds, DEFAULT_FIT.max_rounds]
+    assert calls == [*DEFAULT_FIT.tie_seed_rounds, DEFAULT_FIT.max_rounds]
     m = match_atoms(P, Zs, atoms.positions, atoms.Z, tol=1e-3)
     assert len(atoms) == 12 and m["true_matched"] == m["species_correct"] == 12
     # and with the quick seed off, only the full free fit runs
     calls.clear()
-    fit_atoms(direct_field(P, Zs, GRID), GRID, "repeating_lattice", replace(DEFAULT_FIT, tie_seed_rounds=0))
+    fit_atoms(direct_field(P, Zs, GRID), GRID, "repeating_lattice", replace(DEFAULT_FIT, tie_seed_rounds=()))
     assert calls == [DEFAULT_FIT.max_rounds]
 
 
