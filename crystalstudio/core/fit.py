@@ -381,6 +381,10 @@ def _normal_equations(r: np.ndarray, A: np.ndarray, g: np.ndarray, dg: np.ndarra
     return H, b
 
 
+#: Levenberg-Marquardt (free and tied fits) stops once the residual holds less than this fraction
+#: of the field's energy: float32 rounding of a field, nothing below it is signal (an exact fit
+#: ends at ~3e-14)
+FLOAT_FLOOR = 1e-13
 #: Levenberg-Marquardt stops once no position moves by more than this (Å) and no amplitude
 #: by more than this fraction of the largest
 STEP_TOL_A = 1e-4
@@ -405,7 +409,7 @@ def _refine(F: np.ndarray, P: np.ndarray, A: np.ndarray, c: np.ndarray, sigma: f
     g, dg = _basis(P, c, sigma)
     r = F - _model(A, g)
     rss = float(np.vdot(r, r))
-    floor = 1e-13 * float(np.vdot(F, F))  # float32 rounding of a field: nothing below this is signal
+    floor = FLOAT_FLOOR * float(np.vdot(F, F))
     lam = 1e-3
     H = None
     history = [rss]

@@ -33,6 +33,7 @@ from scipy import linalg
 from scipy.spatial import cKDTree
 
 from .density import Grid
+from .fit import FLOAT_FLOOR
 
 __all__ = ["find_lattice", "lattice_candidates", "tied_fit", "TiedFit", "tie_if_better", "TIED_EDGE_A"]
 
@@ -58,9 +59,6 @@ MAX_IMAGES = 1200
 #: against a corner atom lost in most cubes with a margin below the fit's accuracy (the
 #: positions' standard errors, ~3e-8 Å, are 3-50 times too small to set it: val cubes 0-11, 56)
 TIED_EDGE_A = 1e-5
-#: a tied fit stops once the residual holds less than this fraction of the field's energy
-#: (float32 rounding of a field: nothing below it is signal; an exact tie ends at ~3e-14)
-FLOAT_FLOOR = 1e-13
 #: a tied fit stops once five accepted steps together lowered the residual energy by less
 #: than this fraction
 STALL_REL = 1e-3
