@@ -55,7 +55,7 @@ import hashlib
 import json
 import sys
 import tempfile
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -74,6 +74,7 @@ from crystalstudio.core.light import atoms_with_light, refine_problem
 from crystalstudio.core.segment import density_peaks, species_map_to_atoms
 
 from .data import SPLITS, CrystalArrays, voxelise
+from .fit_cache import FitCache, timed_fit
 
 __all__ = ["evaluate", "evaluate_model", "error_budget", "peak_separability", "STAGES", "format_table", "harness", "load_data", "run", "main", "add_arguments",
            "HarnessError", "PERCENTILES"]
@@ -88,12 +89,45 @@ class HarnessError(ValueError):
     """A one-line reason the harness cannot run (missing data, empty split, ...)."""
 
 
+def _submit_true_fit(M: np.ndarray, grid: Grid, representation: str, pool: Executor | None,
+                     cache: FitCache | None):
+    """Start the budget's fit of one true field: a Future of ``(Atoms, seconds)`` (done at once
+    for a stored fit; in ``pool`` otherwise, stored in ``cache`` as soon as it finishes), or
+    None: fit it in this process when its result is read (:func:`_true_fit_result`)."""
+    key = cache.key(M, grid, representation, DEFAULT_FIT) if cache is not None else None
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None:
+        done: Future = Future()
+        done.set_result((hit, None))
+        return done
+    if pool is None:
+        return None
+    fut = pool.submit(timed_fit, M, grid, representation, DEFAULT_FIT)
+    if cache is not None:
+        def store(f: Future, key: str = key) -> None:
+            if not f.cancelled() and f.exception() is None:
+                cache.put(key, *f.result())
+
+        fut.add_done_callback(store)
+    return fut
+
+
+def _true_fit_result(fut, M: np.ndarray, grid: Grid, representation: str, cache: FitCache | None):
+    """The Atoms of :func:`_submit_true_fit`'s fit (fitted here when it returned None)."""
+    if fut is not None:
+        return fut.result()[0]
+    atoms, seconds = timed_fit(M, grid, representation, DEFAULT_FIT)
+    if cache is not None:
+        cache.put(cache.key(M, grid, representation, DEFAULT_FIT), atoms, seconds)
+    return atoms
+
+
 def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, seed: int, batch: int,
                      device, tol: float, kls: list, voxel: np.ndarray | None = None,
                      representation: str = "unit_cell", stages: dict | None = None, atoms: str = "fit",
                      gate: float = UNET_GATE, refine_steps: int = 0, species_prior: np.ndarray | None = None,
                      refine_lr: float | tuple[float, ...] = REFINE_LR, true_fit_limit: int = 0,
-                     pool: Executor | None = None):
+                     pool: Executor | None = None, fit_cache: FitCache | None = None):
     """Yield ``(match, mse, true_pos, true_Z, atoms)`` per crystal of ``idx``, in order.
 
     ``refine_steps`` > 0: the model's M_hat is decoded from the encoder's mu refined by that
@@ -113,7 +147,9 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
     crystal are appended to ``stages[name]`` (see :func:`error_budget`). ``true_fit_limit`` > 0:
     the Eq. 1 fit of the true M (the ``fit_on_true_M`` stages; 2-100 s per repeating-lattice
     field) runs on the first that many crystals only; with ``pool`` (an executor of worker
-    processes) those fits run there, a batch ahead of the rest of the budget.
+    processes) those fits run there, a batch ahead of the rest of the budget; with ``fit_cache``
+    each finished fit is stored as it completes and a stored one is not run again
+    (:mod:`training.fit_cache`).
     """
     rot = random_rotations(len(idx), seed)
     for s in range(0, len(idx), batch):
@@ -125,8 +161,7 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
             M_np = M.float().cpu().numpy().reshape(len(b), *(grid.n,) * 3)
             for k in range(len(b)):
                 if not true_fit_limit or s + k < true_fit_limit:
-                    true_fits[k] = (pool.submit(fit_atoms, M_np[k], grid, representation, DEFAULT_FIT)
-                                    if pool is not None else None)
+                    true_fits[k] = _submit_true_fit(M_np[k], grid, representation, pool, fit_cache)
         cond = max_density(M) if net.cfg.conditional else None  # Sec. 4.5: the input's own maximum
         mu, logvar = net.vae.encode(M, cond)
         kls.append(kl_divergence(mu, logvar).cpu())
@@ -181,8 +216,7 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
                     match_atoms(tp, tz, unet_atoms.positions, unet_atoms.Z, tol))
                 stages.setdefault("fit_on_decoded_M", []).append(match_atoms(tp, tz, fit_dec.positions, fit_dec.Z, tol))
                 if k in true_fits:
-                    fit_true = (true_fits[k].result() if true_fits[k] is not None
-                                else fit_atoms(M_np[k], grid, representation, DEFAULT_FIT))
+                    fit_true = _true_fit_result(true_fits[k], M_np[k], grid, representation, fit_cache)
                     stages.setdefault("fit_on_true_M", []).append(
                         match_atoms(tp, tz, fit_true.positions, fit_true.Z, tol))
                     stages.setdefault("fit_on_true_M_0.1A", []).append(
@@ -462,14 +496,16 @@ def draws_block(model: CrystalModel, data: CrystalArrays, test_idx: np.ndarray, 
 def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int = 0, draws: int = 200,
             tol: float = 0.5, batch: int = 16, atoms: str = "fit", budget: bool = True,
             refine_steps: int = 0, refine_lr: float | tuple[float, ...] | None = None,
-            true_fit_limit: int = 0, fit_workers: int = 1) -> dict:
+            true_fit_limit: int = 0, fit_workers: int = 1, fit_cache: str | Path | None = None) -> dict:
     """All measures of the module docstring over crystals ``idx`` (no run metadata).
 
     Deterministic for a given seed: rotations are ``random_rotations(len(idx), seed)`` and
     draws ``random_latents(draws, latent, seed)``; the ``validity`` block (:func:`draws_block`) draws as many from each prior.
     ``refine_lr`` None: the model's own (:attr:`CrystalModel.refine_lr`). ``true_fit_limit`` > 0:
     the budget's fit of the true M on the first that many crystals only; ``fit_workers`` > 1:
-    those fits run in that many worker processes (the results do not change).
+    those fits run in that many worker processes (the results do not change); ``fit_cache``: a
+    :class:`~training.fit_cache.FitCache` file that stores each of those fits as it finishes and
+    supplies the ones stored by an earlier run of the same fitting code (the results do not change).
     """
     net = model.net
     was_training = net.training
@@ -480,11 +516,15 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
     dt, dp, nn_real, nn_rec, zpairs = [], [], [], [], []
     pool = (ProcessPoolExecutor(fit_workers, mp_context=get_context("spawn"))
             if budget and fit_workers > 1 else None)
+    cache = FitCache(fit_cache) if (budget and fit_cache) else None
+    if cache is not None:
+        print(f"fit cache {cache.path}: {len(cache)} stored fits"
+              + (f", {cache.skipped} unreadable lines skipped" if cache.skipped else ""), file=sys.stderr)
     try:
         recs = _reconstructions(net, data, idx, model.grid, seed, batch, model.device, tol, kls, voxel,
                                 model.representation, stages, atoms, model.unet_gate, refine_steps,
                                 model.species_prior, model.refine_lr if refine_lr is None else refine_lr,
-                                true_fit_limit, pool)
+                                true_fit_limit, pool, cache)
         for i, (r, e, tp, tz, found) in zip(idx, recs):
             per.append(r)
             mse.append(e)
@@ -629,6 +669,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "field takes 2-100 s)")
     p.add_argument("--fit-workers", type=int, default=1, metavar="N",
                    help="error budget: fit the true M in N worker processes (same results, faster on N cores)")
+    p.add_argument("--fit-cache", default="", metavar="FILE",
+                   help="error budget: store each fit of the true M in this JSON-lines file as it finishes, and "
+                        "reuse those of an earlier run with the same fitting code (a killed run resumes)")
     p.add_argument("--refine-steps", type=int, default=None, metavar="N",
                    help="Adam steps refining the encoder's latent before decoding, as the app does "
                         "(default: the checkpoint's, as CrystalModel.refine_steps; 0 = the encoder alone)")
@@ -696,7 +739,7 @@ def run(a: argparse.Namespace) -> dict:
         "split_ids_sha1": ids_sha1,
         "split_matches_checkpoint_test_ids": (ids_sha1 == ck_sha1) if (a.split == "test" and ck_sha1) else None,
         **harness(model, data, idx, a.seed, a.draws, a.tol, a.batch, a.atoms, not a.no_budget,
-                   refine_steps, refine_lr, true_fit_limit, fit_workers),
+                   refine_steps, refine_lr, true_fit_limit, fit_workers, getattr(a, "fit_cache", "") or None),
     }
     res = _clean(res)
     print(format_table(res), flush=True)

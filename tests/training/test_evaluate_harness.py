@@ -522,3 +522,54 @@ def test_repeat_condition_tiles_start_major():
     assert repeat_condition(None, 6) is None
     with pytest.raises(ValueError, match="tile"):
         repeat_condition(c, 7)
+
+
+def test_fit_cache_resumes_without_refitting(files, result, tmp_path, monkeypatch):
+    """--fit-cache: the first run stores one JSON line per true-M fit and measures what a plain
+    run measures; a second run reads every fit back (the fit itself is made to fail, so it
+    cannot have run) and writes the same JSON; a line cut short by a kill is skipped and the
+    next fit starts on a fresh line; a change of the fitting code misses the cache."""
+    import training.fit_cache as fc
+
+    cache = tmp_path / "fits.jsonl"
+    out1, out2 = tmp_path / "c1.json", tmp_path / "c2.json"
+    assert ev.main(_args(files, out1, None, "--fit-cache", str(cache))) == 0
+    plain = json.loads(result[0].read_text())
+    r1 = json.loads(out1.read_text())
+    assert r1["error_budget"] == plain["error_budget"] and r1["per_crystal"] == plain["per_crystal"]
+    lines = cache.read_text().splitlines()
+    assert len(lines) == len(TEST_IDS)
+    assert all(set(json.loads(line)) == {"key", "positions", "Z", "amplitude", "seconds"} for line in lines)
+
+    def no_fit(*a, **k):
+        raise AssertionError("fitted although the cache holds the fit")
+
+    monkeypatch.setattr(fc, "fit_atoms", no_fit)
+    assert ev.main(_args(files, out2, None, "--fit-cache", str(cache))) == 0
+    assert json.loads(out2.read_text())["error_budget"] == plain["error_budget"]
+
+    # a kill in the middle of the last line: that fit is lost, the others are kept
+    cache.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    store = fc.FitCache(cache)
+    assert len(store) == len(TEST_IDS) - 1 and store.skipped == 1
+    monkeypatch.undo()
+    assert ev.main(_args(files, out2, None, "--fit-cache", str(cache))) == 0
+    again = fc.FitCache(cache)
+    assert len(again) == len(TEST_IDS) and again.skipped == 1
+    assert json.loads(out2.read_text())["error_budget"] == plain["error_budget"]
+
+    # other fitting code: no stored key matches, so the fit runs (and here fails)
+    monkeypatch.setattr(fc, "code_version", lambda: "another version")
+    monkeypatch.setattr(fc, "fit_atoms", no_fit)
+    with pytest.raises(AssertionError, match="fitted although"):
+        ev.main(_args(files, out2, None, "--fit-cache", str(cache)))
+
+
+def test_fit_cache_with_workers(files, result, tmp_path):
+    """--fit-cache with --fit-workers 2: the workers' fits are stored as they finish and the
+    measures are the plain run's."""
+    cache = tmp_path / "fits.jsonl"
+    out = tmp_path / "w.json"
+    assert ev.main(_args(files, out, None, "--fit-workers", "2", "--fit-cache", str(cache))) == 0
+    assert json.loads(out.read_text())["error_budget"] == json.loads(result[0].read_text())["error_budget"]
+    assert len(cache.read_text().splitlines()) == len(TEST_IDS)
