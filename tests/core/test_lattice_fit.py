@@ -187,3 +187,38 @@ def test_tied_fit_finds_the_sites_a_junk_free_fit_missed():
     got = np.all((tf.positions >= -TIED_EDGE_A) & (tf.positions <= grid.length + TIED_EDGE_A), axis=1)
     m = match_atoms(P[inside], Zi[inside], tf.positions[got], np.rint(tf.image_amplitudes[got]).astype(int), tol=1e-3)
     assert got.sum() == inside.sum() and m["true_matched"] == inside.sum() and m["species_correct"] == inside.sum()
+
+
+def test_a_tie_that_is_not_exact_loses_its_junk_site(monkeypatch):
+    """_without_one: the cell's four sites plus a junk site of amplitude 1.55 (the least
+    integral), the O at 7.8: removing the junk site and regrowing gives the four true sites,
+    exact to the float floor, in one try; a state whose amplitudes are all integers to within
+    NON_INTEGRAL is returned as it is, with no try."""
+    from crystalstudio.core import lattice_fit as lf
+
+    P, Zi, L = cube(2)
+    F = direct_field(P, Zi, GRID) * GRID.peak_scale
+    energy = float(np.vdot(F, F))
+    sites = np.array([P[Zi == z][0] for z in Z])
+    junk = 0.5 * (sites[1] + sites[2]) + np.array([0.3, -0.2, 0.4])
+    state = {"sites": np.vstack([sites, junk]), "amps": np.array([38.0, 22.0, 7.8, 1.0, 1.55]), "L": L,
+             "rss": 1e-9 * energy}
+    calls = []
+    grown = lf._grown
+
+    def spy(F_, grid, s, a, *rest):
+        calls.append(sorted(np.round(a, 2).tolist()))
+        return grown(F_, grid, s, a, *rest)
+
+    monkeypatch.setattr(lf, "_grown", spy)
+    out = lf._without_one(F, GRID, state, 0.5, 100, 4, lf.FIELD_EXACT * energy)
+    assert calls == [[1.0, 7.8, 22.0, 38.0]]  # the junk site (0.45 from an integer) went first, and sufficed
+    assert len(out["amps"]) == 4 and out["rss"] <= lf.FIELD_EXACT * energy
+    np.testing.assert_allclose(np.sort(out["amps"]), np.sort(Z), atol=1e-3)
+    d = np.linalg.norm(out["Pk"][:, None] - P[None], axis=2).min(axis=1)
+    assert d.max() < 1e-3
+
+    calls.clear()
+    integral = {**state, "amps": np.array([38.0, 22.05, 8.0, 0.95, 2.0])}
+    assert lf._without_one(F, GRID, integral, 0.5, 100, 4, lf.FIELD_EXACT * energy) is integral
+    assert calls == []
