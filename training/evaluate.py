@@ -45,6 +45,9 @@ JSON (all fractions in [0, 1], distances in Å, deterministic for a seed):
   (the U-Net alone, on the true field) and ``full`` (the model); each with
   ``atoms_within_tol``, ``pred_within_tol``, ``exact_count``, ``species_accuracy``,
   ``median_error_A``, ``n_pred_atoms``;
+* ``true_fit_seconds`` (with the budget): the wall time of each ``fit_on_true_M`` fit as
+  measured when it ran (one process; a fit read back from ``--fit-cache`` keeps its time):
+  ``n``, ``total``, ``mean``, ``percentiles``, ``max``;
 * ``per_crystal``: ``id``, ``formula``, ``n_true``, ``n_pred``, ``true_matched``, ``voxel_mse``.
 """
 
@@ -90,36 +93,29 @@ class HarnessError(ValueError):
 
 
 def _submit_true_fit(M: np.ndarray, grid: Grid, representation: str, pool: Executor | None,
-                     cache: FitCache | None):
-    """Start the budget's fit of one true field: a Future of ``(Atoms, seconds)`` (done at once
-    for a stored fit; in ``pool`` otherwise, stored in ``cache`` as soon as it finishes), or
-    None: fit it in this process when its result is read (:func:`_true_fit_result`)."""
+                     cache: FitCache | None) -> Future:
+    """Start the budget's fit of one true field: a Future of ``(Atoms, seconds)``, ``seconds``
+    the fit's wall time when it ran. A fit stored in ``cache`` is returned done (with the time it
+    took then); with ``pool`` the fit runs there and is stored in ``cache`` as soon as it
+    finishes; without one it runs here, now, and is stored. The field is hashed once."""
     key = cache.key(M, grid, representation, DEFAULT_FIT) if cache is not None else None
     hit = cache.get(key) if cache is not None else None
-    if hit is not None:
-        done: Future = Future()
-        done.set_result((hit, None))
-        return done
-    if pool is None:
-        return None
-    fut = pool.submit(timed_fit, M, grid, representation, DEFAULT_FIT)
-    if cache is not None:
-        def store(f: Future, key: str = key) -> None:
-            if not f.cancelled() and f.exception() is None:
-                cache.put(key, *f.result())
+    if hit is None and pool is not None:
+        fut = pool.submit(timed_fit, M, grid, representation, DEFAULT_FIT)
+        if cache is not None:
+            def store(f: Future, key: str = key) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    cache.put(key, *f.result())
 
-        fut.add_done_callback(store)
-    return fut
-
-
-def _true_fit_result(fut, M: np.ndarray, grid: Grid, representation: str, cache: FitCache | None):
-    """The Atoms of :func:`_submit_true_fit`'s fit (fitted here when it returned None)."""
-    if fut is not None:
-        return fut.result()[0]
-    atoms, seconds = timed_fit(M, grid, representation, DEFAULT_FIT)
-    if cache is not None:
-        cache.put(cache.key(M, grid, representation, DEFAULT_FIT), atoms, seconds)
-    return atoms
+            fut.add_done_callback(store)
+        return fut
+    if hit is None:
+        hit = timed_fit(M, grid, representation, DEFAULT_FIT)
+        if cache is not None:
+            cache.put(key, *hit)
+    done: Future = Future()
+    done.set_result(hit)
+    return done
 
 
 def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid: Grid, seed: int, batch: int,
@@ -127,7 +123,8 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
                      representation: str = "unit_cell", stages: dict | None = None, atoms: str = "fit",
                      gate: float = UNET_GATE, refine_steps: int = 0, species_prior: np.ndarray | None = None,
                      refine_lr: float | tuple[float, ...] = REFINE_LR, true_fit_limit: int = 0,
-                     pool: Executor | None = None, fit_cache: FitCache | None = None):
+                     pool: Executor | None = None, fit_cache: FitCache | None = None,
+                     fit_seconds: list | None = None):
     """Yield ``(match, mse, true_pos, true_Z, atoms)`` per crystal of ``idx``, in order.
 
     ``refine_steps`` > 0: the model's M_hat is decoded from the encoder's mu refined by that
@@ -149,8 +146,10 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
     field) runs on the first that many crystals only; with ``pool`` (an executor of worker
     processes) those fits run there, a batch ahead of the rest of the budget; with ``fit_cache``
     each finished fit is stored as it completes and a stored one is not run again
-    (:mod:`training.fit_cache`).
+    (:mod:`training.fit_cache`). The wall time (s) of each true-M fit, as measured when it ran,
+    is appended to ``fit_seconds``.
     """
+    fit_seconds = [] if fit_seconds is None else fit_seconds
     rot = random_rotations(len(idx), seed)
     for s in range(0, len(idx), batch):
         b = idx[s:s + batch]
@@ -216,7 +215,8 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
                     match_atoms(tp, tz, unet_atoms.positions, unet_atoms.Z, tol))
                 stages.setdefault("fit_on_decoded_M", []).append(match_atoms(tp, tz, fit_dec.positions, fit_dec.Z, tol))
                 if k in true_fits:
-                    fit_true = _true_fit_result(true_fits[k], M_np[k], grid, representation, fit_cache)
+                    fit_true, seconds = true_fits[k].result()
+                    fit_seconds.append(seconds)
                     stages.setdefault("fit_on_true_M", []).append(
                         match_atoms(tp, tz, fit_true.positions, fit_true.Z, tol))
                     stages.setdefault("fit_on_true_M_0.1A", []).append(
@@ -510,7 +510,7 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
     net = model.net
     was_training = net.training
     net.eval()
-    per, mse, kls, rows = [], [], [], []
+    per, mse, kls, rows, fit_seconds = [], [], [], [], []
     voxel = np.zeros(4, np.int64)
     stages: dict | None = {} if budget else None
     dt, dp, nn_real, nn_rec, zpairs = [], [], [], [], []
@@ -524,7 +524,7 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
         recs = _reconstructions(net, data, idx, model.grid, seed, batch, model.device, tol, kls, voxel,
                                 model.representation, stages, atoms, model.unet_gate, refine_steps,
                                 model.species_prior, model.refine_lr if refine_lr is None else refine_lr,
-                                true_fit_limit, pool, cache)
+                                true_fit_limit, pool, cache, fit_seconds)
         for i, (r, e, tp, tz, found) in zip(idx, recs):
             per.append(r)
             mse.append(e)
@@ -543,6 +543,13 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
         res.pop("latent_rank")
         if stages is not None:
             res["error_budget"] = error_budget(stages, per)
+            t = np.asarray(fit_seconds, np.float64)
+            t = t[np.isfinite(t)]
+            if len(t):
+                res["true_fit_seconds"] = {"n": int(len(t)), "total": float(t.sum()), "mean": float(t.mean()),
+                                           "percentiles": _pct(t), "max": float(t.max()),
+                                           "what": "wall time of each fit_on_true_M fit, one process, as "
+                                                   "measured when it ran (a stored fit keeps its time)"}
 
         nt = np.array([r["n_true"] for r in rows], np.int64)
         npred = np.array([r["n_pred"] for r in rows], np.int64)
@@ -799,6 +806,11 @@ def format_table(res: dict) -> str:
             n = row.get("n_crystals")
             label = name if n in (None, res.get("n_crystals")) else f"{name} (first {n} crystals)"
             out.append(f"| {label} | " + " | ".join(cells) + " |")
+    ts = res.get("true_fit_seconds")
+    if ts:
+        p = ts["percentiles"]
+        out.append(f"\nfit_on_true_M wall time per crystal (one process): median {p['50']:.1f} s, "
+                   f"95th percentile {p['95']:.1f} s, max {ts['max']:.1f} s, {ts['total'] / 3600:.2f} h in all")
     return "\n".join(out)
 
 

@@ -94,13 +94,10 @@ class FitCache:
         h.update(json.dumps([grid.to_dict(), representation, repr(settings), self._code]).encode())
         return h.hexdigest()
 
-    def get(self, key: str) -> Atoms | None:
-        """The stored fit (positions, Z, amplitude), or None."""
-        return self._atoms.get(key)
-
-    def seconds(self) -> list[float]:
-        """Wall times (s) of the stored fits, as measured when they ran."""
-        return list(self._seconds.values())
+    def get(self, key: str) -> tuple[Atoms, float] | None:
+        """The stored fit (positions, Z, amplitude) and its wall time (s) when it ran, or None."""
+        atoms = self._atoms.get(key)
+        return None if atoms is None else (atoms, self._seconds[key])
 
     def put(self, key: str, atoms: Atoms, seconds: float) -> None:
         """Append one fit (thread-safe; flushed and fsynced before returning)."""

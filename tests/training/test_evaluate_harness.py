@@ -546,7 +546,14 @@ def test_fit_cache_resumes_without_refitting(files, result, tmp_path, monkeypatc
 
     monkeypatch.setattr(fc, "fit_atoms", no_fit)
     assert ev.main(_args(files, out2, None, "--fit-cache", str(cache))) == 0
-    assert json.loads(out2.read_text())["error_budget"] == plain["error_budget"]
+    r2 = json.loads(out2.read_text())
+    assert r2["error_budget"] == plain["error_budget"]
+    # the fit times are those measured when the fits ran, read back from the file
+    stored = sorted(json.loads(line)["seconds"] for line in lines)
+    assert r1["true_fit_seconds"]["n"] == r2["true_fit_seconds"]["n"] == len(TEST_IDS)
+    assert r2["true_fit_seconds"] == r1["true_fit_seconds"]
+    assert r2["true_fit_seconds"]["max"] == pytest.approx(stored[-1], rel=1e-6)
+    assert r2["true_fit_seconds"]["total"] == pytest.approx(sum(stored), rel=1e-6)
 
     # a kill in the middle of the last line: that fit is lost, the others are kept
     cache.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
