@@ -72,8 +72,8 @@ from crystalstudio.core.latent import random_latents
 from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import CrystalNet, kl_divergence, max_density
 from crystalstudio.core.refine import REFINE_LR, frozen, learning_rates, refine_latent
-from crystalstudio.core.fit import DECODED_FIT, DEFAULT_FIT, UNET_GATE, fit_atoms, fit_decoded
-from crystalstudio.core.light import atoms_with_light, refine_problem
+from crystalstudio.core.fit import DECODED_FIT, DEFAULT_FIT, UNET_GATE, fit_atoms
+from crystalstudio.core.light import atoms_with_light, decoded_atoms, refine_problem
 from crystalstudio.core.segment import density_peaks, species_map_to_atoms
 
 from .data import SPLITS, CrystalArrays, voxelise
@@ -124,7 +124,7 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
                      gate: float = UNET_GATE, refine_steps: int = 0, species_prior: np.ndarray | None = None,
                      refine_lr: float | tuple[float, ...] = REFINE_LR, true_fit_limit: int = 0,
                      pool: Executor | None = None, fit_cache: FitCache | None = None,
-                     fit_seconds: list | None = None):
+                     fit_seconds: list | None = None, light_subtract: bool = False):
     """Yield ``(match, mse, true_pos, true_Z, atoms)`` per crystal of ``idx``, in order.
 
     ``refine_steps`` > 0: the model's M_hat is decoded from the encoder's mu refined by that
@@ -147,7 +147,8 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
     processes) those fits run there, a batch ahead of the rest of the budget; with ``fit_cache``
     each finished fit is stored as it completes and a stored one is not run again
     (:mod:`training.fit_cache`). The wall time (s) of each true-M fit, as measured when it ran,
-    is appended to ``fit_seconds``.
+    is appended to ``fit_seconds``. ``light_subtract``: the heavy atoms of a field decoded with a
+    light-atom field are fitted on M_hat - L_hat / gain (:func:`~crystalstudio.core.light.decoded_atoms`).
     """
     fit_seconds = [] if fit_seconds is None else fit_seconds
     rot = random_rotations(len(idx), seed)
@@ -192,9 +193,8 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
             keep = Zp[k] > 0
             tp, tz = P[k][keep], Zp[k][keep]
             unet_atoms = species_map_to_atoms(species[k], grid, Mh_np[k])
-            fit_dec = (atoms_with_light(fit_decoded(Mh_np[k], probs[k], grid, representation, gate,
-                                                    refine_steps > 0, species_prior),
-                                        Lh_np[k], grid, net.cfg, representation, species_prior=species_prior)
+            fit_dec = (decoded_atoms(Mh_np[k], probs[k], Lh_np[k], grid, net.cfg, representation, gate,
+                                     refine_steps > 0, species_prior, light_subtract)
                        if probs is not None else None)
             if atoms == "fit-amplitude":  # the VAE alone: no U-Net vote, Z from the fitted amplitude
                 found = atoms_with_light(fit_atoms(Mh_np[k], grid, representation, DECODED_FIT), Lh_np[k], grid,
@@ -208,9 +208,8 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
                     stages.setdefault("fit_on_refined_M", []).append(
                         match_atoms(tp, tz, fit_dec.positions, fit_dec.Z, tol))
                     unet_atoms = species_map_to_atoms(species_enc[k], grid, Mh_enc_np[k])
-                    fit_dec = atoms_with_light(fit_decoded(Mh_enc_np[k], probs_enc[k], grid, representation, gate),
-                                               Lh_enc_np[k], grid, net.cfg, representation,
-                                               species_prior=species_prior)
+                    fit_dec = decoded_atoms(Mh_enc_np[k], probs_enc[k], Lh_enc_np[k], grid, net.cfg, representation,
+                                            gate, species_prior=species_prior, light_subtract=light_subtract)
                 stages.setdefault("unet_on_decoded_M", []).append(
                     match_atoms(tp, tz, unet_atoms.positions, unet_atoms.Z, tol))
                 stages.setdefault("fit_on_decoded_M", []).append(match_atoms(tp, tz, fit_dec.positions, fit_dec.Z, tol))
@@ -524,7 +523,7 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
         recs = _reconstructions(net, data, idx, model.grid, seed, batch, model.device, tol, kls, voxel,
                                 model.representation, stages, atoms, model.unet_gate, refine_steps,
                                 model.species_prior, model.refine_lr if refine_lr is None else refine_lr,
-                                true_fit_limit, pool, cache, fit_seconds)
+                                true_fit_limit, pool, cache, fit_seconds, model.light_subtract)
         for i, (r, e, tp, tz, found) in zip(idx, recs):
             per.append(r)
             mse.append(e)
@@ -685,6 +684,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--refine-lr", default=None, metavar="LR[,LR...]",
                    help="Adam learning rate(s) of the refinement; several (comma-separated) refine each field "
                         "from mu once per rate and keep the best (default: the checkpoint's, as CrystalModel.refine_lr)")
+    p.add_argument("--light-subtract", choices=("on", "off"), default=None,
+                   help="fit the heavy atoms of a light-channel model on M_hat - L_hat / gain (default: the "
+                        "checkpoint's light_subtract, as CrystalModel.light_subtract)")
     p.add_argument("--val", type=float, default=0.05, help="validation fraction given to prepare (CSV input)")
     p.add_argument("--test", type=float, default=0.10, help="test fraction given to prepare (CSV input)")
     p.add_argument("--json", default="", help="write the measures to this JSON file")
@@ -706,6 +708,8 @@ def run(a: argparse.Namespace) -> dict:
     if fit_workers < 1:
         raise HarnessError("--fit-workers must be >= 1")
     model = load_checkpoint(a.checkpoint, a.device)
+    if getattr(a, "light_subtract", None) is not None:  # for this run only; the file is not changed
+        model.info["light_subtract"] = a.light_subtract == "on"
     refine_steps = model.refine_steps if getattr(a, "refine_steps", None) is None else a.refine_steps
     if refine_steps < 0:
         raise HarnessError("--refine-steps must be >= 0")
@@ -739,6 +743,7 @@ def run(a: argparse.Namespace) -> dict:
         "unet_gate": model.unet_gate,
         "draw_gate": model.draw_gate,
         "draw_light": model.draw_light,
+        "light_subtract": model.light_subtract,
         "refine_steps": refine_steps,
         "refine_lr": list(refine_lr),
         "species_prior": model.species_prior is not None,

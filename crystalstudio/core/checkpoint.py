@@ -388,9 +388,10 @@ class CrystalModel:
             if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0.0 <= float(raw) <= 1.0:
                 where = Path(path).name if path else "checkpoint"
                 raise CheckpointError(f"{where}: metadata {key} must be a number from 0 to 1, got {raw!r}")
-        if not isinstance(info.get("draw_light", True), bool):
-            where = Path(path).name if path else "checkpoint"
-            raise CheckpointError(f"{where}: metadata draw_light must be true or false, got {info['draw_light']!r}")
+        for key in ("draw_light", "light_subtract"):
+            if not isinstance(info.get(key, True), bool):
+                where = Path(path).name if path else "checkpoint"
+                raise CheckpointError(f"{where}: metadata {key} must be true or false, got {info[key]!r}")
 
     @property
     def unet_gate(self) -> float:
@@ -421,6 +422,14 @@ class CrystalModel:
         else True. A reconstruction always takes them: its latent was refined to fit the
         input's L, a draw's was not."""
         return bool(self.info.get("draw_light", True))
+
+    @property
+    def light_subtract(self) -> bool:
+        """Whether the heavy atoms of a field decoded with a light-atom field L_hat are fitted on
+        M_hat - L_hat / ``light_gain`` (:func:`~crystalstudio.core.light.heavy_field`), so that
+        a light atom's density does not inflate a heavy neighbour's amplitude: the checkpoint's
+        ``light_subtract``, else False (the reading its shipped metrics were measured with)."""
+        return bool(self.info.get("light_subtract", False))
 
     @property
     def species_prior(self) -> np.ndarray | None:
@@ -573,8 +582,9 @@ class CrystalModel:
         """Atoms of each decoded field: (B, n, n, n) float32 -> B :class:`Atoms`.
 
         ``light`` (B, n, n, n) or None: the light-atom fields decoded beside them
-        (:meth:`decode_fields`); with ``"fit"`` their atoms are merged in
-        (:func:`~crystalstudio.core.light.atoms_with_light`).
+        (:meth:`decode_fields`); with ``"fit"`` their atoms are merged in, and with
+        :attr:`light_subtract` the heavy atoms are fitted on M_hat - L_hat / gain
+        (:func:`~crystalstudio.core.light.decoded_atoms`).
 
         ``method`` (default :attr:`atoms_method`):
 
@@ -593,8 +603,7 @@ class CrystalModel:
         Raises:
             ValueError: an unknown method.
         """
-        from .fit import fit_decoded
-        from .light import atoms_with_light
+        from .light import decoded_atoms
 
         method = method or self.atoms_method
         if method not in ATOM_METHODS:
@@ -617,8 +626,8 @@ class CrystalModel:
             else:
                 g = self.unet_gate if gate is None else float(gate)
                 Ls = [None] * len(probs) if light is None else light[s:s + batch]
-                out += [atoms_with_light(fit_decoded(M, p, self.grid, self.representation, g, refined, prior),
-                                         Lh, self.grid, self.config, self.representation, species_prior=prior)
+                out += [decoded_atoms(M, p, Lh, self.grid, self.config, self.representation, g, refined, prior,
+                                      self.light_subtract)
                         for p, M, Lh in zip(probs, fields[s:s + batch], Ls)]
             s += batch
         return out

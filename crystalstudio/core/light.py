@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from .density import Grid, light_field
-from .fit import DECODED_FIT, DEFAULT_FIT, fit_atoms, species_from_amplitude
+from .fit import DECODED_FIT, DEFAULT_FIT, UNET_GATE, fit_atoms, fit_decoded, species_from_amplitude
 from .segment import Atoms
 
-__all__ = ["LIGHT_FIT", "LIGHT_MIN_SEPARATION", "fit_light", "merge_light", "atoms_with_light", "light_target",
-           "refine_problem"]
+__all__ = ["LIGHT_FIT", "LIGHT_MIN_SEPARATION", "fit_light", "merge_light", "atoms_with_light", "heavy_field",
+           "decoded_atoms", "light_target", "refine_problem"]
 
 #: fit settings of L / gain (amplitudes in Z units): the decoded-field settings with an
 #: amplitude floor of half an H and a merge distance below the shortest light-light pairs
@@ -110,6 +110,51 @@ def atoms_with_light(atoms: Atoms, L_hat: np.ndarray | None, grid: Grid, config,
     light = fit_light(L_hat, grid, config.light_gain, config.light_z_max, representation,
                       species_prior=species_prior)
     return merge_light(atoms, light, min_separation)
+
+
+def heavy_field(M_hat: np.ndarray, L_hat: np.ndarray, gain: float) -> np.ndarray:
+    """The heavy atoms' share of a decoded field: ``max(M_hat - L_hat / gain, 0)``.
+
+    A true field is M = M_heavy + L / gain (L weights each light atom by ``gain`` x Z, Eq. 1
+    otherwise), so the light atoms' density, which inflates a heavy neighbour's fitted
+    amplitude (LiF's F read as Na), is taken out before the heavy atoms are fitted.
+
+    Args: M_hat, L_hat: (..., n, n, n) float Eq. 1 units and light-field units; gain: the
+    checkpoint's ``light_gain`` (> 0).
+    Returns: float32, the shape of ``M_hat``.
+    Raises: ValueError: the shapes differ or ``gain`` is not positive.
+    """
+    M_hat, L_hat = np.asarray(M_hat, np.float32), np.asarray(L_hat, np.float32)
+    if M_hat.shape != L_hat.shape:
+        raise ValueError(f"light field shape {L_hat.shape} differs from the field's {M_hat.shape}")
+    if not gain > 0:
+        raise ValueError(f"light gain must be positive, got {gain!r}")
+    return np.maximum(M_hat - L_hat / np.float32(gain), 0, dtype=np.float32)
+
+
+def decoded_atoms(M_hat: np.ndarray, probs: np.ndarray, L_hat: np.ndarray | None, grid: Grid, config,
+                  representation: str = "unit_cell", gate: float = UNET_GATE, refined: bool = False,
+                  species_prior: np.ndarray | None = None, light_subtract: bool = False) -> Atoms:
+    """The atoms of a decoded field and its light-atom field, as the app reads them.
+
+    Heavy atoms by :func:`~crystalstudio.core.fit.fit_decoded` (Eq. 1 fit, species and gating by
+    the U-Net's ``probs``) of ``M_hat``, or of :func:`heavy_field` when ``light_subtract`` and
+    ``L_hat`` is given; then the light atoms of ``L_hat`` merged in (:func:`atoms_with_light`).
+    The U-Net's ``probs`` are always those of ``M_hat`` as decoded.
+
+    Args:
+        M_hat: (n, n, n) float32 decoded field (Eq. 1 units). probs: (classes, n, n, n) float32
+            U-Net softmax of ``M_hat``. L_hat: (n, n, n) float32 light-atom field, or None.
+        config: the checkpoint's :class:`~crystalstudio.core.models.ModelConfig`.
+        gate, refined, species_prior: as :func:`~crystalstudio.core.fit.fit_decoded`.
+        light_subtract: fit the heavy atoms on ``M_hat - L_hat / light_gain`` (the checkpoint's
+            ``light_subtract``; val, session 18: species 71.8% -> 74.6%, docs/refine.md).
+    Returns: :class:`~crystalstudio.core.segment.Atoms` with amplitudes.
+    Raises: FieldError: as :func:`~crystalstudio.core.fit.fit_atoms`.
+    """
+    M_fit = heavy_field(M_hat, L_hat, config.light_gain) if (light_subtract and L_hat is not None) else M_hat
+    atoms = fit_decoded(M_fit, probs, grid, representation, gate, refined, species_prior)
+    return atoms_with_light(atoms, L_hat, grid, config, representation, species_prior=species_prior)
 
 
 def light_target(M: np.ndarray, grid: Grid, config) -> np.ndarray:

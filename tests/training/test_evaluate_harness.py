@@ -580,3 +580,19 @@ def test_fit_cache_with_workers(files, result, tmp_path):
     assert ev.main(_args(files, out, None, "--fit-workers", "2", "--fit-cache", str(cache))) == 0
     assert json.loads(out.read_text())["error_budget"] == json.loads(result[0].read_text())["error_budget"]
     assert len(cache.read_text().splitlines()) == len(TEST_IDS)
+
+
+def test_light_subtract_is_recorded_and_overridden_for_the_run_only(files, result, tmp_path):
+    """--light-subtract on|off: the run's JSON records the reading used (default: the
+    checkpoint's, false for this one); the checkpoint file is not changed, and a model without
+    a light channel reads the same atoms either way."""
+    plain = json.loads(result[0].read_text())
+    assert plain["light_subtract"] is False
+    before = files["ckpt"].read_bytes()
+    out = tmp_path / "ls.json"
+    assert ev.main(_args(files, out, None, "--no-budget", "--draws", "0", "--light-subtract", "on")) == 0
+    res = json.loads(out.read_text())
+    assert res["light_subtract"] is True and files["ckpt"].read_bytes() == before
+    assert res["per_crystal"] == plain["per_crystal"]
+    with pytest.raises(SystemExit):
+        ev.main(_args(files, out, None, "--light-subtract", "yes"))
