@@ -147,8 +147,9 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
     processes) those fits run there, a batch ahead of the rest of the budget; with ``fit_cache``
     each finished fit is stored as it completes and a stored one is not run again
     (:mod:`training.fit_cache`). The wall time (s) of each true-M fit, as measured when it ran,
-    is appended to ``fit_seconds``. ``light_subtract``: the heavy atoms of a field decoded with a
-    light-atom field are fitted on M_hat - L_hat / gain (:func:`~crystalstudio.core.light.decoded_atoms`).
+    is appended to ``fit_seconds``. ``light_subtract``: the heavy atoms of a field decoded from a
+    refined latent with a light-atom field are fitted on M_hat - L_hat / gain
+    (:func:`~crystalstudio.core.light.decoded_atoms`).
     """
     fit_seconds = [] if fit_seconds is None else fit_seconds
     rot = random_rotations(len(idx), seed)
@@ -685,8 +686,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Adam learning rate(s) of the refinement; several (comma-separated) refine each field "
                         "from mu once per rate and keep the best (default: the checkpoint's, as CrystalModel.refine_lr)")
     p.add_argument("--light-subtract", choices=("on", "off"), default=None,
-                   help="fit the heavy atoms of a light-channel model on M_hat - L_hat / gain (default: the "
-                        "checkpoint's light_subtract, as CrystalModel.light_subtract)")
+                   help="fit the heavy atoms of a light-channel model's refined fields on M_hat - L_hat / gain "
+                        "(default: the checkpoint's light_subtract, as CrystalModel.light_subtract)")
     p.add_argument("--val", type=float, default=0.05, help="validation fraction given to prepare (CSV input)")
     p.add_argument("--test", type=float, default=0.10, help="test fraction given to prepare (CSV input)")
     p.add_argument("--json", default="", help="write the measures to this JSON file")
@@ -814,8 +815,9 @@ def format_table(res: dict) -> str:
     ts = res.get("true_fit_seconds")
     if ts:
         p = ts["percentiles"]
-        out.append(f"\nfit_on_true_M wall time per crystal (one process): median {p['50']:.1f} s, "
-                   f"95th percentile {p['95']:.1f} s, max {ts['max']:.1f} s, {ts['total'] / 3600:.2f} h in all")
+        sec = (lambda x: f"{x:.3g} s" if x < 100 else f"{x:.0f} s")  # noqa: E731
+        out.append(f"\nfit_on_true_M wall time per crystal (one process): median {sec(p['50'])}, "
+                   f"95th percentile {sec(p['95'])}, max {sec(ts['max'])}, {ts['total'] / 3600:.2f} h in all")
     return "\n".join(out)
 
 

@@ -33,7 +33,7 @@ import torch
 from crystalstudio.core.checkpoint import CrystalModel, load_checkpoint, update_metadata
 from crystalstudio.core.density import random_rotations
 from crystalstudio.core.fit import DECODED_FIT, combine_with_unet, fit_atoms
-from crystalstudio.core.light import fit_light, heavy_field, merge_light
+from crystalstudio.core.light import fit_light, merge_light
 from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import max_density
 
@@ -57,8 +57,7 @@ def atoms_per_gate(model: CrystalModel, M_hat: np.ndarray, probs: np.ndarray, ga
         probs: (B, classes, n, n, n) float32 U-Net softmax of the same fields.
         gates: U-Net probabilities of "an atom" (:func:`~crystalstudio.core.fit.combine_with_unet`).
         L_hat: (B, n, n, n) light-atom fields decoded beside them, or None: their atoms are
-            merged in after the gate (:func:`~crystalstudio.core.light.atoms_with_light`); with
-            the checkpoint's ``light_subtract`` the heavy atoms are fitted on M_hat - L_hat / gain.
+            merged in after the gate (:func:`~crystalstudio.core.light.atoms_with_light`).
 
     Returns:
         ``{gate: [Atoms per field]}``, fields in order.
@@ -66,8 +65,7 @@ def atoms_per_gate(model: CrystalModel, M_hat: np.ndarray, probs: np.ndarray, ga
     out: dict[float, list] = {float(g): [] for g in gates}
     Ls = [None] * len(M_hat) if L_hat is None else L_hat
     for M, p, Lh in zip(M_hat, probs, Ls):
-        M_fit = heavy_field(M, Lh, model.config.light_gain) if (model.light_subtract and Lh is not None) else M
-        fitted = fit_atoms(M_fit, model.grid, model.representation, DECODED_FIT)
+        fitted = fit_atoms(M, model.grid, model.representation, DECODED_FIT)
         light = None if Lh is None else fit_light(Lh, model.grid, model.config.light_gain, model.config.light_z_max,
                                                   model.representation, species_prior=model.species_prior)
         for g in out:

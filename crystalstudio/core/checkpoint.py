@@ -425,10 +425,11 @@ class CrystalModel:
 
     @property
     def light_subtract(self) -> bool:
-        """Whether the heavy atoms of a field decoded with a light-atom field L_hat are fitted on
-        M_hat - L_hat / ``light_gain`` (:func:`~crystalstudio.core.light.heavy_field`), so that
-        a light atom's density does not inflate a heavy neighbour's amplitude: the checkpoint's
-        ``light_subtract``, else False (the reading its shipped metrics were measured with)."""
+        """Whether the heavy atoms of a field decoded from a refined latent with a light-atom field
+        L_hat are fitted on M_hat - L_hat / ``light_gain`` (:func:`~crystalstudio.core.light.heavy_field`),
+        so that a light atom's density does not inflate a heavy neighbour's amplitude
+        (:func:`~crystalstudio.core.light.decoded_atoms`): the checkpoint's ``light_subtract``,
+        else False (the reading its shipped metrics were measured with)."""
         return bool(self.info.get("light_subtract", False))
 
     @property
@@ -583,7 +584,7 @@ class CrystalModel:
 
         ``light`` (B, n, n, n) or None: the light-atom fields decoded beside them
         (:meth:`decode_fields`); with ``"fit"`` their atoms are merged in, and with
-        :attr:`light_subtract` the heavy atoms are fitted on M_hat - L_hat / gain
+        :attr:`light_subtract` a refined field's heavy atoms are fitted on M_hat - L_hat / gain
         (:func:`~crystalstudio.core.light.decoded_atoms`).
 
         ``method`` (default :attr:`atoms_method`):

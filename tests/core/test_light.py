@@ -206,8 +206,9 @@ def test_a_light_model_refines_a_reconstruction_on_m_and_l(monkeypatch):
 def test_light_subtract_keeps_a_light_neighbour_out_of_the_heavy_atom():
     """A Li 1.6 Å from an F (LiF's bond): fitted on M_hat as it is, the Li's density (below the
     decoded-field amplitude floor) is read into the F, which comes back as Na 0.29 Å off; with
-    the checkpoint's ``light_subtract`` the heavy atoms are fitted on M - L / gain, which is the
-    F's own Eq. 1 field, and the F is exact. The light atom is read from L either way."""
+    the checkpoint's ``light_subtract`` the heavy atoms of a refined field are fitted on M - L / gain,
+    which is the F's own Eq. 1 field, and the F is exact; an encoder-only field is read as it is.
+    The light atom is read from L either way."""
     from crystalstudio.core.light import heavy_field
 
     pos = np.array([[4.0, 5.0, 5.0], [5.6, 5.0, 5.0]])
@@ -230,8 +231,12 @@ def test_light_subtract_keeps_a_light_neighbour_out_of_the_heavy_atom():
     assert np.linalg.norm(read[False][11][1] - pos[0]) > 0.2
     assert sorted(read[True]) == [3, 9]
     assert abs(read[True][9][0] - 9.0) < 0.01 and np.linalg.norm(read[True][9][1] - pos[0]) < 0.01
-    # without a light field there is nothing to subtract
     model = CrystalModel(net, GRID, {"representation": "unit_cell", "light_subtract": True}, jit=False)
+    # an encoder-only field (not refined) is read as it is: its L_hat is not trusted
+    enc = model.segment(M, gate=0.0, refined=False, light=L)
+    heavy = np.argmax(enc.amplitude)
+    assert abs(enc.amplitude[heavy] - read[False][11][0]) < 1e-6
+    # without a light field there is nothing to subtract
     assert sorted(model.segment(M, gate=0.0, refined=True).Z.tolist()) == [11]
     with pytest.raises(ValueError, match="shape"):
         heavy_field(M, L[:-1], cfg.light_gain)
