@@ -524,7 +524,7 @@ def test_repeat_condition_tiles_start_major():
         repeat_condition(c, 7)
 
 
-def test_fit_cache_resumes_without_refitting(files, result, tmp_path, monkeypatch):
+def test_fit_cache_resumes_without_refitting(files, result, tmp_path, monkeypatch, capsys):
     """--fit-cache: the first run stores one JSON line per true-M fit and measures what a plain
     run measures; a second run reads every fit back (the fit itself is made to fail, so it
     cannot have run) and writes the same JSON; a line cut short by a kill is skipped and the
@@ -547,13 +547,11 @@ def test_fit_cache_resumes_without_refitting(files, result, tmp_path, monkeypatc
     monkeypatch.setattr(fc, "fit_atoms", no_fit)
     assert ev.main(_args(files, out2, None, "--fit-cache", str(cache))) == 0
     r2 = json.loads(out2.read_text())
-    assert r2["error_budget"] == plain["error_budget"]
-    # the fit times are those measured when the fits ran, read back from the file
-    stored = sorted(json.loads(line)["seconds"] for line in lines)
-    assert r1["true_fit_seconds"]["n"] == r2["true_fit_seconds"]["n"] == len(TEST_IDS)
-    assert r2["true_fit_seconds"] == r1["true_fit_seconds"]
-    assert r2["true_fit_seconds"]["max"] == pytest.approx(stored[-1], rel=1e-6)
-    assert r2["true_fit_seconds"]["total"] == pytest.approx(sum(stored), rel=1e-6)
+    assert r2 == r1  # the JSON holds no wall time: a resumed run writes the same file
+    # the fit times printed are those measured when the fits ran, read back from the file
+    stored = [json.loads(line)["seconds"] for line in lines]
+    assert ev.fit_time_line(stored) in capsys.readouterr().err
+    assert f"{len(TEST_IDS)} fits)" in ev.fit_time_line(stored)
 
     # a kill in the middle of the last line: that fit is lost, the others are kept
     cache.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
