@@ -211,7 +211,7 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
                         match_atoms(tp, tz, fit_dec.positions, fit_dec.Z, tol))
                     unet_atoms = species_map_to_atoms(species_enc[k], grid, Mh_enc_np[k])
                     fit_dec = decoded_atoms(Mh_enc_np[k], probs_enc[k], Lh_enc_np[k], grid, net.cfg, representation,
-                                            gate, species_prior=species_prior, light_subtract=light_subtract)
+                                            gate, species_prior=species_prior)  # encoder-only: never subtracted
                 stages.setdefault("unet_on_decoded_M", []).append(
                     match_atoms(tp, tz, unet_atoms.positions, unet_atoms.Z, tol))
                 stages.setdefault("fit_on_decoded_M", []).append(match_atoms(tp, tz, fit_dec.positions, fit_dec.Z, tol))
