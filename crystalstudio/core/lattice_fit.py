@@ -50,10 +50,13 @@ IMAGE_SIGMAS = 4.0
 #: from the heavy sites alone (an exact tie of a float32 field leaves ~1e-13)
 FIELD_EXPLAINED = 1e-8
 #: a tied fit leaving more than this fraction of the field's energy is not exact (an exact tie
-#: of a float32 field ends at 3e-14 to 1e-12): when it still explains the field
-#: (``FIELD_EXPLAINED``), each of its least integral sites is removed in turn and the rest
-#: regrown (:func:`_without_one`)
+#: of a float32 field ends at 3e-14 to 1e-12): when it leaves at most ``REMOVAL_WINDOW``, each of
+#: its least integral sites is removed in turn and the rest regrown (:func:`_without_one`)
 FIELD_EXACT = 1e-11
+#: upper end of that move's window (fraction of the field's energy). Val H6OF4: a tie of 24 sites
+#: at 5.2e-8 (14 non-integral, 48 of 105 atoms within 0.1 Å) became 22 sites at 9.3e-14, 105 of
+#: 105 (the window was ``FIELD_EXPLAINED`` = 1e-8 before; a missing H leaves ~1e-5)
+REMOVAL_WINDOW = 1e-6
 #: at most this many sites are tried by :func:`_without_one`, those whose amplitude is furthest
 #: from an integer Z first, and only sites at least ``NON_INTEGRAL`` from one (Z units)
 REMOVE_TRIES = 4
@@ -68,6 +71,11 @@ MAX_IMAGES = 1200
 #: against a corner atom lost in most cubes with a margin below the fit's accuracy (the
 #: positions' standard errors, ~3e-8 Å, are 3-50 times too small to set it: val cubes 0-11, 56)
 TIED_EDGE_A = 1e-5
+#: a tied fit's lattice vectors stay within this distance (Å) of the candidate lattice's: the
+#: candidate's vectors are means of translations matched within ``MATCH_A``, so a lattice moved
+#: further is another lattice. Without it, the heavy sites alone (tied_fit's restart) shrank a cell
+#: to put their images on the light atoms' density (test Li2MnFe(BO3)2: a vector 6.1 -> 2.4 Å)
+LATTICE_TRUST_A = 2 * MATCH_A
 #: a tied fit stops once five accepted steps together lowered the residual energy by less
 #: than this fraction
 STALL_REL = 1e-3
@@ -125,7 +133,13 @@ def lattice_candidates(P: np.ndarray, A: np.ndarray, length: float, reach: float
     A = np.asarray(A, np.float64).reshape(-1)
     if not len(A):
         return
-    subsets = (np.ones(len(A), bool), A >= np.median(A), A >= 0.5 * A.max())
+    # the thresholds come from the atoms the free fit places reliably (the cube and a quarter of
+    # ``reach`` around it, where translations are checked): an atom further out is seen through
+    # its tail alone and may take any amplitude (test Li2ZrO3: 210 for a Zr of 40, 2.3 Å outside,
+    # which left the Zr out of the heavy subset and no lattice was found)
+    near = np.all((P >= -0.25 * reach) & (P <= length + 0.25 * reach), axis=1)
+    ref = A[near] if near.any() else A
+    subsets = (np.ones(len(A), bool), A >= np.median(ref), A >= 0.5 * ref.max())
     tiers = [(1.0, 0.1, True, False), (0.95, MATCH_A, False, False), (MIN_SCORE, MATCH_A, False, False),
              (MIN_SCORE, MATCH_A, False, True)]
     seen: list[np.ndarray] = []
@@ -318,8 +332,8 @@ def tied_fit(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, lattice: n
     is still found. When that leaves more than ``FIELD_EXPLAINED`` of the field's energy
     unexplained, the fit is started again from the heavy sites alone (at least 3/4 of the
     strongest amplitude) with three times the rounds, and the lower BIC is kept. A fit that
-    explains the field but not exactly (between ``FIELD_EXACT`` and ``FIELD_EXPLAINED`` of its
-    energy left) tries removing its least integral sites one at a time (:func:`_without_one`).
+    nearly explains the field but not exactly (between ``FIELD_EXACT`` and ``REMOVAL_WINDOW`` of
+    its energy left) tries removing its least integral sites one at a time (:func:`_without_one`).
 
     Args:
         F: (n, n, n) float64 field in F units (``M * grid.peak_scale``).
@@ -337,19 +351,18 @@ def tied_fit(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, lattice: n
         sites, amps = _sites_of(P, A, L0, grid.length, 0.25 * reach)
     except (np.linalg.LinAlgError, ValueError):
         return None
-    state = _grown(F, grid, sites, amps, L0, min_amplitude, max_iter, grow_rounds)
+    state = _grown(F, grid, sites, amps, L0, min_amplitude, max_iter, grow_rounds, L0)
     energy = float(np.vdot(F, F))
     if (state is None or state["rss"] > FIELD_EXPLAINED * energy) and len(amps):
         # the free fit's sites did not explain the field (a dense cube whose free fit is
         # junk, val CrB4: 28 "sites" for 5): start again from the heavy sites alone and let
         # the residual bring in the rest
         heavy = amps >= 0.75 * amps.max()
-        other = _grown(F, grid, sites[heavy], amps[heavy], L0, min_amplitude, max_iter, 3 * grow_rounds)
-        if other is not None and (state is None or _bic(other["rss"], 4 * len(other["amps"]) + 9, F.size)
-                                  < _bic(state["rss"], 4 * len(state["amps"]) + 9, F.size)):
+        other = _grown(F, grid, sites[heavy], amps[heavy], L0, min_amplitude, max_iter, 3 * grow_rounds, L0)
+        if other is not None and (state is None or _state_bic(other, F.size) < _state_bic(state, F.size)):
             state = other
-    if state is not None and FIELD_EXACT * energy < state["rss"] <= FIELD_EXPLAINED * energy:
-        state = _without_one(F, grid, state, min_amplitude, max_iter, grow_rounds, FIELD_EXACT * energy)
+    if state is not None and FIELD_EXACT * energy < state["rss"] <= REMOVAL_WINDOW * energy:
+        state = _without_one(F, grid, state, min_amplitude, max_iter, grow_rounds, FIELD_EXACT * energy, L0)
     if state is None:
         return None
     sites, amps, L, H_t, rss = state["sites"], state["amps"], state["L"], state["H"], state["rss"]
@@ -360,12 +373,13 @@ def tied_fit(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, lattice: n
 
 
 def _grown(F: np.ndarray, grid: Grid, sites: np.ndarray, amps: np.ndarray, L: np.ndarray, min_amplitude: float,
-           max_iter: int, rounds: int) -> dict | None:
+           max_iter: int, rounds: int, L_ref: np.ndarray) -> dict | None:
     """:func:`_converge` from ``sites``, then up to ``rounds`` rounds of new sites from the
     residual, each kept when it lowers the BIC; the state, or None when nothing converged
-    (no site left, or more images than ``MAX_IMAGES``)."""
+    (no site left, or more images than ``MAX_IMAGES``). ``L_ref``: the candidate lattice
+    (``LATTICE_TRUST_A``)."""
     try:
-        state = _converge(F, grid, sites, amps, L, min_amplitude, max_iter)
+        state = _converge(F, grid, sites, amps, L, min_amplitude, max_iter, L_ref)
     except (np.linalg.LinAlgError, ValueError):
         return None
     if state is None:
@@ -376,18 +390,17 @@ def _grown(F: np.ndarray, grid: Grid, sites: np.ndarray, amps: np.ndarray, L: np
             break
         try:
             grown = _converge(F, grid, np.vstack([state["sites"], new]), np.concatenate([state["amps"], new_amps]),
-                              state["L"], min_amplitude, max_iter)
+                              state["L"], min_amplitude, max_iter, L_ref)
         except (np.linalg.LinAlgError, ValueError):
             break
-        if grown is None or _bic(grown["rss"], 4 * len(grown["amps"]) + 9, F.size) >= _bic(
-                state["rss"], 4 * len(state["amps"]) + 9, F.size):
+        if grown is None or _state_bic(grown, F.size) >= _state_bic(state, F.size):
             break
         state = grown
     return state
 
 
 def _without_one(F: np.ndarray, grid: Grid, state: dict, min_amplitude: float, max_iter: int, rounds: int,
-                 exact: float) -> dict:
+                 exact: float, L_ref: np.ndarray) -> dict:
     """Escape a tie that explains the field but not exactly: remove one site, converge the
     rest and regrow from the residual (:func:`_grown`); the lowest-BIC state of the tries.
 
@@ -404,11 +417,10 @@ def _without_one(F: np.ndarray, grid: Grid, state: dict, min_amplitude: float, m
     off = np.abs(a - np.rint(a))
     order = [b for b in np.argsort(-off, kind="stable") if off[b] >= NON_INTEGRAL][:REMOVE_TRIES]
     best = state
-    n_p = lambda st: 4 * len(st["amps"]) + 9  # noqa: E731
     for b in order:
         keep = np.arange(len(a)) != b
-        tried = _grown(F, grid, state["sites"][keep], a[keep], state["L"], min_amplitude, max_iter, rounds)
-        if tried is not None and _bic(tried["rss"], n_p(tried), F.size) < _bic(best["rss"], n_p(best), F.size):
+        tried = _grown(F, grid, state["sites"][keep], a[keep], state["L"], min_amplitude, max_iter, rounds, L_ref)
+        if tried is not None and _state_bic(tried, F.size) < _state_bic(best, F.size):
             best = tried
             if best["rss"] <= exact:
                 break
@@ -418,6 +430,11 @@ def _without_one(F: np.ndarray, grid: Grid, state: dict, min_amplitude: float, m
 def _bic(rss: float, k: int, n: int) -> float:
     """Bayesian information criterion of a least-squares fit: ``n ln(RSS / n) + k ln n``."""
     return n * np.log(max(rss, 1e-300) / n) + k * np.log(n)
+
+
+def _state_bic(state: dict, n: int) -> float:
+    """:func:`_bic` of a tied state: 4 parameters per site (amplitude, position) and 9 (lattice)."""
+    return _bic(state["rss"], 4 * len(state["amps"]) + 9, n)
 
 
 def _missing_sites(state: dict, grid: Grid, min_amplitude: float):
@@ -452,11 +469,13 @@ def _missing_sites(state: dict, grid: Grid, min_amplitude: float):
 
 
 def _converge(F: np.ndarray, grid: Grid, sites: np.ndarray, amps: np.ndarray, L: np.ndarray,
-              min_amplitude: float, max_iter: int) -> dict | None:
+              min_amplitude: float, max_iter: int, L_ref: np.ndarray | None = None) -> dict | None:
     """Levenberg-Marquardt on sites, amplitudes and lattice; sites that meet are merged, those
-    below ``min_amplitude`` removed, the images rebuilt, up to four passes. Returns the state
-    (sites, amps, L, H the tied J^T J, rss, r the residual, Pk/Ak/bidx the images), or None
-    when no site is left. Raises ValueError for a lattice too small for the cube."""
+    below ``min_amplitude`` removed, the images rebuilt, up to four passes. A step that moves a
+    lattice vector more than ``LATTICE_TRUST_A`` from ``L_ref`` (default ``L``) is refused like
+    one that raises the residual. Returns the state (sites, amps, L, H the tied J^T J, rss, r
+    the residual, Pk/Ak/bidx the images), or None when no site is left. Raises ValueError for
+    a lattice too small for the cube."""
     from .fit import _basis, _model, _normal_equations
 
     c = grid.centres()
@@ -464,6 +483,7 @@ def _converge(F: np.ndarray, grid: Grid, sites: np.ndarray, amps: np.ndarray, L:
     lo, hi = -IMAGE_SIGMAS * sig, grid.length + IMAGE_SIGMAS * sig
     H_t = None
     floor = FLOAT_FLOOR * float(np.vdot(F, F))
+    L_ref = np.array(L if L_ref is None else L_ref, np.float64)
     for _pass in range(4):
         bidx, shifts = _images(sites, L, lo, hi)
         Nb, K = len(sites), len(bidx)
@@ -498,6 +518,9 @@ def _converge(F: np.ndarray, grid: Grid, sites: np.ndarray, amps: np.ndarray, L:
                 amps1 = amps + delta[:Nb]
                 sites1 = sites + delta[Nb:4 * Nb].reshape(3, Nb).T
                 L1 = L + delta[4 * Nb:].reshape(3, 3)
+                if np.linalg.norm(L1 - L_ref, axis=1).max() > LATTICE_TRUST_A:
+                    lam *= 10.0
+                    continue
                 Pk1, Ak1 = images(sites1, amps1, L1)
                 g1, dg1 = _basis(Pk1, c, sig)
                 r1 = F - _model(Ak1, g1)

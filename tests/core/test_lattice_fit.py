@@ -211,7 +211,7 @@ def test_a_tie_that_is_not_exact_loses_its_junk_site(monkeypatch):
         return grown(F_, grid, s, a, *rest)
 
     monkeypatch.setattr(lf, "_grown", spy)
-    out = lf._without_one(F, GRID, state, 0.5, 100, 4, lf.FIELD_EXACT * energy)
+    out = lf._without_one(F, GRID, state, 0.5, 100, 4, lf.FIELD_EXACT * energy, L)
     assert calls == [[1.0, 7.8, 22.0, 38.0]]  # the junk site (0.45 from an integer) went first, and sufficed
     assert len(out["amps"]) == 4 and out["rss"] <= lf.FIELD_EXACT * energy
     np.testing.assert_allclose(np.sort(out["amps"]), np.sort(Z), atol=1e-3)
@@ -220,5 +220,52 @@ def test_a_tie_that_is_not_exact_loses_its_junk_site(monkeypatch):
 
     calls.clear()
     integral = {**state, "amps": np.array([38.0, 22.05, 8.0, 0.95, 2.0])}
-    assert lf._without_one(F, GRID, integral, 0.5, 100, 4, lf.FIELD_EXACT * energy) is integral
+    assert lf._without_one(F, GRID, integral, 0.5, 100, 4, lf.FIELD_EXACT * energy, L) is integral
     assert calls == []
+
+
+def test_lattice_candidates_take_their_amplitude_scale_from_atoms_near_the_cube():
+    """A free fit's atom far outside the cube, seen only through its tail, may take any
+    amplitude: one of 200 there must not push the cell's heaviest site (Ba, 56) out of the
+    heavy-atom tier. Here the lighter atoms are 0.6-1 Å off (a quick free fit), so only the Ba
+    images give the lattice."""
+    from crystalstudio.core.lattice_fit import lattice_candidates
+
+    Zs = np.array([56, 22, 8, 1])
+    P, Zi, L = cube(3, Zs=Zs)
+    rng = np.random.default_rng(3)
+    light = Zi < 56
+    v = rng.normal(size=(light.sum(), 3))
+    Pf = P.copy()
+    Pf[light] += v / np.linalg.norm(v, axis=1, keepdims=True) * rng.uniform(0.6, 1.0, (light.sum(), 1))
+    Af = Zi.astype(float)
+    found = [X for X in lattice_candidates(Pf, Af, GRID.length, 3.5)]
+    assert any(same_lattice(X, L, 0.05) for X in found)
+    junk = np.array([[5.0, GRID.length + 2.5, 5.0]])  # 2.5 Å beyond a face; checked within 0.875
+    found = [X for X in lattice_candidates(np.vstack([Pf, junk]), np.append(Af, 200.0), GRID.length, 3.5)]
+    assert any(same_lattice(X, L, 0.05) for X in found)
+
+
+def test_a_tied_lattice_stays_within_trust_of_its_candidate():
+    """_converge refuses a step that moves a lattice vector more than LATTICE_TRUST_A from the
+    candidate: started on a candidate 1 Å off the true lattice, the lattice stays within trust
+    of it (another candidate would be another lattice); started 0.15 Å off a candidate that is
+    the true lattice, it converges to it and explains the field to the float floor."""
+    from crystalstudio.core import lattice_fit as lf
+
+    P, Zi, L = cube(1)
+    F = direct_field(P, Zi, GRID) * GRID.peak_scale
+    energy = float(np.vdot(F, F))
+    sites = np.array([P[Zi == z][0] for z in Z])
+    near = L.copy()
+    near[2] += np.array([0.1, -0.1, 0.05])
+    st = lf._converge(F, GRID, sites, Z.astype(float), near, 0.5, 100, L_ref=L)
+    assert st is not None and st["rss"] < 1e-12 * energy
+    assert np.abs(st["L"] - L).max() < 1e-4
+    wrong = L.copy()
+    wrong[2] += np.array([0.0, 0.0, 1.0])
+    start = wrong - np.array([0.0, 0.0, 0.5])  # 0.5 Å from the candidate, 0.5 Å from the truth
+    st = lf._converge(F, GRID, sites, Z.astype(float), start, 0.5, 100, L_ref=wrong)
+    assert st is None or np.linalg.norm(st["L"] - wrong, axis=1).max() <= lf.LATTICE_TRUST_A + 1e-9
+    st = lf._converge(F, GRID, sites, Z.astype(float), start, 0.5, 100, L_ref=start)  # trust centred on it
+    assert st is not None and np.abs(st["L"] - L).max() < 1e-4  # the same start reaches the truth
