@@ -247,10 +247,12 @@ def test_lattice_candidates_take_their_amplitude_scale_from_atoms_near_the_cube(
 
 
 def test_a_tied_lattice_stays_within_trust_of_its_candidate():
-    """_converge refuses a step that moves a lattice vector more than LATTICE_TRUST_A from the
-    candidate: started on a candidate 1 Å off the true lattice, the lattice stays within trust
-    of it (another candidate would be another lattice); started 0.15 Å off a candidate that is
-    the true lattice, it converges to it and explains the field to the float floor."""
+    """_converge keeps every lattice vector within LATTICE_TRUST_A of the candidate (a step going
+    further has the vector put back on the edge): started 0.5 Å from a candidate 1 Å off the true
+    lattice, the lattice stays within trust of it (another candidate would be another lattice),
+    while the same start with the trust centred on it reaches the true lattice; started 0.15 Å
+    off a candidate that is the true lattice, it converges to it and explains the field to the
+    float floor."""
     from crystalstudio.core import lattice_fit as lf
 
     P, Zi, L = cube(1)
