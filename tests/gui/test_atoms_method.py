@@ -23,9 +23,9 @@ def test_dropped_cif_shows_fitted_atoms_and_the_method_is_a_remembered_choice(qt
     rec = drop_and_wait(qtbot, window, SRTIO3)
     assert window.session.atoms_method == "fit"
     assert rec.atoms.amplitude is not None and len(rec.atoms) > 0
-    table = window.atoms_table.table
-    assert table.rowCount() == len(rec.atoms)
-    amp_cells = [table.item(r, 5).text() for r in range(table.rowCount())]
+    table = window.atoms_table
+    assert table.row_count() == len(rec.atoms)
+    amp_cells = [table.text(r, 5) for r in range(table.row_count())]
     assert all("±" in t for t in amp_cells), amp_cells
     assert "least-squares fit" in window.atoms_table.caption.text()
     _, right_fit = frames(window)
@@ -36,7 +36,7 @@ def test_dropped_cif_shows_fitted_atoms_and_the_method_is_a_remembered_choice(qt
     rec_u = blocker.args[0]
     assert window.session.atoms_method == "unet" and rec_u.atoms.amplitude is None
     assert "U-Net" in window.atoms_table.caption.text()
-    assert table.item(0, 5).text() == "—" if table.rowCount() else True
+    assert table.text(0, 5) == "—" if table.row_count() else True
     same = (len(rec_u.atoms) == len(rec.atoms)
             and np.allclose(np.sort(rec_u.atoms.positions, 0), np.sort(rec.atoms.positions, 0), atol=1e-3))
     if not same:  # the two methods read different atoms: the view shows it
@@ -75,7 +75,7 @@ def test_switching_the_method_away_from_the_crystal_rereads_the_explorer_frame(q
         frame = blocker.args[0]
         assert frame.atoms.amplitude is None  # the U-Net path carries no amplitudes
         assert "U-Net" in window.atoms_table.caption.text()
-        assert window.atoms_table.table.rowCount() == len(frame.atoms)
+        assert window.atoms_table.row_count() == len(frame.atoms)
         qtbot.wait(200)
         assert not shown and window.session.current is rec and not window.busy
         np.testing.assert_array_equal(window.session.z, z0)  # the explorer stayed where it was
