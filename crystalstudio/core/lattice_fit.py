@@ -77,9 +77,24 @@ TIED_EDGE_A = 1e-5
 #: to put their images on the light atoms' density (test Li2MnFe(BO3)2: a vector 6.1 -> 2.4 Å;
 #: held within trust, its 12 true sites grow back exactly)
 LATTICE_TRUST_A = 2 * MATCH_A
+#: the free fit's atoms are trusted in the cube and a band this fraction of ``reach`` wide around
+#: it (one sigma-ish): further out an atom is seen through its tail alone and may take any
+#: amplitude or position. Lattice translations are checked, amplitude scales taken and sites
+#: built there (:func:`_near_cube`)
+RELIABLE_BAND = 0.25
 #: a tied fit stops once five accepted steps together lowered the residual energy by less
 #: than this fraction
 STALL_REL = 1e-3
+
+
+def _in_box(P: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """(N,) bool: rows of ``P`` (N, 3) inside the box [lo, hi]^3 (Å, faces included)."""
+    return np.all((P >= lo) & (P <= hi), axis=1)
+
+
+def _near_cube(P: np.ndarray, length: float, margin: float = 0.0) -> np.ndarray:
+    """(N,) bool: positions ``P`` (N, 3) Å within ``margin`` Å of the cube [0, length]^3."""
+    return _in_box(P, -margin, length + margin)
 
 
 def _same_kind(a: np.ndarray, b: np.ndarray, strict: bool = False) -> np.ndarray:
@@ -95,7 +110,7 @@ def _score(t: np.ndarray, P: np.ndarray, A: np.ndarray, tree: cKDTree, src: np.n
     """(atoms of ``src`` whose translate by ``t`` lands in [lo, hi]^3, of those with a partner of
     the same amplitude within ``match`` Å, and the mean displacement to the partners (Å))."""
     Q = P[src] + t
-    ok = np.all((Q >= lo) & (Q <= hi), axis=1)
+    ok = _in_box(Q, lo, hi)
     if not ok.any():
         return 0, 0, t
     d, k = tree.query(Q[ok], distance_upper_bound=match)
@@ -138,7 +153,7 @@ def lattice_candidates(P: np.ndarray, A: np.ndarray, length: float, reach: float
     # ``reach`` around it, where translations are checked): an atom further out is seen through
     # its tail alone and may take any amplitude (test Li2ZrO3: 210 for a Zr of 40, 2.3 Å outside,
     # which left the Zr out of the heavy subset and no lattice was found)
-    near = np.all((P >= -0.25 * reach) & (P <= length + 0.25 * reach), axis=1)
+    near = _near_cube(P, length, RELIABLE_BAND * reach)
     ref = A[near] if near.any() else A
     subsets = (np.ones(len(A), bool), A >= np.median(ref), A >= 0.5 * ref.max())
     tiers = [(1.0, 0.1, True, False), (0.95, MATCH_A, False, False), (MIN_SCORE, MATCH_A, False, False),
@@ -172,13 +187,13 @@ def _same_lattice(A: np.ndarray, B: np.ndarray, tol_A: float = MATCH_A) -> bool:
 def _lattice_of(P: np.ndarray, A: np.ndarray, length: float, reach: float, min_score: float = MIN_SCORE,
                 match: float = MATCH_A, strict: bool = False) -> np.ndarray | None:
     """One lattice of one set of atoms (:func:`lattice_candidates`), or None."""
-    inside = np.all((P >= 0) & (P <= length), axis=1)
+    inside = _near_cube(P, length)
     if inside.sum() < 2:
         return None
     tree = cKDTree(P)
     src = np.flatnonzero(inside)
-    # translations are checked where the fit is reliable: the cube and one sigma-ish around it
-    lo, hi = -0.25 * reach, length + 0.25 * reach
+    # translations are checked where the fit is reliable
+    lo, hi = -RELIABLE_BAND * reach, length + RELIABLE_BAND * reach
     # reference atoms: the three nearest the centre, and the one nearest each corner (whose
     # translates across the cube show the long lattice vectors)
     corners = [np.full(3, length / 2)] + [np.array(c, float) * length for c in itertools.product((0, 1), repeat=3)]
@@ -186,7 +201,7 @@ def _lattice_of(P: np.ndarray, A: np.ndarray, length: float, reach: float, min_s
     refs += [int(src[np.argmin(np.linalg.norm(P[src] - c, axis=1))]) for c in corners[1:]]
     refs = list(dict.fromkeys(refs))
     cands = []
-    reliable = np.all((P >= lo) & (P <= hi), axis=1)
+    reliable = _in_box(P, lo, hi)
     for i in refs:
         j = np.flatnonzero(_same_kind(A, A[i], strict) & reliable)
         t = P[j] - P[i]
@@ -275,7 +290,7 @@ def _images(sites: np.ndarray, lattice: np.ndarray, lo: float, hi: float, max_im
             raise ValueError("lattice too small for the cube")
         n = np.stack(np.meshgrid(*[np.arange(a, c + 1) for a, c in zip(nmin, nmax)], indexing="ij"), -1).reshape(-1, 3)
         Q = r + n @ lattice
-        keep = np.all((Q >= lo) & (Q <= hi), axis=1)
+        keep = _in_box(Q, lo, hi)
         bs.append(np.full(int(keep.sum()), b))
         ns.append(n[keep])
     b, n = np.concatenate(bs), np.concatenate(ns)
@@ -291,7 +306,7 @@ def _sites_of(P: np.ndarray, A: np.ndarray, lattice: np.ndarray, length: float, 
     fewer than a quarter of the median set's members are dropped. Only atoms
     within ``margin`` Å of the cube make sites: the images further out are seen through
     their tails alone, and a misfit one would become a second copy of its site."""
-    near = np.all((P >= -margin) & (P <= length + margin), axis=1)
+    near = _near_cube(P, length, margin)
     P, A = P[near], A[near]
     inv = np.linalg.inv(lattice)
     centre = np.full(3, length / 2)
@@ -317,7 +332,7 @@ def _sites_of(P: np.ndarray, A: np.ndarray, lattice: np.ndarray, length: float, 
     amps = []
     for m in members:
         m = np.array(m)
-        inside = np.all((P[m] >= 0) & (P[m] <= length), axis=1)
+        inside = _near_cube(P[m], length)
         amps.append(float(np.median(A[m[inside]] if inside.any() else A[m])))
     return np.array(sites)[recurring], np.array(amps)[recurring]
 
@@ -349,7 +364,7 @@ def tied_fit(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, lattice: n
     """
     L0 = np.array(lattice, np.float64)
     try:
-        sites, amps = _sites_of(P, A, L0, grid.length, 0.25 * reach)
+        sites, amps = _sites_of(P, A, L0, grid.length, RELIABLE_BAND * reach)
     except (np.linalg.LinAlgError, ValueError):
         return None
     state = _grown(F, grid, sites, amps, L0, min_amplitude, max_iter, grow_rounds, L0)
@@ -447,7 +462,7 @@ def _missing_sites(state: dict, grid: Grid, min_amplitude: float):
     cand, strength = _candidates(state["r"], grid, 0.5 * min_amplitude, 5.0, True, 0.0)
     if not len(cand):
         return cand, strength
-    inside = np.all((cand >= 0) & (cand <= grid.length), axis=1)
+    inside = _near_cube(cand, grid.length)
     cand, strength = cand[inside], strength[inside]
     if len(cand) and len(state["Pk"]):
         d, _ = cKDTree(state["Pk"]).query(cand)
