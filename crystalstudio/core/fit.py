@@ -366,18 +366,27 @@ def _normal_equations(r: np.ndarray, A: np.ndarray, g: np.ndarray, dg: np.ndarra
     G = g @ g.transpose(0, 2, 1)    # (3, N, N) <g_p, g_q>
     D = dg @ g.transpose(0, 2, 1)   # <dg_p, g_q>
     E = dg @ dg.transpose(0, 2, 1)  # <dg_p, dg_q>
+    # block (u, v) of J^T J, u <= v over [A, px, py, pz], is the product over the axes of
+    # G, D, D^T or E (E where both differentiate along the axis), taken in the order x, y, z;
+    # the products over x and y are shared between blocks (the same floating-point products
+    # as multiplying each block out in full)
+    Dt = D.transpose(0, 2, 1)
+    xy = {(0, 0): G[0] * G[1], (0, 1): G[0] * Dt[1], (1, 0): Dt[0] * G[1], (0, 2): G[0] * E[1],
+          (2, 0): E[0] * G[1], (0, 3): G[0] * D[1], (3, 0): D[0] * G[1], (1, 1): D[0] * Dt[1]}
+    # (u, v): (key of the x-y product, z factor)
+    parts = {(0, 0): ((0, 0), G[2]), (0, 1): ((1, 0), G[2]), (0, 2): ((0, 1), G[2]), (0, 3): ((0, 0), Dt[2]),
+             (1, 1): ((2, 0), G[2]), (1, 2): ((1, 1), G[2]), (1, 3): ((3, 0), Dt[2]), (2, 2): ((0, 2), G[2]),
+             (2, 3): ((0, 3), Dt[2]), (3, 3): ((0, 0), E[2])}
     H = np.empty((4 * N, 4 * N))
-    s = [np.ones(N), A, A, A]
-    for u in range(4):
-        for v in range(u, 4):
-            blk = np.ones((N, N))
-            for a in range(3):
-                du, dv = u == a + 1, v == a + 1
-                blk = blk * (E[a] if du and dv else D[a] if du else D[a].T if dv else G[a])
-            blk = blk * s[u][:, None] * s[v][None, :]
-            H[u * N:(u + 1) * N, v * N:(v + 1) * N] = blk
-            if v != u:
-                H[v * N:(v + 1) * N, u * N:(u + 1) * N] = blk.T
+    for (u, v), (k, z) in parts.items():
+        blk = xy[k] * z
+        if u:
+            blk = blk * A[:, None]
+        if v:
+            blk = blk * A[None, :]
+        H[u * N:(u + 1) * N, v * N:(v + 1) * N] = blk
+        if v != u:
+            H[v * N:(v + 1) * N, u * N:(u + 1) * N] = blk.T
     return H, b
 
 
