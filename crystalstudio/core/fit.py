@@ -807,13 +807,13 @@ def _tied(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, r: np.ndarray
     as :class:`Atoms`, or None; ``explained``: only a tie that explains the field."""
     if not len(A):
         return None
-    from .lattice_fit import TIED_EDGE_A, tie_if_better
+    from .lattice_fit import tie_if_better
 
     tied = tie_if_better(F, grid, P, A, float(np.vdot(r, r)), reach, settings.min_amplitude, explained=explained)
     if tied is None:
         return None
     return _result(tied.positions, tied.image_amplitudes, tied.image_sigma, grid.length, keep_outside,
-                   settings.z_max, edge=TIED_EDGE_A)
+                   settings.z_max, edge=tied.edge_A)
 
 
 def _rounds(F: np.ndarray, grid: Grid, settings: FitSettings, state: tuple, c: np.ndarray, lo: float, hi: float,

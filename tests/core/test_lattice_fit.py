@@ -12,7 +12,8 @@ from scipy.spatial.transform import Rotation
 
 from crystalstudio.core.density import Crystal, Grid, lattice_positions
 from crystalstudio.core.fit import DEFAULT_FIT, fit_atoms
-from crystalstudio.core.lattice_fit import TIED_EDGE_A, find_lattice, tie_if_better, tied_fit
+from crystalstudio.core.lattice_fit import (FIELD_EXPLAINED, POLISH_WINDOW, TIED_EDGE_A, _polished, find_lattice,
+                                            tie_if_better, tied_fit)
 from crystalstudio.core.metrics import match_atoms
 
 from .test_fit import direct_field
@@ -271,3 +272,25 @@ def test_a_tied_lattice_stays_within_trust_of_its_candidate():
     assert st is None or np.linalg.norm(st["L"] - wrong, axis=1).max() <= lf.LATTICE_TRUST_A + 1e-9
     st = lf._converge(F, GRID, sites, Z.astype(float), start, 0.5, 100, L_ref=start)  # trust centred on it
     assert st is not None and np.abs(st["L"] - L).max() < 1e-4  # the same start reaches the truth
+
+
+def test_a_pseudo_cells_tie_polished_untied_gives_every_atom():
+    # the true cell doubles a along x, and its second Ba sits 0.005 Å off the half translation:
+    # the atoms repeat on the half cell to 0.005 Å (test Fe(OH)2's pseudo-cell, built here)
+    half = np.array([[4.0, 0.0, 0.0], [0.3, 4.5, 0.0], [0.4, 0.5, 5.0]])
+    cell = half * np.array([[2.0], [1.0], [1.0]])
+    frac = np.array([[0, 0, 0], [0.5 + 0.005 / 8.0, 0, 0], [0.25, 0.5, 0.5], [0.75, 0.5, 0.5]])
+    P, Zi, L = cube(2, cell, frac, np.array([56, 56, 8, 8]))
+    F = direct_field(P, Zi, GRID) * GRID.peak_scale
+    energy = float(np.vdot(F, F))
+    pseudo = half @ np.linalg.inv(cell) @ L  # the half cell, rotated as the cube was
+    tf = tied_fit(F, GRID, P, Zi.astype(float), pseudo, 3.5)
+    assert tf is not None and len(tf.sites) == 2  # one Ba and one O site
+    assert FIELD_EXPLAINED * energy < tf.rss <= POLISH_WINDOW * energy  # close, not exact
+    pol = _polished(F, GRID, tf, 3.5)
+    assert pol is not None and pol.rss <= FIELD_EXPLAINED * energy
+    inside = np.all((P >= 0) & (P <= GRID.length), axis=1)
+    kept = np.all((pol.positions >= -pol.edge_A) & (pol.positions <= GRID.length + pol.edge_A), axis=1)
+    m = match_atoms(P[inside], Zi[inside], pol.positions[kept], np.rint(pol.image_amplitudes[kept]), tol=0.01)
+    assert m["n_pred"] == inside.sum() and m["true_matched"] == inside.sum()
+    assert m["species_correct"] == inside.sum()
