@@ -755,6 +755,7 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
     if F.max() <= 0.5 * settings.min_amplitude:
         return _result(np.zeros((0, 3)), np.zeros(0), np.zeros(0), L, keep_outside)
     tie = representation == "repeating_lattice" and settings.tie_lattice
+    close: list = []  # ties that nearly explained the field (a pseudo-cell): the last resort
     for rounds, iters in (zip(settings.tie_seed_rounds, settings.tie_seed_iter) if tie else ()):
         # a quick free fit is enough to find the lattice and seed the tie; kept only when the
         # tied atoms explain the field, else a longer seed, and last the full free fit, decide
@@ -762,14 +763,21 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
 
         quick = replace(settings, max_rounds=rounds, verify_passes=0, max_iter=iters)
         P, A, r, H = _free_fit(F, grid, quick, c, lo, hi, representation)
-        tied = _tied(F, grid, P, A, r, hi - L, settings, True, keep_outside)
+        tied = _tied(F, grid, P, A, r, hi - L, settings, True, keep_outside, close)
         if tied is not None:
             return tied
     P, A, r, H = _free_fit(F, grid, settings, c, lo, hi, representation)
     if tie and len(A):
-        tied = _tied(F, grid, P, A, r, hi - L, settings, False, keep_outside)
+        tied = _tied(F, grid, P, A, r, hi - L, settings, False, keep_outside, close)
         if tied is not None:
             return tied
+    if tie and close:  # every tie failed: refine the closest one untied
+        from .lattice_fit import polish_closest
+
+        polished = polish_closest(F, grid, close, hi - L)
+        if polished is not None:
+            return _result(polished.positions, polished.image_amplitudes, polished.image_sigma, L, keep_outside,
+                           settings.z_max, edge=polished.edge_A)
     if len(A):  # the free fit's normal equations, for its amplitudes' standard errors
         gb, dgb = _basis(P, c, sig)
         H, _ = _normal_equations(r, A, gb, dgb)
@@ -802,14 +810,16 @@ def _free_fit(F: np.ndarray, grid: Grid, settings: FitSettings, c: np.ndarray, l
 
 
 def _tied(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, r: np.ndarray, reach: float,
-          settings: FitSettings, explained: bool, keep_outside: bool) -> Atoms | None:
+          settings: FitSettings, explained: bool, keep_outside: bool, close: list | None = None) -> Atoms | None:
     """The lattice-tied atoms of a free fit (:func:`crystalstudio.core.lattice_fit.tie_if_better`)
-    as :class:`Atoms`, or None; ``explained``: only a tie that explains the field."""
+    as :class:`Atoms`, or None; ``explained``: only a tie that explains the field; ``close``
+    collects the ties that nearly did."""
     if not len(A):
         return None
     from .lattice_fit import tie_if_better
 
-    tied = tie_if_better(F, grid, P, A, float(np.vdot(r, r)), reach, settings.min_amplitude, explained=explained)
+    tied = tie_if_better(F, grid, P, A, float(np.vdot(r, r)), reach, settings.min_amplitude, explained=explained,
+                         close=close)
     if tied is None:
         return None
     return _result(tied.positions, tied.image_amplitudes, tied.image_sigma, grid.length, keep_outside,

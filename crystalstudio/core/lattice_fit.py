@@ -633,7 +633,8 @@ def _site_sigma(H_t: np.ndarray | None, rss: float, n_vox: int, Nb: int) -> np.n
 
 
 def tie_if_better(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, rss_free: float, reach: float,
-                  min_amplitude: float = 0.5, max_lattices: int = 3, explained: bool = False) -> TiedFit | None:
+                  min_amplitude: float = 0.5, max_lattices: int = 3, explained: bool = False,
+                  close: list | None = None) -> TiedFit | None:
     """The tied fit of a free fit's atoms, when it explains the field better.
 
     Args:
@@ -642,6 +643,9 @@ def tie_if_better(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, rss_f
             residual energy. reach: how far outside the cube (Å) the free fit placed atoms.
         explained: also require the tied fit to leave at most ``FIELD_EXPLAINED`` of the
             field's energy (a quick free fit's tie: when it does not, the full free fit is run).
+        close: when given, every tie tried that is not kept but leaves between
+            ``FIELD_EXPLAINED`` and ``POLISH_WINDOW`` of the energy is appended to it (the
+            caller's last resort, :func:`polish_closest`).
 
     Returns:
         :class:`TiedFit` of the first of (at most ``max_lattices``) candidate lattices whose
@@ -651,15 +655,23 @@ def tie_if_better(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, rss_f
     free = _bic(rss_free, 4 * len(A), F.size)
     energy = float(np.vdot(F, F))
     limit = FIELD_EXPLAINED * energy if explained else np.inf
-    close = None  # the closest tie that nearly explains the field
     for L in itertools.islice(lattice_candidates(P, A, grid.length, reach), max_lattices):
         tf = tied_fit(F, grid, P, A, L, reach, min_amplitude)
         if tf is not None and _bic(tf.rss, tf.n_params, F.size) < free and tf.rss <= limit:
             return tf
-        if (tf is not None and FIELD_EXPLAINED * energy < tf.rss <= POLISH_WINDOW * energy
-                and (close is None or tf.rss < close.rss)):
-            close = tf
-    return _polished(F, grid, close, reach) if close is not None else None
+        if close is not None and tf is not None and FIELD_EXPLAINED * energy < tf.rss <= POLISH_WINDOW * energy:
+            close.append(tf)
+    return None
+
+
+def polish_closest(F: np.ndarray, grid: Grid, close: list, reach: float) -> TiedFit | None:
+    """The last resort of a repeating-lattice fit whose ties all failed: the closest of the
+    ``close`` ties (lowest residual) refined untied (:func:`_polished`), or None. Run only once
+    every tie and the full free fit have failed: on val, polishing the quick seeds' close ties
+    at once cost up to 900 s a cube (ScF3, ZrFeSi) that a later tie makes exact in seconds."""
+    if not close:
+        return None
+    return _polished(F, grid, min(close, key=lambda t: t.rss), reach)
 
 
 def _polished(F: np.ndarray, grid: Grid, tf: TiedFit, reach: float) -> TiedFit | None:
