@@ -776,8 +776,7 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
 
         polished = polish_closest(F, grid, close, hi - L)
         if polished is not None:
-            return _result(polished.positions, polished.image_amplitudes, polished.image_sigma, L, keep_outside,
-                           settings.z_max, edge=polished.edge_A)
+            return _tied_atoms(polished, L, keep_outside, settings.z_max)
     if len(A):  # the free fit's normal equations, for its amplitudes' standard errors
         gb, dgb = _basis(P, c, sig)
         H, _ = _normal_equations(r, A, gb, dgb)
@@ -820,10 +819,14 @@ def _tied(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, r: np.ndarray
 
     tied = tie_if_better(F, grid, P, A, float(np.vdot(r, r)), reach, settings.min_amplitude, explained=explained,
                          close=close)
-    if tied is None:
-        return None
-    return _result(tied.positions, tied.image_amplitudes, tied.image_sigma, grid.length, keep_outside,
-                   settings.z_max, edge=tied.edge_A)
+    return None if tied is None else _tied_atoms(tied, grid.length, keep_outside, settings.z_max)
+
+
+def _tied_atoms(tied, length: float, keep_outside: bool, z_max: int) -> Atoms:
+    """The atoms of a :class:`~crystalstudio.core.lattice_fit.TiedFit` (every image, kept inside
+    the cube up to its ``edge_A`` unless ``keep_outside``)."""
+    return _result(tied.positions, tied.image_amplitudes, tied.image_sigma, length, keep_outside, z_max,
+                   edge=tied.edge_A)
 
 
 def _rounds(F: np.ndarray, grid: Grid, settings: FitSettings, state: tuple, c: np.ndarray, lo: float, hi: float,
