@@ -34,7 +34,7 @@ from crystalstudio.core.segment import Atoms
 
 #: modules whose source decides a fit's result; their bytes are part of every key
 FIT_MODULES = ("crystalstudio.core.fit", "crystalstudio.core.lattice_fit", "crystalstudio.core.density",
-               "crystalstudio.core.segment")
+               "crystalstudio.core.segment", "crystalstudio.core.lattice_overlap")
 
 
 def code_version() -> str:

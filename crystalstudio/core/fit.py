@@ -756,6 +756,11 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
         return _result(np.zeros((0, 3)), np.zeros(0), np.zeros(0), L, keep_outside)
     tie = representation == "repeating_lattice" and settings.tie_lattice
     close: list = []  # ties that nearly explained the field (a pseudo-cell): the last resort
+    lattices: list = []  # the field's own lattices (its self-overlap), tried first
+    if tie:
+        from .lattice_overlap import overlap_lattices
+
+        lattices = overlap_lattices(F, grid)
     for rounds, iters in (zip(settings.tie_seed_rounds, settings.tie_seed_iter) if tie else ()):
         # a quick free fit is enough to find the lattice and seed the tie; kept only when the
         # tied atoms explain the field, else a longer seed, and last the full free fit, decide
@@ -763,12 +768,12 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
 
         quick = replace(settings, max_rounds=rounds, verify_passes=0, max_iter=iters)
         P, A, r, H = _free_fit(F, grid, quick, c, lo, hi, representation)
-        tied = _tied(F, grid, P, A, r, hi - L, settings, True, keep_outside, close)
+        tied = _tied(F, grid, P, A, r, hi - L, settings, True, keep_outside, close, lattices)
         if tied is not None:
             return tied
     P, A, r, H = _free_fit(F, grid, settings, c, lo, hi, representation)
     if tie and len(A):
-        tied = _tied(F, grid, P, A, r, hi - L, settings, False, keep_outside, close)
+        tied = _tied(F, grid, P, A, r, hi - L, settings, False, keep_outside, close, lattices)
         if tied is not None:
             return tied
     if tie and close:  # every tie failed: refine the closest one untied
@@ -809,16 +814,17 @@ def _free_fit(F: np.ndarray, grid: Grid, settings: FitSettings, c: np.ndarray, l
 
 
 def _tied(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, r: np.ndarray, reach: float,
-          settings: FitSettings, explained: bool, keep_outside: bool, close: list | None = None) -> Atoms | None:
+          settings: FitSettings, explained: bool, keep_outside: bool, close: list | None = None,
+          lattices: list | None = None) -> Atoms | None:
     """The lattice-tied atoms of a free fit (:func:`crystalstudio.core.lattice_fit.tie_if_better`)
     as :class:`Atoms`, or None; ``explained``: only a tie that explains the field; ``close``
-    collects the ties that nearly did."""
+    collects the ties that nearly did; ``lattices`` are tried first."""
     if not len(A):
         return None
     from .lattice_fit import tie_if_better
 
     tied = tie_if_better(F, grid, P, A, float(np.vdot(r, r)), reach, settings.min_amplitude, explained=explained,
-                         close=close)
+                         close=close, lattices=lattices)
     return None if tied is None else _tied_atoms(tied, grid.length, keep_outside, settings.z_max)
 
 

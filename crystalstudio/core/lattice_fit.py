@@ -634,7 +634,7 @@ def _site_sigma(H_t: np.ndarray | None, rss: float, n_vox: int, Nb: int) -> np.n
 
 def tie_if_better(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, rss_free: float, reach: float,
                   min_amplitude: float = 0.5, max_lattices: int = 3, explained: bool = False,
-                  close: list | None = None) -> TiedFit | None:
+                  close: list | None = None, lattices: list | None = None) -> TiedFit | None:
     """The tied fit of a free fit's atoms, when it explains the field better.
 
     Args:
@@ -646,16 +646,22 @@ def tie_if_better(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, rss_f
         close: when given, every tie tried that is not kept but leaves between
             ``FIELD_EXPLAINED`` and ``POLISH_WINDOW`` of the energy is appended to it (the
             caller's last resort, :func:`polish_closest`).
+        lattices: lattices to try first, before the free fit's (:func:`lattice_candidates`):
+            those of the field's self-overlap
+            (:func:`crystalstudio.core.lattice_overlap.overlap_lattices`).
 
     Returns:
-        :class:`TiedFit` of the first of (at most ``max_lattices``) candidate lattices whose
+        :class:`TiedFit` of the first of ``lattices`` and (at most ``max_lattices``) candidate
+        lattices whose
         tied fit has the lower Bayesian information criterion ``n ln(RSS / n) + k ln n``
         (n voxels, k parameters: 4 per atom free, 4 per site + 9 tied); None otherwise.
     """
     free = _bic(rss_free, 4 * len(A), F.size)
     energy = float(np.vdot(F, F))
     limit = FIELD_EXPLAINED * energy if explained else np.inf
-    for L in itertools.islice(lattice_candidates(P, A, grid.length, reach), max_lattices):
+    first = list(lattices or ())
+    rest = (L for L in lattice_candidates(P, A, grid.length, reach) if not any(_same_lattice(L, S) for S in first))
+    for L in itertools.chain(first, itertools.islice(rest, max_lattices)):
         tf = tied_fit(F, grid, P, A, L, reach, min_amplitude)
         if tf is not None and _bic(tf.rss, tf.n_params, F.size) < free and tf.rss <= limit:
             return tf
