@@ -757,6 +757,7 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
     tie = representation == "repeating_lattice" and settings.tie_lattice
     close: list = []  # ties that nearly explained the field (a pseudo-cell): the last resort
     lattices: list = []  # the field's own lattices (its self-overlap), tried first
+    near: list = []  # quick seeds' ties that explain the field but not exactly: the best is kept
     if tie:
         from .lattice_overlap import overlap_lattices
 
@@ -768,9 +769,11 @@ def _fit(F: np.ndarray, grid: Grid, representation: str, settings: FitSettings, 
 
         quick = replace(settings, max_rounds=rounds, verify_passes=0, max_iter=iters)
         P, A, r, H = _free_fit(F, grid, quick, c, lo, hi, representation)
-        tied = _tied(F, grid, P, A, r, hi - L, settings, True, keep_outside, close, lattices)
+        tied = _tied(F, grid, P, A, r, hi - L, settings, True, keep_outside, close, lattices, near)
         if tied is not None:
             return tied
+    if near:  # no quick seed tied exactly: the closest tie that explains the field
+        return _tied_atoms(min(near, key=lambda t: t.rss), L, keep_outside, settings.z_max)
     P, A, r, H = _free_fit(F, grid, settings, c, lo, hi, representation)
     if tie and len(A):
         tied = _tied(F, grid, P, A, r, hi - L, settings, False, keep_outside, close, lattices)
@@ -815,16 +818,17 @@ def _free_fit(F: np.ndarray, grid: Grid, settings: FitSettings, c: np.ndarray, l
 
 def _tied(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, r: np.ndarray, reach: float,
           settings: FitSettings, explained: bool, keep_outside: bool, close: list | None = None,
-          lattices: list | None = None) -> Atoms | None:
+          lattices: list | None = None, near: list | None = None) -> Atoms | None:
     """The lattice-tied atoms of a free fit (:func:`crystalstudio.core.lattice_fit.tie_if_better`)
     as :class:`Atoms`, or None; ``explained``: only a tie that explains the field; ``close``
-    collects the ties that nearly did; ``lattices`` are tried first."""
+    collects the ties that nearly did, ``near`` those that explain it but not exactly;
+    ``lattices`` are tried first."""
     if not len(A):
         return None
     from .lattice_fit import tie_if_better
 
     tied = tie_if_better(F, grid, P, A, float(np.vdot(r, r)), reach, settings.min_amplitude, explained=explained,
-                         close=close, lattices=lattices)
+                         close=close, lattices=lattices, near=near)
     return None if tied is None else _tied_atoms(tied, grid.length, keep_outside, settings.z_max)
 
 
