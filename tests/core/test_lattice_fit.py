@@ -294,3 +294,47 @@ def test_a_pseudo_cells_tie_polished_untied_gives_every_atom():
     m = match_atoms(P[inside], Zi[inside], pol.positions[kept], np.rint(pol.image_amplitudes[kept]), tol=0.01)
     assert m["n_pred"] == inside.sum() and m["true_matched"] == inside.sum()
     assert m["species_correct"] == inside.sum()
+
+
+def _near_ties(monkeypatch, which):
+    """tied_fit, its ties number ``which(i)`` (0-based) made near but not exact: the residual
+    set to (1 + i / 10) 5e-9 of the field's energy and the images moved 0.05 + 0.01 i Å."""
+    from crystalstudio.core import lattice_fit
+
+    real, seen = lattice_fit.tied_fit, []
+
+    def tied(F, grid, *a, **k):
+        tf = real(F, grid, *a, **k)
+        if tf is not None and which(len(seen)):
+            tf.positions = tf.positions + 0.05 + 0.01 * len(seen)
+            tf.rss = 5e-9 * (1 + len(seen) / 10) * float(np.vdot(F, F))
+        seen.append(tf)
+        return tf
+
+    monkeypatch.setattr(lattice_fit, "tied_fit", tied)
+    return seen
+
+
+def test_a_quick_tie_that_is_not_exact_gives_way_to_an_exact_one(monkeypatch):
+    # val SiH12C2(NF)6: the first tie explained the field (6.9e-9 < 1e-8) with nine H off; a
+    # later lattice's tie is exact, and it is the one returned
+    seen = _near_ties(monkeypatch, lambda i: i == 0)
+    P, Zi, _ = cube(2)
+    inside = np.all((P >= 0) & (P <= GRID.length), axis=1)
+    atoms = fit_atoms(direct_field(P, Zi, GRID), GRID, "repeating_lattice")
+    assert len(seen) >= 2
+    m = match_atoms(P[inside], Zi[inside], atoms.positions, atoms.Z, tol=1e-3)
+    assert len(atoms) == inside.sum() and m["true_matched"] == m["species_correct"] == inside.sum()
+
+
+def test_when_no_quick_tie_is_exact_the_closest_one_is_kept(monkeypatch):
+    # every tie near but none exact: the quick seeds' ties are all tried, the full free fit does
+    # not run, and the tie of lowest residual (the first) is returned, its images 0.05 Å moved
+    seen = _near_ties(monkeypatch, lambda i: True)
+    calls = _spy_free_fits(monkeypatch)
+    P, Zi, _ = cube(2)
+    inside = np.all((P >= 0) & (P <= GRID.length), axis=1)
+    atoms = fit_atoms(direct_field(P, Zi, GRID), GRID, "repeating_lattice")
+    assert calls == list(DEFAULT_FIT.tie_seed_rounds) and len(seen) >= 2
+    m = match_atoms(P[inside] + 0.05, Zi[inside], atoms.positions, atoms.Z, tol=1e-3)
+    assert m["true_matched"] >= inside.sum() - 3  # (an image moved out across a face is lost)
