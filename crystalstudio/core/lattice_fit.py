@@ -35,7 +35,8 @@ from scipy.spatial import cKDTree
 from .density import Grid
 from .fit import FLOAT_FLOOR
 
-__all__ = ["find_lattice", "lattice_candidates", "tied_fit", "TiedFit", "tie_if_better", "TIED_EDGE_A"]
+__all__ = ["find_lattice", "lattice_candidates", "tied_fit", "TiedFit", "tie_if_better", "TIED_EDGE_A", "basis_of",
+           "same_lattice"]
 
 #: atoms this close (Å) after a lattice translation are the same site
 MATCH_A = 0.3
@@ -174,7 +175,7 @@ def lattice_candidates(P: np.ndarray, A: np.ndarray, length: float, reach: float
         for keep in subsets:
             amp = np.zeros(int(keep.sum())) if positions_only else A[keep]
             L = _lattice_of(P[keep], amp, length, reach, min_score, match, strict)
-            if L is not None and not any(_same_lattice(L, S) for S in seen):
+            if L is not None and not any(same_lattice(L, S) for S in seen):
                 seen.append(L)
                 yield L
 
@@ -185,9 +186,10 @@ def find_lattice(P: np.ndarray, A: np.ndarray, length: float, reach: float) -> n
     return next(lattice_candidates(P, A, length, reach), None)
 
 
-def _same_lattice(A: np.ndarray, B: np.ndarray, tol_A: float = MATCH_A) -> bool:
-    """Do the rows of A and of B generate one lattice (each a whole-number combination of the
-    other, within ``tol_A`` Å)?"""
+def same_lattice(A: np.ndarray, B: np.ndarray, tol_A: float = MATCH_A) -> bool:
+    """Do the rows of ``A`` and of ``B`` ((3, 3) float, Å) generate one lattice: is each row a
+    whole-number combination of the other's rows, within ``tol_A`` Å? Raises
+    :class:`numpy.linalg.LinAlgError` when either is singular."""
     for X, Y in ((A, B), (B, A)):
         c = X @ np.linalg.inv(Y)
         if np.abs(X - np.rint(c) @ Y).max() > tol_A:
@@ -235,15 +237,25 @@ def _lattice_of(P: np.ndarray, A: np.ndarray, length: float, reach: float, min_s
     checks = np.array(checks)
     strong = checks >= max(3, 0.25 * len(src))
     for use in (strong, np.ones(len(good), bool)):
-        L = _basis_of(np.array(good)[use])
+        L = basis_of(np.array(good)[use])
         if L is not None:
             return L
     return None
 
 
-def _basis_of(V: np.ndarray) -> np.ndarray | None:
-    """The three of the sixteen shortest translations ``V`` (K, 3) that span the smallest
-    non-zero volume, when every translation is a whole-number combination of them; else None."""
+def basis_of(V: np.ndarray) -> np.ndarray | None:
+    """A basis of the lattice that translations generate.
+
+    Args:
+        V: (K, 3) float translations in Å (either sign; near-duplicates within ``MATCH_A`` Å
+            count once).
+
+    Returns:
+        (3, 3) float64, rows the three of the sixteen shortest distinct translations that span
+        the smallest non-zero volume (shortest total length among equal volumes), when every
+        translation is a whole-number combination of them within ``MATCH_A`` Å; else None (fewer
+        than three, coplanar, or not one lattice).
+    """
     if len(V) < 3:
         return None
     V = V[np.argsort(np.linalg.norm(V, axis=1))]
@@ -653,7 +665,8 @@ def tie_if_better(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, rss_f
         near: when given (with ``explained``), a tie that explains the field but leaves more
             than ``FIELD_EXACT`` of its energy is appended to it instead of returned, and the
             next lattice is tried (val SiH12C2(NF)6: the field's lattice from a quick seed tied
-            at 6.9e-9, nine H images 0.1-0.3 Å off; the longer seed's tie is exact). The caller
+            at 6.9e-9, nine H images 0.1-0.3 Å off; the free fit's basis of the same lattice
+            tied exactly, at 8.4e-14). The caller
             takes the best of them when no exact tie comes.
 
     Returns:
