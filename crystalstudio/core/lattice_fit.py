@@ -666,8 +666,8 @@ def tie_if_better(F: np.ndarray, grid: Grid, P: np.ndarray, A: np.ndarray, rss_f
             than ``FIELD_EXACT`` of its energy is appended to it instead of returned, and the
             next lattice is tried (val SiH12C2(NF)6: the field's lattice from a quick seed tied
             at 6.9e-9, nine H images 0.1-0.3 Å off; the free fit's basis of the same lattice
-            tied exactly, at 8.4e-14). The caller
-            takes the best of them when no exact tie comes.
+            tied exactly, at 8.4e-14). The caller takes the best of them when no exact tie
+            comes.
 
     Returns:
         :class:`TiedFit` of the first of ``lattices`` and (at most ``max_lattices``) candidate
