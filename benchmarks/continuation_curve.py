@@ -6,12 +6,15 @@ whole validation split (165 crystals) by
     python -m training evaluate --checkpoint CKPT --data data/mp.npz --split val --draws 0 [--json J]
 
 where "mean" is the mean of atoms within 0.5 Å, exact count and species exact (the three
-floors of issue 13: 0.99, 0.90 and 0.66, mean 0.85). Pass the JSONs as NAME=HOURS=PATH
-(HOURS = cumulative one-thread CPU-hours of the CPU recipe at that checkpoint, from the
-checkpoints' recorded training seconds), or run without arguments to use the values recorded
-in docs/continuation.json. Two fits project the hours to the floor's mean: a straight line in
-hours (optimistic: the rate so far holds) and a straight line in log-hours (each doubling of
-the CPU time gains the same). Prints a table; writes a JSON and a PNG.
+floors of issue 13: 0.99, 0.90 and 0.66, mean 0.85). Pass the JSONs as NAME=HOURS=PATH, where
+HOURS is the cumulative one-thread CPU-hours of the CPU recipe at that checkpoint (from the
+checkpoints' recorded training seconds). NAME=HOURS=PATH=SERIES names the series; by default it
+is "multi-start refinement" when the JSON's refine_lr holds several rates, else "one rate".
+`--include docs/continuation.json` puts the recorded points first; with no points and no
+`--include`, the recorded points alone are used. Two fits per series of three or more points
+project the hours to the floor's mean: a straight line in hours (optimistic: the rate so far
+holds) and a straight line in log-hours (each doubling of the CPU time gains the same). Prints a
+table; writes a JSON and a PNG.
 
     python benchmarks/continuation_curve.py --out docs/continuation
 """
@@ -27,17 +30,21 @@ from pathlib import Path
 import numpy as np
 
 FLOOR_MEAN = (0.99 + 0.90 + 0.66) / 3
+MIN_POINTS = 3  # a series is projected from three points or more; two give a line through both
 
 
 def _point(spec: str) -> dict:
     try:
-        name, hours, path = spec.split("=", 2)
+        name, hours, path, *series = spec.split("=", 3)
         d = json.loads(Path(path).read_text())
-        return {"name": name, "cpu_hours": float(hours), "refine_lr": d.get("refine_lr"),
-                "atoms": d["atoms_within_tol"], "count": d["exact_count"], "species": d["species_accuracy"],
-                "source": path}
+        point = {"name": name, "cpu_hours": float(hours), "refine_lr": d.get("refine_lr"),
+                 "atoms": d["atoms_within_tol"], "count": d["exact_count"], "species": d["species_accuracy"],
+                 "source": path}
     except (ValueError, KeyError, OSError) as e:
-        raise SystemExit(f"{spec}: expected NAME=HOURS=EVALUATION.json ({e})")
+        raise SystemExit(f"{spec}: expected NAME=HOURS=EVALUATION.json[=SERIES] ({e})")
+    if series:
+        point["series"] = series[0]
+    return point
 
 
 def projections(points: list[dict], series: str) -> dict:
@@ -59,21 +66,26 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("points", nargs="*", help="NAME=HOURS=EVALUATION.json (default: docs/continuation.json)")
     ap.add_argument("--out", default="", help="write OUT.json and OUT.png")
+    ap.add_argument("--include", default="", help="an earlier OUT.json whose points come first (their "
+                    "evaluation JSONs need not exist any more)")
     a = ap.parse_args(argv)
+    recorded = Path(__file__).resolve().parents[1] / "docs" / "continuation.json"
+    points = json.loads(Path(a.include).read_text())["points"] if a.include else []
     if a.points:
-        points = [_point(s) for s in a.points]
-    else:
-        points = json.loads((Path(__file__).resolve().parents[1] / "docs" / "continuation.json").read_text())["points"]
+        points += [_point(s) for s in a.points]
+    elif not a.include:
+        points = json.loads(recorded.read_text())["points"]
     for p in points:
         p["mean"] = (p["atoms"] + p["count"] + p["species"]) / 3
-        p["series"] = "multi-start refinement" if p.get("refine_lr") and len(p["refine_lr"]) > 1 else "one rate"
+        if "series" not in p:
+            p["series"] = "multi-start refinement" if p.get("refine_lr") and len(p["refine_lr"]) > 1 else "one rate"
     print("| checkpoint | refinement | CPU-hours | atoms within 0.5 Å | exact count | species | mean |")
     print("|---|---|---|---|---|---|---|")
     for p in points:
         print(f"| {p['name']} | {p['series']} | {p['cpu_hours']:.1f} | {100 * p['atoms']:.1f}% | "
               f"{100 * p['count']:.1f}% | {100 * p['species']:.1f}% | {p['mean']:.3f} |")
-    proj = [projections(points, s) for s in sorted({p["series"] for p in points})
-            if sum(q["series"] == s for q in points) >= 2]
+    series = sorted({p["series"] for p in points})
+    proj = [projections(points, s) for s in series if sum(q["series"] == s for q in points) >= MIN_POINTS]
     print(f"\nfloor mean {FLOOR_MEAN:.3f}; CPU-hours to reach it:")
     for pr in proj:
         lin, log = pr["linear"]["hours_to_floor"], pr["log"]["hours_to_floor"]
@@ -90,10 +102,12 @@ def main(argv=None) -> int:
 
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
         hh = np.linspace(min(p["cpu_hours"] for p in points), 120, 300)
-        for pr, colour in zip(proj, ("tab:blue", "tab:orange")):
-            pts = [p for p in points if p["series"] == pr["series"]]
-            ax.plot([p["cpu_hours"] for p in pts], [p["mean"] for p in pts], "o", color=colour,
-                    label=f"{pr['series']} (val)")
+        for name, colour in zip(series, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+            pts = [p for p in points if p["series"] == name]
+            ax.plot([p["cpu_hours"] for p in pts], [p["mean"] for p in pts], "o-", color=colour,
+                    label=f"{name} (val)")
+            if len(pts) < MIN_POINTS:
+                continue
             for kind, style in (("linear", "--"), ("log", ":")):
                 x = np.array([p["cpu_hours"] for p in pts])
                 xx = x if kind == "linear" else np.log(x)
