@@ -70,11 +70,9 @@ def main(argv=None) -> int:
                     "evaluation JSONs need not exist any more)")
     a = ap.parse_args(argv)
     recorded = Path(__file__).resolve().parents[1] / "docs" / "continuation.json"
-    points = json.loads(Path(a.include).read_text())["points"] if a.include else []
-    if a.points:
-        points += [_point(s) for s in a.points]
-    elif not a.include:
-        points = json.loads(recorded.read_text())["points"]
+    include = a.include or ("" if a.points else recorded)
+    points = json.loads(Path(include).read_text())["points"] if include else []
+    points += [_point(s) for s in a.points]
     for p in points:
         p["mean"] = (p["atoms"] + p["count"] + p["species"]) / 3
         if "series" not in p:
