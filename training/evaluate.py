@@ -125,7 +125,7 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
                      gate: float = UNET_GATE, refine_steps: int = 0, species_prior: np.ndarray | None = None,
                      refine_lr: float | tuple[float, ...] = REFINE_LR, true_fit_limit: int = 0,
                      pool: Executor | None = None, fit_cache: FitCache | None = None,
-                     fit_seconds: list | None = None, light_subtract: bool = False):
+                     fit_seconds: list | None = None, light_subtract: bool = False, lattice_fold: bool = False):
     """Yield ``(match, mse, true_pos, true_Z, atoms)`` per crystal of ``idx``, in order.
 
     ``refine_steps`` > 0: the model's M_hat is decoded from the encoder's mu refined by that
@@ -150,7 +150,11 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
     (:mod:`training.fit_cache`). The wall time (s) of each true-M fit, as measured when it ran,
     is appended to ``fit_seconds``. ``light_subtract``: the heavy atoms of a field decoded from a
     refined latent with a light-atom field are fitted on M_hat - L_hat / gain
-    (:func:`~crystalstudio.core.light.decoded_atoms`).
+    (:func:`~crystalstudio.core.light.decoded_atoms`). ``lattice_fold``: each decoded
+    repeating-lattice field (encoder-only and refined alike) is averaged over its own lattice's
+    images before the U-Net and the fit read it
+    (:func:`~crystalstudio.core.lattice_fold.fold_decoded`); the voxel MSE is of the field as
+    decoded.
     """
     fit_seconds = [] if fit_seconds is None else fit_seconds
     rot = random_rotations(len(idx), seed)
@@ -173,6 +177,10 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
             with frozen(net.vae):
                 z = refine_latent(decode, target, mu, refine_steps, refine_lr, cond=cond)
             Mh, Lh = net.vae.decode_fields(z, cond)
+        mse = ((Mh - M) ** 2).flatten(1).mean(1).cpu().tolist()
+        if lattice_fold:
+            Mh = _folded(Mh, grid)
+            Mh_enc = Mh if refine_steps <= 0 else _folded(Mh_enc, grid)
         Lh_np = [None] * len(b) if Lh is None else Lh.float().cpu().numpy()
         Lh_enc_np = [None] * len(b) if Lh_enc is None else Lh_enc.float().cpu().numpy()
         logits = net.unet(Mh)
@@ -183,7 +191,6 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
             voxel += np.array([int(ok.sum()), ok.numel(), int((ok & atom).sum()), int(atom.sum())], np.int64)
         species = species_t.cpu().numpy()
         Mh_np = Mh.float().cpu().numpy()
-        mse = ((Mh - M) ** 2).flatten(1).mean(1).cpu().tolist()
         if stages is not None:
             species_true_M = net.unet(M.reshape(len(b), *(grid.n,) * 3)).argmax(1).cpu().numpy()
             if refine_steps > 0:  # the encoder-only rows beside the refined ones
@@ -228,6 +235,15 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
                 stages.setdefault("true_field_peaks", []).append(
                     match_atoms(tp, tz, peaks, np.zeros(len(peaks), np.int64), tol))
             yield match_atoms(tp, tz, found.positions, found.Z, tol), mse[k], tp, tz, found
+
+
+def _folded(Mh: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """:func:`~crystalstudio.core.lattice_fold.fold_decoded` of a batch of decoded fields, as a
+    tensor of their dtype on their device."""
+    from crystalstudio.core.lattice_fold import fold_decoded
+
+    F = fold_decoded(Mh.detach().float().cpu().numpy(), grid)
+    return torch.as_tensor(F, device=Mh.device).to(Mh.dtype)
 
 
 #: the error budget's stages, from the representation to the full model (see error_budget)
@@ -525,7 +541,8 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
         recs = _reconstructions(net, data, idx, model.grid, seed, batch, model.device, tol, kls, voxel,
                                 model.representation, stages, atoms, model.unet_gate, refine_steps,
                                 model.species_prior, model.refine_lr if refine_lr is None else refine_lr,
-                                true_fit_limit, pool, cache, fit_seconds, model.light_subtract)
+                                true_fit_limit, pool, cache, fit_seconds, model.light_subtract,
+                                model.lattice_fold)
         for i, (r, e, tp, tz, found) in zip(idx, recs):
             per.append(r)
             mse.append(e)
@@ -683,6 +700,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--light-subtract", choices=("on", "off"), default=None,
                    help="fit the heavy atoms of a light-channel model's refined fields on M_hat - L_hat / gain "
                         "(default: the checkpoint's light_subtract, as CrystalModel.light_subtract)")
+    p.add_argument("--lattice-fold", choices=("on", "off"), default=None,
+                   help="for this run, read a repeating-lattice field's atoms after averaging it over its own "
+                        "lattice's images (default: the checkpoint's lattice_fold, as CrystalModel.lattice_fold)")
     p.add_argument("--val", type=float, default=0.05, help="validation fraction given to prepare (CSV input)")
     p.add_argument("--test", type=float, default=0.10, help="test fraction given to prepare (CSV input)")
     p.add_argument("--json", default="", help="write the measures to this JSON file")
@@ -706,6 +726,8 @@ def run(a: argparse.Namespace) -> dict:
     model = load_checkpoint(a.checkpoint, a.device)
     if getattr(a, "light_subtract", None) is not None:  # for this run only; the file is not changed
         model.info["light_subtract"] = a.light_subtract == "on"
+    if getattr(a, "lattice_fold", None) is not None:
+        model.info["lattice_fold"] = a.lattice_fold == "on"
     refine_steps = model.refine_steps if getattr(a, "refine_steps", None) is None else a.refine_steps
     if refine_steps < 0:
         raise HarnessError("--refine-steps must be >= 0")
@@ -740,6 +762,7 @@ def run(a: argparse.Namespace) -> dict:
         "draw_gate": model.draw_gate,
         "draw_light": model.draw_light,
         "light_subtract": model.light_subtract,
+        "lattice_fold": model.lattice_fold,
         "refine_steps": refine_steps,
         "refine_lr": list(refine_lr),
         "species_prior": model.species_prior is not None,

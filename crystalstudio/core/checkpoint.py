@@ -388,7 +388,7 @@ class CrystalModel:
             if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0.0 <= float(raw) <= 1.0:
                 where = Path(path).name if path else "checkpoint"
                 raise CheckpointError(f"{where}: metadata {key} must be a number from 0 to 1, got {raw!r}")
-        for key in ("draw_light", "light_subtract"):
+        for key in ("draw_light", "light_subtract", "lattice_fold"):
             if not isinstance(info.get(key, True), bool):
                 where = Path(path).name if path else "checkpoint"
                 raise CheckpointError(f"{where}: metadata {key} must be true or false, got {info[key]!r}")
@@ -431,6 +431,14 @@ class CrystalModel:
         (:func:`~crystalstudio.core.light.decoded_atoms`): the checkpoint's ``light_subtract``,
         else False (the reading its shipped metrics were measured with)."""
         return bool(self.info.get("light_subtract", False))
+
+    @property
+    def lattice_fold(self) -> bool:
+        """Whether the atoms of a decoded repeating-lattice field are read from the field averaged
+        over its own lattice's images (:func:`~crystalstudio.core.lattice_fold.fold_decoded`): the
+        checkpoint's ``lattice_fold`` (chosen on its validation split), else False; always False
+        for representation 1."""
+        return self.representation == "repeating_lattice" and bool(self.info.get("lattice_fold", False))
 
     @property
     def species_prior(self) -> np.ndarray | None:
@@ -599,6 +607,9 @@ class CrystalModel:
         * ``"unet"``: the paper's path (Sec. 4.2.2): U-Net argmax, connected components,
           majority vote, density-weighted centre of mass.
 
+        With :attr:`lattice_fold` (repeating-lattice checkpoints) each field is first averaged
+        over its own lattice's images, and the U-Net and the fit read that.
+
         One U-Net call per field on the traced path, else per 8 fields (each the faster there).
 
         Raises:
@@ -610,6 +621,10 @@ class CrystalModel:
         if method not in ATOM_METHODS:
             raise ValueError(f"unknown atoms method {method!r} (one of {', '.join(ATOM_METHODS)})")
         fields = np.asarray(fields, np.float32)
+        if self.lattice_fold:
+            from .lattice_fold import fold_decoded
+
+            fields = fold_decoded(fields, self.grid)
         prior = self.species_prior
         out: list[Atoms] = []
         s, n = 0, len(fields)

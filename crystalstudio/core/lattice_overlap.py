@@ -78,9 +78,9 @@ def _margins(grid: Grid) -> list[int]:
     return list(range(deep, shallow - 1, -1))
 
 
-def _peaks(X: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarray]:
+def _peaks(X: np.ndarray, spacing: float, min_ncc: float = MIN_NCC) -> tuple[np.ndarray, np.ndarray]:
     """Whole-voxel shifts d (K, 3) int, one of each +-d, with their normalised cross-correlation
-    (K,), strongest first: local maxima above ``MIN_NCC`` whose overlap is thick enough."""
+    (K,), strongest first: local maxima above ``min_ncc`` whose overlap is thick enough."""
     n = np.array(X.shape)
     ones = np.ones_like(X)
     flip = (slice(None, None, -1),) * 3
@@ -94,7 +94,7 @@ def _peaks(X: np.ndarray, spacing: float) -> tuple[np.ndarray, np.ndarray]:
     ncc = np.where(thick, ncc, 0.0)
     short = np.linalg.norm(shift, axis=-1) * spacing < MIN_LENGTH_A  # the peak at no shift
     ncc = np.where(short, 0.0, ncc)
-    top = (ncc == ndimage.maximum_filter(ncc, size=3, mode="constant")) & (ncc >= MIN_NCC)
+    top = (ncc == ndimage.maximum_filter(ncc, size=3, mode="constant")) & (ncc >= min_ncc)
     d, v = shift[top], ncc[top]
     # one of each +-d: the first non-zero component positive
     first = np.array([r[np.flatnonzero(r)[0]] for r in d]) if len(d) else np.zeros(0)
@@ -130,12 +130,15 @@ def _refined(X: np.ndarray, coef: np.ndarray, margins: list[int], d0: np.ndarray
     return res.x, float(2 * res.cost / max(float(a @ a), 1e-300))
 
 
-def overlap_vectors(F: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+def overlap_vectors(F: np.ndarray, grid: Grid, min_ncc: float = MIN_NCC) -> tuple[np.ndarray, np.ndarray]:
     """Translations under which the field nearly repeats, refined, with their misfits.
 
     Args:
         F: (n, n, n) float field (any scale) on ``grid``.
         grid: its :class:`~crystalstudio.core.density.Grid`.
+        min_ncc: whole-voxel shifts of lower normalised cross-correlation are not refined
+            (``MIN_NCC`` for true fields; lower for a decoded field,
+            :func:`crystalstudio.core.lattice_fold.decoded_lattice`).
 
     Returns:
         ``(T, misfit)``: (K, 3) float64 translations in Å (cube frame, one of each +-t) and (K,)
@@ -146,7 +149,7 @@ def overlap_vectors(F: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     X = np.asarray(F, np.float64)
     if X.ndim != 3 or len(set(X.shape)) != 1 or not np.isfinite(X).all() or not X.any():
         return np.zeros((0, 3)), np.zeros(0)
-    d, _ = _peaks(X, grid.spacing)
+    d, _ = _peaks(X, grid.spacing, min_ncc)
     margins = _margins(grid)
     coef = ndimage.spline_filter(X, order=SPLINE_ORDER, mode="mirror")
     T, mis = [], []

@@ -594,3 +594,8 @@ def test_light_subtract_is_recorded_and_overridden_for_the_run_only(files, resul
     assert res["per_crystal"] == plain["per_crystal"]
     with pytest.raises(SystemExit):
         ev.main(_args(files, out, None, "--light-subtract", "yes"))
+    # --lattice-fold: only a repeating-lattice model folds; this unit-cell one records false
+    assert plain["lattice_fold"] is False
+    assert ev.main(_args(files, out, None, "--no-budget", "--draws", "0", "--lattice-fold", "on")) == 0
+    res = json.loads(out.read_text())
+    assert res["lattice_fold"] is False and res["per_crystal"] == plain["per_crystal"]

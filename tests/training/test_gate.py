@@ -157,11 +157,11 @@ def test_draw_gate_cli_writes_the_gate_its_table_is_the_draws_and_sessions_use_i
 
 @pytest.mark.parametrize("key, value", [("draw_gate", "high"), ("draw_gate", 1.5), ("unet_gate", -0.1),
                                         ("draw_gate", True), ("draw_light", "yes"), ("draw_light", 1),
-                                        ("light_subtract", "on")])
+                                        ("light_subtract", "on"), ("lattice_fold", "yes")])
 def test_a_damaged_gate_is_refused_on_load_with_one_line(run_dir, key, value):
     ck = run_dir / "bad_gate.safetensors"
     ck.write_bytes((run_dir / "m.safetensors").read_bytes())
     update_metadata(ck, {key: value})
-    what = "must be true or false" if key in ("draw_light", "light_subtract") else "must be a number from 0 to 1"
+    what = "must be true or false" if key in ("draw_light", "light_subtract", "lattice_fold") else "must be a number from 0 to 1"
     with pytest.raises(CheckpointError, match=f"bad_gate.safetensors: metadata {key} {what}"):
         load_checkpoint(ck)
