@@ -178,9 +178,9 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
                 z = refine_latent(decode, target, mu, refine_steps, refine_lr, cond=cond)
             Mh, Lh = net.vae.decode_fields(z, cond)
         mse = ((Mh - M) ** 2).flatten(1).mean(1).cpu().tolist()
-        if lattice_fold:
-            Mh = _folded(Mh, grid)
-            Mh_enc = Mh if refine_steps <= 0 else _folded(Mh_enc, grid)
+        if lattice_fold:  # the encoder-only field is read again only by the error budget
+            Mh = folded_fields(Mh, grid)
+            Mh_enc = Mh if refine_steps <= 0 else (folded_fields(Mh_enc, grid) if stages is not None else Mh_enc)
         Lh_np = [None] * len(b) if Lh is None else Lh.float().cpu().numpy()
         Lh_enc_np = [None] * len(b) if Lh_enc is None else Lh_enc.float().cpu().numpy()
         logits = net.unet(Mh)
@@ -237,7 +237,7 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
             yield match_atoms(tp, tz, found.positions, found.Z, tol), mse[k], tp, tz, found
 
 
-def _folded(Mh: torch.Tensor, grid: Grid) -> torch.Tensor:
+def folded_fields(Mh: torch.Tensor, grid: Grid) -> torch.Tensor:
     """:func:`~crystalstudio.core.lattice_fold.fold_decoded` of a batch of decoded fields, as a
     tensor of their dtype on their device."""
     from crystalstudio.core.lattice_fold import fold_decoded

@@ -33,7 +33,6 @@ import torch
 from crystalstudio.core.checkpoint import CrystalModel, load_checkpoint, update_metadata
 from crystalstudio.core.density import random_rotations
 from crystalstudio.core.fit import DECODED_FIT, combine_with_unet, fit_atoms
-from crystalstudio.core.lattice_fold import fold_decoded
 from crystalstudio.core.light import fit_light, merge_light
 from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import max_density
@@ -104,7 +103,9 @@ def gate_table(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, gates=
         mu, _ = net.vae.encode(M, cond)
         Mh, Lh = net.vae.decode_fields(mu, cond)
         if model.lattice_fold:  # read as the app reads it: averaged over its own lattice's images
-            Mh = torch.as_tensor(fold_decoded(Mh.float().cpu().numpy(), grid), device=Mh.device).to(Mh.dtype)
+            from .evaluate import folded_fields
+
+            Mh = folded_fields(Mh, grid)
         probs = torch.softmax(net.unet(Mh).float(), 1).cpu().numpy()
         Lh = None if Lh is None else Lh.float().cpu().numpy()
         for g, found in atoms_per_gate(model, Mh.float().cpu().numpy(), probs, per, Lh).items():

@@ -162,6 +162,7 @@ def test_a_damaged_gate_is_refused_on_load_with_one_line(run_dir, key, value):
     ck = run_dir / "bad_gate.safetensors"
     ck.write_bytes((run_dir / "m.safetensors").read_bytes())
     update_metadata(ck, {key: value})
-    what = "must be true or false" if key in ("draw_light", "light_subtract", "lattice_fold") else "must be a number from 0 to 1"
+    flags = ("draw_light", "light_subtract", "lattice_fold")
+    what = "must be true or false" if key in flags else "must be a number from 0 to 1"
     with pytest.raises(CheckpointError, match=f"bad_gate.safetensors: metadata {key} {what}"):
         load_checkpoint(ck)
