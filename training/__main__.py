@@ -1,4 +1,5 @@
-"""``python -m training {prepare,train,evaluate,fit-prior,choose-gate,knobs,curve,separability} ...``: see ``--help`` of each."""
+"""``python -m training {prepare,train,evaluate,fit-prior,choose-gate,ship,results-table,knobs,curve,separability} ...``:
+see ``--help`` of each."""
 
 from __future__ import annotations
 
@@ -70,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     pm = sub.add_parser("merge-unet", help="the VAE (and prior) of one checkpoint with the U-Net of another")
     merge_arguments(pm)
 
+    from .ship import add_arguments as ship_arguments
+    from .ship import add_table_arguments
+
+    ship_arguments(sub.add_parser("ship", help="put an evaluated checkpoint into assets/: its test measures as "
+                                               "metadata and its evaluation JSON beside it (checked to be of it)"))
+    add_table_arguments(sub.add_parser("results-table", help="write README's table of held-out results from the "
+                                                             "shipped checkpoints' .metrics.json"))
+
     ps = sub.add_parser("separability", help="atoms that are separate peaks of the true M, per sigma (no model)")
     ps.add_argument("--data", default="data/mp.npz", help="prepared .npz")
     ps.add_argument("--split", default="val", choices=["train", "val", "test"])
@@ -101,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         from .gate import run as run_gate
 
         run_gate(a)
+    elif a.cmd in ("ship", "results-table"):
+        from .ship import run as run_ship
+        from .ship import run_table
+
+        return (run_ship if a.cmd == "ship" else run_table)(a)
     elif a.cmd == "merge-unet":
         from .merge import run as run_merge
 

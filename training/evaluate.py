@@ -20,7 +20,7 @@ be the fractions given to ``prepare``; defaults are prepare's).
 JSON (all fractions in [0, 1], distances in Å, deterministic for a seed):
 
 * run: ``checkpoint``, ``representation``, ``grid``, ``latent``, ``checkpoint_steps``,
-  ``data``, ``split``, ``seed``, ``limit``, ``tol_A``, ``draws``, ``n_split`` (crystals in
+  ``weights_sha256`` (:func:`~crystalstudio.core.checkpoint.weights_fingerprint`), ``data``, ``split``, ``seed``, ``limit``, ``tol_A``, ``draws``, ``n_split`` (crystals in
   the split before ``--limit``), ``split_ids_sha1``, ``split_matches_checkpoint_test_ids``;
 * the :func:`aggregate` table at top level (``n_crystals``, ``atoms_within_tol``, ...,
   ``voxel_mse``) and ``error_percentiles_A``;
@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from crystalstudio.core.checkpoint import CheckpointError, CrystalModel, load_checkpoint
+from crystalstudio.core.checkpoint import CheckpointError, CrystalModel, load_checkpoint, weights_fingerprint
 from crystalstudio.core.density import Grid, random_rotations
 from crystalstudio.core.latent import random_latents
 from crystalstudio.core.metrics import aggregate, match_atoms
@@ -750,6 +750,7 @@ def run(a: argparse.Namespace) -> dict:
         "grid": model.grid.to_dict(),
         "latent": model.latent,
         "checkpoint_steps": model.info.get("training", {}).get("steps"),
+        "weights_sha256": weights_fingerprint(a.checkpoint),
         "data": [str(p) for p in a.data],
         "split": a.split,
         "seed": a.seed,

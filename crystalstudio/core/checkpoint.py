@@ -32,7 +32,8 @@ from .prior import LatentPrior, PriorError
 from .refine import REFINE_LR, REFINE_STEPS, learning_rates
 from .segment import Atoms, species_map_to_atoms
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "attach_prior", "update_metadata", "CrystalModel", "FrozenNet", "FORMAT",
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "attach_prior", "update_metadata",
+           "weights_fingerprint", "CrystalModel", "FrozenNet", "FORMAT",
            "MAX_BYTES", "ATOM_METHODS", "DEFAULT_ATOMS_METHOD"]
 
 FORMAT = "crystalstudio-checkpoint"
@@ -165,6 +166,36 @@ def update_metadata(path: str | os.PathLike, updates: dict, out: str | os.PathLi
     _check_updates(Path(path), updates)
     model = load_checkpoint(path, jit=False)
     return _rewrite(model, Path(path), Path(out or path), updates, model.prior)
+
+
+def weights_fingerprint(path: str | os.PathLike) -> str:
+    """SHA-256 (hex, 64 characters) of every tensor of the checkpoint ``path`` (network weights
+    and the ``prior.*`` arrays): names in sorted order with their dtype, shape and raw bytes.
+
+    The metadata is left out, so :func:`update_metadata` (a gate, the ``metrics``) keeps the
+    fingerprint and an evaluation JSON that records it can be matched to the weights it
+    measured; any change of a weight or of the prior changes it.
+
+    Raises:
+        CheckpointError: missing file or not a readable safetensors file.
+    """
+    import hashlib
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise _fail(path, "no such checkpoint file")
+    h = hashlib.sha256()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in sorted(f.keys()):
+                t = f.get_tensor(name).contiguous().reshape(-1)
+                h.update(f"{name}|{t.dtype}|{tuple(f.get_slice(name).get_shape())}|".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise _fail(path, f"not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
+    return h.hexdigest()
 
 
 def _fail(path: Path, reason: str) -> CheckpointError:

@@ -1,0 +1,164 @@
+"""``python -m training ship`` (an evaluated checkpoint into assets/) and ``results-table``
+(README's results from the shipped evaluation JSONs)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from pymatgen.core import Lattice, Structure
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from crystalstudio.core.checkpoint import CheckpointError, load_checkpoint, update_metadata, weights_fingerprint
+from training.__main__ import main
+from training.data import prepare
+from training.ship import BEGIN, END, ShipError, check_evaluation, metrics_path, results_table, ship, update_readme
+from training.train import TrainConfig, train
+
+from .test_gate import GRID, PROTOTYPES, TINY
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _evaluate(d: Path, ck: Path, out: Path, *extra: str) -> dict:
+    assert main(["evaluate", "--checkpoint", str(ck), "--data", str(d / "tiny.npz"), "--draws", "0", "--no-budget",
+                 "--refine-steps", "2", "--json", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("ship")
+    cifs = d / "cifs"
+    cifs.mkdir()
+    for i, (sg, a, species, coords) in enumerate(PROTOTYPES):
+        Structure.from_spacegroup(sg, Lattice.cubic(a), species, coords).to(filename=str(cifs / f"c{i}.cif"))
+    prepare([str(cifs)], str(d / "tiny.npz"), GRID, val=0.3, test=0.3)
+    train(TrainConfig(data=str(d / "tiny.npz"), out=str(d / "m.safetensors"), steps=3, batch=2, eval_every=10**6,
+                      test_n=0, warmup=1, device="cpu", save_every_min=1e6, threads=1, model=TINY,
+                      final_split="val"))
+    _evaluate(d, d / "m.safetensors", d / "test.json", "--split", "test")
+    return d
+
+
+def test_fingerprint_follows_the_weights_not_the_metadata(run_dir, tmp_path):
+    ck = run_dir / "m.safetensors"
+    fp = weights_fingerprint(ck)
+    assert len(fp) == 64 and fp == weights_fingerprint(ck)
+    gated = update_metadata(ck, {"unet_gate": 0.3}, tmp_path / "gated.safetensors")
+    assert weights_fingerprint(gated) == fp  # metadata only
+    state = load_file(str(ck))
+    name = sorted(k for k, v in state.items() if v.is_floating_point())[0]
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] += 1e-3
+    changed = tmp_path / "changed.safetensors"
+    with safe_open(str(ck), framework="pt") as f:  # the same metadata, one weight moved
+        meta = f.metadata()
+    save_file(state, str(changed), metadata=meta)
+    assert weights_fingerprint(changed) != fp
+    assert load_checkpoint(changed) is not None  # still a valid checkpoint
+    with pytest.raises(CheckpointError, match="nope.safetensors"):
+        weights_fingerprint(tmp_path / "nope.safetensors")
+
+
+def test_ship_writes_the_test_measures_into_the_checkpoint_and_the_json_beside(run_dir, tmp_path):
+    res = json.loads((run_dir / "test.json").read_text())
+    assert res["split"] == "test" and res["n_crystals"] == res["n_split"] >= 1
+    assert res["weights_sha256"] == weights_fingerprint(run_dir / "m.safetensors")
+    (tmp_path / "assets").mkdir()
+    out = ship(run_dir / "m.safetensors", run_dir / "test.json", tmp_path / "assets" / "unit_cell.safetensors")
+    m = load_checkpoint(out)
+    assert m.info["metrics"]["split"] == "test"
+    for k in ("atoms_within_tol", "exact_count", "species_accuracy", "n_crystals", "voxel_mse"):
+        assert m.info["metrics"][k] == res[k]
+    assert weights_fingerprint(out) == res["weights_sha256"]
+    beside = metrics_path(out)
+    assert beside == tmp_path / "assets" / "unit_cell.metrics.json"
+    shipped = json.loads(beside.read_text())
+    assert shipped["checkpoint"] == str(out)
+    assert {k: v for k, v in shipped.items() if k != "checkpoint"} == {k: v for k, v in res.items() if k != "checkpoint"}
+    # the shipped pair passes its own check (the app and the README read this pair)
+    assert check_evaluation(out, beside)["atoms_within_tol"] == res["atoms_within_tol"]
+
+
+def test_ship_refuses_an_evaluation_of_something_else(run_dir, tmp_path):
+    ck = run_dir / "m.safetensors"
+    res = json.loads((run_dir / "test.json").read_text())
+
+    def variant(**changes) -> Path:
+        p = tmp_path / f"v{len(list(tmp_path.iterdir()))}.json"
+        p.write_text(json.dumps({**res, **changes}))
+        return p
+
+    with pytest.raises(ShipError, match="'val' split"):
+        ship(ck, variant(split="val"), tmp_path / "o.safetensors")
+    with pytest.raises(ShipError, match="--limit"):
+        ship(ck, variant(limit=1, n_crystals=1, n_split=res["n_split"] + 1), tmp_path / "o.safetensors")
+    with pytest.raises(ShipError, match="trained without"):
+        ship(ck, variant(split_matches_checkpoint_test_ids=False), tmp_path / "o.safetensors")
+    with pytest.raises(ShipError, match="other weights"):
+        ship(ck, variant(weights_sha256="0" * 64), tmp_path / "o.safetensors")
+    with pytest.raises(ShipError, match="records no weights_sha256"):
+        ship(ck, variant(weights_sha256=None, checkpoint="elsewhere.safetensors"), tmp_path / "o.safetensors")
+    # the same weights with another reading (a gate changed after the evaluation)
+    regated = update_metadata(ck, {"unet_gate": 0.35}, tmp_path / "regated.safetensors")
+    with pytest.raises(ShipError, match="unet_gate"):
+        ship(regated, run_dir / "test.json", tmp_path / "o.safetensors")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ShipError, match="bad.json"):
+        ship(ck, bad, tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "o.metrics.json").exists()
+
+
+def test_ship_cli_exits_2_with_one_line(run_dir, tmp_path, capsys):
+    val = _evaluate(run_dir, run_dir / "m.safetensors", tmp_path / "val.json", "--split", "val")
+    assert val["split"] == "val"
+    capsys.readouterr()
+    rc = main(["ship", "--checkpoint", str(run_dir / "m.safetensors"), "--evaluation", str(tmp_path / "val.json"),
+               "--out", str(tmp_path / "o.safetensors")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: val.json:") and "\n" not in err
+    assert main(["ship", "--checkpoint", str(run_dir / "m.safetensors"), "--evaluation", str(run_dir / "test.json"),
+                 "--out", str(tmp_path / "o.safetensors")]) == 0
+    assert "test atoms within 0.5 Å" in capsys.readouterr().out
+
+
+def test_readme_results_table_is_the_shipped_jsons():
+    """README's numbers are the evaluation command's: the table between the markers equals
+    the one written from assets/*.metrics.json (fails when either is edited alone)."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index(BEGIN) + len(BEGIN): text.index(END)].strip()
+    assert table == results_table(ROOT / "assets")
+    default = json.loads((ROOT / "assets" / "unit_cell.metrics.json").read_text())
+    row = next(r for r in table.splitlines() if r.startswith("| true atoms with a predicted atom"))
+    assert row.split(" | ")[1] == f"{100 * default['atoms_within_tol']:.1f}%"
+
+
+def test_results_table_cli_check_and_rewrite(tmp_path, capsys):
+    shutil.copytree(ROOT / "assets", tmp_path / "assets", ignore=shutil.ignore_patterns("*.safetensors", "samples"))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n\n{BEGIN}\n| stale |\n{END}\n\nafter\n")
+    args = ["results-table", "--readme", str(readme), "--assets", str(tmp_path / "assets")]
+    assert main([*args, "--check"]) == 1 and "| stale |" in readme.read_text()
+    assert main(args) == 0
+    text = readme.read_text()
+    assert "| stale |" not in text and text.startswith("intro\n") and text.endswith("after\n")
+    assert main([*args, "--check"]) == 0
+    j = json.loads((tmp_path / "assets" / "unit_cell.metrics.json").read_text())
+    j["atoms_within_tol"] = 0.991
+    (tmp_path / "assets" / "unit_cell.metrics.json").write_text(json.dumps(j))
+    assert main([*args, "--check"]) == 1
+    assert update_readme(readme, tmp_path / "assets") and "| 99.1% |" in readme.read_text()
+    readme.write_text("no markers\n")
+    capsys.readouterr()
+    assert main(args) == 2 and "no results-table markers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["unit_cell", "unit_cell_conditional", "repeating_lattice"])
+def test_each_shipped_checkpoint_carries_an_evaluation_of_itself(name):
+    res = check_evaluation(ROOT / "assets" / f"{name}.safetensors", ROOT / "assets" / f"{name}.metrics.json")
+    assert res["split"] == "test" and res["n_crystals"] == 358
