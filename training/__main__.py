@@ -1,4 +1,4 @@
-"""``python -m training {prepare,train,evaluate,fit-prior,choose-gate,ship,results-table,knobs,curve,separability} ...``:
+"""``python -m training {prepare,train,evaluate,fit-prior,choose-gate,ship,results-table,widen,knobs,curve,separability} ...``:
 see ``--help`` of each."""
 
 from __future__ import annotations
@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     add_table_arguments(sub.add_parser("results-table", help="write README's table of held-out results from the "
                                                              "shipped checkpoints' .metrics.json"))
 
+    from .widen import add_arguments as widen_arguments
+
+    widen_arguments(sub.add_parser("widen", help="a checkpoint's decoder made wider, decoding the same fields "
+                                                 "(fine-tune it with train --init)"))
+
     ps = sub.add_parser("separability", help="atoms that are separate peaks of the true M, per sigma (no model)")
     ps.add_argument("--data", default="data/mp.npz", help="prepared .npz")
     ps.add_argument("--split", default="val", choices=["train", "val", "test"])
@@ -110,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         from .gate import run as run_gate
 
         run_gate(a)
+    elif a.cmd == "widen":
+        from .widen import run as run_widen
+
+        return run_widen(a)
     elif a.cmd in ("ship", "results-table"):
         from .ship import run as run_ship
         from .ship import run_table
