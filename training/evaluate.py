@@ -20,8 +20,9 @@ be the fractions given to ``prepare``; defaults are prepare's).
 JSON (all fractions in [0, 1], distances in Å, deterministic for a seed):
 
 * run: ``checkpoint``, ``representation``, ``grid``, ``latent``, ``checkpoint_steps``,
-  ``weights_sha256`` (:func:`~crystalstudio.core.checkpoint.weights_fingerprint`), ``data``, ``split``, ``seed``, ``limit``, ``tol_A``, ``draws``, ``n_split`` (crystals in
-  the split before ``--limit``), ``split_ids_sha1``, ``split_matches_checkpoint_test_ids``;
+  ``weights_sha256`` (:func:`~crystalstudio.core.checkpoint.weights_fingerprint`), ``data``,
+  ``split``, ``seed``, ``limit``, ``tol_A``, ``draws``, ``n_split`` (crystals in the split
+  before ``--limit``), ``split_ids_sha1``, ``split_matches_checkpoint_test_ids``;
 * the :func:`aggregate` table at top level (``n_crystals``, ``atoms_within_tol``, ...,
   ``voxel_mse``) and ``error_percentiles_A``;
 * ``counts`` (Fig. 3B/4D): ``pairs`` [[true, predicted], ...] per crystal, ``exact``,

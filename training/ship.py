@@ -46,7 +46,7 @@ class ShipError(ValueError):
 def metrics_path(checkpoint: str | Path) -> Path:
     """``assets/unit_cell.safetensors`` -> ``assets/unit_cell.metrics.json``."""
     checkpoint = Path(checkpoint)
-    return checkpoint.with_name(checkpoint.name.split(".")[0] + ".metrics.json")
+    return checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + ".metrics.json")
 
 
 def _reading(model) -> dict:
