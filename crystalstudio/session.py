@@ -71,9 +71,10 @@ def disordered_sites(rec: "Reconstruction", representation: str, grid) -> tuple[
 
 def bundled_checkpoints() -> list[tuple[Path, str]]:
     """The checkpoints shipped in ``assets/`` with a one-line description each (from their
-    metadata: representation, conditioning, held-out atoms within 0.5 Å), the default first.
-    Unreadable files are left out."""
-    from .core.checkpoint import CheckpointError, read_metadata
+    metadata: representation, conditioning; and atoms within 0.5 Å on the test split from the
+    evaluation JSON beside each, :func:`~crystalstudio.core.checkpoint.held_out_measures`), the
+    default first. Unreadable files are left out."""
+    from .core.checkpoint import CheckpointError, held_out_measures, read_metadata
 
     out = []
     for path in sorted(ASSETS.glob("*.safetensors"), key=lambda p: (p.name != DEFAULT_CHECKPOINT, p.name)):
@@ -85,9 +86,10 @@ def bundled_checkpoints() -> list[tuple[Path, str]]:
             info.get("representation"), str(info.get("representation")))
         if info.get("model_config", {}).get("conditional"):
             what += ", conditional on the largest density"
-        acc = (info.get("metrics") or {}).get("atoms_within_tol")
+        measures = held_out_measures(path, info)
+        acc = measures.get("atoms_within_tol")
         if isinstance(acc, (int, float)):
-            what += f" (held-out atoms within 0.5 Å: {100 * acc:.0f}%)"
+            what += f" ({measures.get('split', 'held-out')} atoms within 0.5 Å: {100 * acc:.0f}%)"
         out.append((path, what))
     return out
 

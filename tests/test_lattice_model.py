@@ -7,6 +7,7 @@ conventional NaCl cell (a = 5.64 Å) within 5 sigma of the cube, built here with
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,9 @@ def test_lattice_checkpoint_ships_and_is_listed():
     assert model.representation == "repeating_lattice"
     assert model.info["metrics"]["split"] == "test"
     listed = {p.resolve(): what for p, what in bundled_checkpoints()}
-    assert listed[LATTICE.resolve()].startswith("repeating lattice (held-out atoms within 0.5 Å:")
+    shipped = json.loads(LATTICE.with_name("repeating_lattice.metrics.json").read_text())
+    assert listed[LATTICE.resolve()] == (f"repeating lattice (test atoms within 0.5 Å: "
+                                         f"{100 * shipped['atoms_within_tol']:.0f}%)")
 
 
 def test_open_fills_the_cube_with_the_lattice(session):

@@ -19,14 +19,13 @@ import sys
 from pathlib import Path
 
 from crystalstudio.core.checkpoint import CheckpointError, load_checkpoint, update_metadata, weights_fingerprint
+from crystalstudio.core.metrics import MEASURE_KEYS
 
 __all__ = ["ShipError", "ship", "check_evaluation", "metrics_path", "results_table", "update_readme",
            "METRIC_KEYS", "READING_KEYS", "ASSETS", "BEGIN", "END"]
 
 #: top-level measures of an evaluation JSON copied into the checkpoint's ``metrics`` metadata
-METRIC_KEYS = ("n_crystals", "n_true_atoms", "atoms_within_tol", "pred_within_tol", "exact_count", "within2_count",
-               "species_accuracy", "species_within2", "median_error_A", "voxel_mse", "split", "atoms_method",
-               "refine_steps", "lattice_fold", "light_subtract")
+METRIC_KEYS = MEASURE_KEYS
 
 #: reading settings an evaluation JSON records; each must equal the shipped checkpoint's
 READING_KEYS = ("representation", "latent", "unet_gate", "draw_gate", "draw_light", "light_subtract",

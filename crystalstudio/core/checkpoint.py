@@ -33,7 +33,7 @@ from .refine import REFINE_LR, REFINE_STEPS, learning_rates
 from .segment import Atoms, species_map_to_atoms
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "attach_prior", "update_metadata",
-           "weights_fingerprint", "CrystalModel", "FrozenNet", "FORMAT",
+           "weights_fingerprint", "held_out_measures", "CrystalModel", "FrozenNet", "FORMAT",
            "MAX_BYTES", "ATOM_METHODS", "DEFAULT_ATOMS_METHOD"]
 
 FORMAT = "crystalstudio-checkpoint"
@@ -196,6 +196,39 @@ def weights_fingerprint(path: str | os.PathLike) -> str:
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise _fail(path, f"not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
     return h.hexdigest()
+
+
+def held_out_measures(path: str | os.PathLike, info: dict | None = None) -> dict:
+    """The held-out measures to show for the checkpoint ``path``: the top-level measures
+    (:data:`~crystalstudio.core.metrics.MEASURE_KEYS`) of its test evaluation beside it
+    (``<name>.metrics.json``, as ``python -m training ship`` writes it) when that JSON is a
+    test evaluation naming this file, else the ``metrics`` of its metadata ``info`` (read from
+    the file when not given). ``split`` says which split they are of.
+
+    Returns:
+        dict (empty when there are none). Never raises for an unreadable or foreign JSON: it is
+        passed over.
+    """
+    from .metrics import MEASURE_KEYS
+
+    path = Path(path)
+    beside = path.with_name(path.name.removesuffix(".safetensors") + ".metrics.json")
+    try:
+        if beside.is_file() and beside.stat().st_size < 8 * 2**20:
+            res = json.loads(beside.read_text())
+            if (isinstance(res, dict) and res.get("split") == "test"
+                    and Path(str(res.get("checkpoint", ""))).name == path.name
+                    and isinstance(res.get("atoms_within_tol"), (int, float))):
+                return {k: res[k] for k in MEASURE_KEYS if k in res}
+    except (OSError, ValueError):
+        pass
+    if info is None:
+        try:
+            info = read_metadata(path)
+        except CheckpointError:
+            return {}
+    m = info.get("metrics")
+    return dict(m) if isinstance(m, dict) else {}
 
 
 def _fail(path: Path, reason: str) -> CheckpointError:

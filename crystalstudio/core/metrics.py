@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["match_atoms", "aggregate", "worst_nearest"]
+__all__ = ["match_atoms", "aggregate", "worst_nearest", "MEASURE_KEYS"]
+
+#: the top-level measures of an evaluation (``python -m training evaluate``) that a shipped
+#: checkpoint carries as its ``metrics`` and the app shows: fractions in [0, 1], distances in Å
+MEASURE_KEYS = ("n_crystals", "n_true_atoms", "atoms_within_tol", "pred_within_tol", "exact_count", "within2_count",
+                "species_accuracy", "species_within2", "median_error_A", "voxel_mse", "split", "atoms_method",
+                "refine_steps", "lattice_fold", "light_subtract")
 
 
 def match_atoms(true_pos: np.ndarray, true_Z: np.ndarray, pred_pos: np.ndarray, pred_Z: np.ndarray,

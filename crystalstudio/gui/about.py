@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 from typing import TYPE_CHECKING
 
+from ..core.checkpoint import held_out_measures
+
 if TYPE_CHECKING:
     from ..core.checkpoint import CrystalModel
 
@@ -12,7 +14,9 @@ __all__ = ["about_model_html"]
 
 
 def about_model_html(model: CrystalModel | None) -> str:
-    """HTML description of ``model``: checkpoint, grid, training data, held-out metrics.
+    """HTML description of ``model``: checkpoint, grid, training data, held-out metrics (its
+    test evaluation beside the file where there is one,
+    :func:`~crystalstudio.core.checkpoint.held_out_measures`, else its metadata's).
 
     Args:
         model: the loaded :class:`~crystalstudio.core.checkpoint.CrystalModel`, or None
@@ -44,7 +48,7 @@ def about_model_html(model: CrystalModel | None) -> str:
             rows.append((label, tr[k]))
     text = "<table>" + "".join(f"<tr><td><b>{esc(k)}</b>&nbsp;&nbsp;</td><td>{esc(v)}</td></tr>"
                                for k, v in rows) + "</table>"
-    metrics = info.get("metrics")
+    metrics = held_out_measures(model.path, info) if model.path else info.get("metrics")
     if metrics:
         split = metrics.get("split", "held-out")
         text += f"<p><b>Held-out metrics ({esc(split)})</b></p><table>"

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from crystalstudio.core.checkpoint import (
-    MAX_BYTES, CheckpointError, CrystalModel, load_checkpoint, read_metadata, save_checkpoint,
+    MAX_BYTES, CheckpointError, CrystalModel, held_out_measures, load_checkpoint, read_metadata, save_checkpoint,
 )
 from crystalstudio.core.density import Grid
 from crystalstudio.core.models import CrystalNet, ModelConfig
@@ -281,3 +281,26 @@ def test_conditional_decode_scales_the_bottleneck(tmp_path):
     mu_other, _ = model.encode(M, 2.0 * float(M.max()))
     np.testing.assert_array_equal(mu_default, mu_own)
     assert not np.allclose(mu_default, mu_other)
+
+
+def test_held_out_measures_prefer_the_test_evaluation_beside_the_file(tmp_path):
+    """The app shows a checkpoint's test evaluation (the JSON ``ship`` writes beside it) over
+    its metadata's ``metrics``, but only a test evaluation that names this very file."""
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_net(), GRID,
+                           {**META, "metrics": {"atoms_within_tol": 0.71, "split": "val"}})
+    assert held_out_measures(path) == {"atoms_within_tol": 0.71, "split": "val"}
+    beside = tmp_path / "m.metrics.json"
+    evaluation = {"checkpoint": "assets/m.safetensors", "split": "test", "atoms_within_tol": 0.883,
+                  "exact_count": 0.662, "n_crystals": 358, "seed": 0, "per_crystal": [{"id": "x"}]}
+    beside.write_text(json.dumps(evaluation))
+    got = held_out_measures(path)
+    assert got == {"atoms_within_tol": 0.883, "exact_count": 0.662, "n_crystals": 358, "split": "test"}
+    for bad in ({**evaluation, "split": "val"}, {**evaluation, "checkpoint": "other.safetensors"},
+                {**evaluation, "atoms_within_tol": "88%"}):
+        beside.write_text(json.dumps(bad))
+        assert held_out_measures(path)["split"] == "val", bad
+    beside.write_text("{truncated")
+    assert held_out_measures(path) == {"atoms_within_tol": 0.71, "split": "val"}
+    bare = save_checkpoint(tmp_path / "bare.safetensors", tiny_net(), GRID, {"representation": "unit_cell"})
+    assert held_out_measures(bare) == {}
+    assert held_out_measures(tmp_path / "missing.safetensors") == {}
