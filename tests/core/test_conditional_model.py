@@ -5,12 +5,12 @@ Geometry is read from the density peaks of M_hat (:func:`density_peaks`: sub-vox
 maxima, independent of the U-Net), against the decode at the crystal's own largest
 density, for the shipped samples with the target scaled by 0.8 and 1.25.
 
-What the shipped checkpoint (cond16n: its encoder sees M rescaled to the reference maximum,
-``cond_normalise``, so only the condition carries the magnitude) delivers, measured when it
-shipped: the largest density follows the target almost exactly (x0.76..0.80 and
-x1.24..1.29; the checkpoint before it gave x0.88..0.93 and x1.05..1.13), and all 80
-peak-to-peak distances stay within 0.33 Å (largest 0.26 Å, median 0.03 Å; before: 84%,
-median 0.10 Å).
+What the shipped checkpoint (cond21, fine-tuned from the light20 default; its encoder sees M
+rescaled to the reference maximum, ``cond_normalise``, so only the condition carries the
+magnitude) delivers, measured when it shipped: the largest density follows the target almost
+exactly (x0.787..0.801 and x1.245..1.268; cond16n before it x0.76..0.80 and x1.24..1.29, the
+checkpoint before that x0.88..0.93 and x1.05..1.13), and all 84 peak-to-peak distances stay
+within 0.33 Å (largest 0.24 Å, median 0.02 Å; cond16n: largest 0.26 Å, median 0.03 Å).
 """
 
 from __future__ import annotations
