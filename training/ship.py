@@ -18,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from crystalstudio.core.checkpoint import CheckpointError, load_checkpoint, update_metadata, weights_fingerprint
+from crystalstudio.core.checkpoint import (CheckpointError, evaluation_path, load_checkpoint, update_metadata,
+                                          weights_fingerprint)
 from crystalstudio.core.metrics import MEASURE_KEYS
 
 __all__ = ["ShipError", "ship", "check_evaluation", "metrics_path", "results_table", "update_readme",
@@ -44,8 +45,7 @@ class ShipError(ValueError):
 
 def metrics_path(checkpoint: str | Path) -> Path:
     """``assets/unit_cell.safetensors`` -> ``assets/unit_cell.metrics.json``."""
-    checkpoint = Path(checkpoint)
-    return checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + ".metrics.json")
+    return evaluation_path(checkpoint)
 
 
 def _reading(model) -> dict:

@@ -33,7 +33,7 @@ from .refine import REFINE_LR, REFINE_STEPS, learning_rates
 from .segment import Atoms, species_map_to_atoms
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "attach_prior", "update_metadata",
-           "weights_fingerprint", "held_out_measures", "CrystalModel", "FrozenNet", "FORMAT",
+           "weights_fingerprint", "held_out_measures", "evaluation_path", "CrystalModel", "FrozenNet", "FORMAT",
            "MAX_BYTES", "ATOM_METHODS", "DEFAULT_ATOMS_METHOD"]
 
 FORMAT = "crystalstudio-checkpoint"
@@ -198,6 +198,13 @@ def weights_fingerprint(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def evaluation_path(path: str | os.PathLike) -> Path:
+    """Where a shipped checkpoint's test evaluation lies: ``assets/unit_cell.safetensors`` ->
+    ``assets/unit_cell.metrics.json``."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".metrics.json")
+
+
 def held_out_measures(path: str | os.PathLike, info: dict | None = None) -> dict:
     """The held-out measures to show for the checkpoint ``path``: the top-level measures
     (:data:`~crystalstudio.core.metrics.MEASURE_KEYS`) of its test evaluation beside it
@@ -212,7 +219,7 @@ def held_out_measures(path: str | os.PathLike, info: dict | None = None) -> dict
     from .metrics import MEASURE_KEYS
 
     path = Path(path)
-    beside = path.with_name(path.name.removesuffix(".safetensors") + ".metrics.json")
+    beside = evaluation_path(path)
     try:
         if beside.is_file() and beside.stat().st_size < 8 * 2**20:
             res = json.loads(beside.read_text())
