@@ -48,13 +48,6 @@ def metrics_path(checkpoint: str | Path) -> Path:
     return evaluation_path(checkpoint)
 
 
-def _reading(model) -> dict:
-    return {"representation": model.representation, "latent": model.latent, "unet_gate": model.unet_gate,
-            "draw_gate": model.draw_gate, "draw_light": model.draw_light, "light_subtract": model.light_subtract,
-            "lattice_fold": model.lattice_fold, "refine_lr": list(model.refine_lr),
-            "species_prior": model.species_prior is not None}
-
-
 def check_evaluation(checkpoint: str | Path, evaluation: str | Path) -> dict:
     """The evaluation JSON ``evaluation`` (``python -m training evaluate --json``), checked to
     measure the checkpoint ``checkpoint`` as it would ship.
@@ -95,7 +88,7 @@ def check_evaluation(checkpoint: str | Path, evaluation: str | Path) -> dict:
             raise fail(f"measures other weights than {Path(checkpoint).name} (weights_sha256 differs)")
     elif Path(str(res.get("checkpoint", ""))).resolve() != Path(checkpoint).resolve():
         raise fail(f"measures {res.get('checkpoint')!r}, not {checkpoint} (and records no weights_sha256)")
-    mine = _reading(model)
+    mine = model.reading
     for k in READING_KEYS:
         if k in res and res[k] != mine[k]:
             raise fail(f"was measured with {k} = {res[k]!r}, {Path(checkpoint).name} has {mine[k]!r}")

@@ -78,6 +78,9 @@ class TrainConfig:
                                          # per step at 30^3); atoms are read by the Eq. 1 fit
     unet_only: bool = False              # train the U-Net alone on the fields of a frozen VAE (its
                                          # decoded M_hat, and the true M for unet_true_frac of a batch)
+    freeze_bn: bool = False              # the VAE's BatchNorm layers normalise with their running statistics
+                                         # (frozen) while training, as the app decodes; their affine
+                                         # weights still learn (a fine-tune of a trained VAE)
     peak_weight: float = 0.0             # peak-weighted MSE: voxel weight 1 + peak_weight * M / max(M)
     light_weight: float = 0.0            # light-atom MSE: + light_weight * min(4, (8 / Z)^2) on atom voxels of S
     light_channel: bool = False          # decoder's second output L (light atoms, Z <= 5, at gain 4; unit cell
@@ -108,6 +111,19 @@ class TrainConfig:
     gpu_batcher: bool | None = None      # whole data set on the device, batches drawn there
     progress: bool | None = None         # tqdm bar (None = when stderr is a terminal)
     tensorboard: str = ""                # TensorBoard log folder (needs the tensorboard package)
+
+
+def freeze_batchnorm(module: nn.Module) -> int:
+    """Put every BatchNorm layer of ``module`` in evaluation mode: it normalises with its running
+    mean and variance (which stop updating) while its affine weight and bias still learn, so the
+    loss a step lowers is the loss of the network the app runs (``net.eval()``). Call after
+    ``module.train()``, every step. Returns the number of layers frozen."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            n += 1
+    return n
 
 
 def cpu_bf16_fast() -> bool:
@@ -543,6 +559,8 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
             model.train()
             if cfg.unet_only:
                 net.vae.eval()  # running BatchNorm statistics, as the app decodes
+            elif cfg.freeze_bn:
+                freeze_batchnorm(net.vae)
             Lt = (light_field(torch.as_tensor(P, device=device), torch.as_tensor(Zp, device=device), grid,
                               net.cfg.light_gain, net.cfg.light_z_max) if light else None)
             L = forward_losses(model, M, S, cfg, amp, channels_last, Lt)

@@ -519,6 +519,17 @@ class CrystalModel:
         sp = self.info.get("species_prior")
         return None if sp is None else np.asarray(sp["counts"], np.float64)
 
+    @property
+    def reading(self) -> dict:
+        """How this checkpoint's fields are read into atoms, as an evaluation JSON records it:
+        ``representation``, ``latent``, ``unet_gate``, ``draw_gate``, ``draw_light``,
+        ``light_subtract``, ``lattice_fold``, ``refine_lr`` (list) and ``species_prior`` (whether it
+        has one). ``python -m training ship`` refuses a JSON whose reading differs from the file's."""
+        return {"representation": self.representation, "latent": self.latent, "unet_gate": self.unet_gate,
+                "draw_gate": self.draw_gate, "draw_light": self.draw_light, "light_subtract": self.light_subtract,
+                "lattice_fold": self.lattice_fold, "refine_lr": list(self.refine_lr),
+                "species_prior": self.species_prior is not None}
+
     def _modules(self):
         """(fields(z) -> (B, C, n, n, n) as :func:`decoded_fields`, unet(M)) to use; call with
         the lock held."""

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from crystalstudio.core.checkpoint import CheckpointError, load_checkpoint, update_metadata, weights_fingerprint
 from training.__main__ import main
 from training.data import prepare
-from training.ship import BEGIN, END, ShipError, check_evaluation, metrics_path, results_table, ship, update_readme
+from training.ship import (BEGIN, END, READING_KEYS, ShipError, check_evaluation, metrics_path, results_table, ship,
+                           update_readme)
 from training.train import TrainConfig, train
 
 from .test_gate import GRID, PROTOTYPES, TINY
@@ -68,6 +69,9 @@ def test_ship_writes_the_test_measures_into_the_checkpoint_and_the_json_beside(r
     res = json.loads((run_dir / "test.json").read_text())
     assert res["split"] == "test" and res["n_crystals"] == res["n_split"] >= 1
     assert res["weights_sha256"] == weights_fingerprint(run_dir / "m.safetensors")
+    # evaluate records the reading the checkpoint reports, the keys ship compares
+    reading = load_checkpoint(run_dir / "m.safetensors").reading
+    assert tuple(reading) == READING_KEYS and {k: res[k] for k in READING_KEYS} == reading
     (tmp_path / "assets").mkdir()
     out = ship(run_dir / "m.safetensors", run_dir / "test.json", tmp_path / "assets" / "unit_cell.safetensors")
     m = load_checkpoint(out)

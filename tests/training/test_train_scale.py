@@ -234,6 +234,31 @@ def test_init_optimizer_keeps_the_moments_and_restarts_the_schedule(npz, tmp_pat
         train(tiny_cfg(npz, tmp_path / "d.safetensors", init_optimizer=True))
 
 
+def test_freeze_bn_keeps_the_running_statistics_and_trains_the_affine_weights(npz, tmp_path):
+    """--freeze-bn: the VAE's BatchNorm layers normalise with their running statistics while
+    training (as the app decodes), so those stay bit-equal to the start; their weights, and the
+    convolutions, still learn. Without it the same two steps move the statistics."""
+    first = tmp_path / "a.safetensors"
+    train(tiny_cfg(npz, first, steps=2, vae_only=True))
+    start = load_checkpoint(first).net
+    bns = [(n, m) for n, m in start.vae.named_modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    assert bns
+    for flag, name in ((True, "f.safetensors"), (False, "g.safetensors")):
+        out = tmp_path / name
+        train(tiny_cfg(npz, out, steps=2, vae_only=True, init=str(first), freeze_bn=flag, lr=1e-2))
+        after = dict(load_checkpoint(out).net.vae.named_modules())
+        for n, m in bns:
+            same = (torch.equal(after[n].running_mean, m.running_mean)
+                    and torch.equal(after[n].running_var, m.running_var))
+            assert same == flag, (n, flag)
+        # the affine weights learn either way (the encoder's: this two-step decoder's ReLU output
+        # is still dead everywhere under its running statistics, so no gradient reaches it)
+        learnt = [n for n, m in bns if not torch.equal(after[n].weight, m.weight)]
+        assert [n for n in learnt if n.startswith("encoder")] == [n for n, _ in bns if n.startswith("encoder")]
+        assert read_metadata(out)["training"]["config"]["freeze_bn"] is flag
+    assert train_mod.freeze_batchnorm(CrystalNet(ModelConfig(**TINY)).vae) == len(bns)
+
+
 # ------------------------------------------------------------------------- DDP
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not torch.distributed.is_available(),
