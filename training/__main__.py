@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--val", type=float, default=0.05, help="validation fraction, by composition")
     pp.add_argument("--all-cells", action="store_true",
                     help="keep cells larger than the cube (for --representation repeating_lattice)")
+    pp.add_argument("--fit", choices=("every", "some"), default="every",
+                    help="representation 1: keep cells that fit the cube under every rotation (default), or also "
+                         "training cells that fit under some (their rotations are then drawn by rejection; "
+                         "val and test unchanged)")
+    pp.add_argument("--min-fit", type=float, default=0.02,
+                    help="with --fit some: the least fraction of random rotations a kept cell fits under (default 0.02)")
 
     from .train import TrainConfig
 
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         from .data import prepare
 
         print(json.dumps(prepare(a.inputs, a.out, Grid(a.grid, a.length, a.sigma), a.val, a.test,
-                                 require_fit=not a.all_cells), indent=1))
+                                 require_fit=not a.all_cells, fit=a.fit, min_fit=a.min_fit), indent=1))
     elif a.cmd == "train":
         from .train import train
 

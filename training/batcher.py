@@ -20,7 +20,7 @@ import torch
 
 from crystalstudio.core.density import Grid, density_fields
 
-from .data import CrystalArrays
+from .data import MAX_ROTATION_TRIES, CrystalArrays
 
 __all__ = ["GPUCrystalBatcher", "random_rotations_torch"]
 
@@ -68,10 +68,19 @@ class GPUCrystalBatcher:
         self.lattice = torch.as_tensor(lat, device=self.device)
         self.centre = torch.as_tensor(0.5 * lat.sum(axis=1), device=self.device)  # (C, 3) cell centres
         self.pool = None if pool is None else torch.as_tensor(np.asarray(pool, np.int64), device=self.device)
+        # cells that fit the cube under some rotations only (prepare(fit="some")): sample() redraws theirs
+        partial = data.partial_fit(np.arange(C))
+        self.partial = torch.as_tensor(partial, device=self.device) if partial.any() else None
 
     def sample(self, batch: int, generator: torch.Generator | None = None):
         """``(idx, R)`` on the device: ``batch`` crystals of the pool (without replacement when the
-        pool is large enough) and uniform random rotations."""
+        pool is large enough) and uniform random rotations; a cell that fits the cube under some
+        rotations only gets its rotation drawn again until it fits (as
+        :func:`training.data.cube_rotations`; one host sync per round, only for such data sets).
+
+        Raises:
+            ValueError: no pool, or a cell that fits none of ``MAX_ROTATION_TRIES`` rotations.
+        """
         if self.pool is None:
             raise ValueError("GPUCrystalBatcher.sample needs a pool of indices")
         n = len(self.pool)
@@ -79,7 +88,23 @@ class GPUCrystalBatcher:
             pick = torch.randperm(n, generator=generator, device=self.device)[:batch]
         else:
             pick = torch.randint(n, (batch,), generator=generator, device=self.device)
-        return self.pool[pick], random_rotations_torch(batch, generator, self.device)
+        idx, R = self.pool[pick], random_rotations_torch(batch, generator, self.device)
+        if self.partial is not None:
+            for _ in range(MAX_ROTATION_TRIES):
+                bad = ~self.fits(idx, R)
+                if not bool(bad.any()):
+                    break
+                R[bad] = random_rotations_torch(int(bad.sum()), generator, self.device)
+            else:
+                raise ValueError(f"a cell fits the cube under none of {MAX_ROTATION_TRIES} rotations")
+        return idx, R
+
+    def fits(self, idx, rotations) -> torch.Tensor:
+        """(B,) bool on the device: whether every atom of each rotated cell lies in the cube
+        (:func:`crystalstudio.core.density.fits_rotated`)."""
+        P, Z = self.positions(idx, rotations)
+        inside = ((P >= 0) & (P <= self.grid.length)).all(-1) | (Z == 0)
+        return inside.all(-1)
 
     def positions(self, idx, rotations=None):
         """Representation 1 positions: ``(P (B, N, 3) float64 Å, Z (B, N) int64)`` on the device.

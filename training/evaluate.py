@@ -78,7 +78,7 @@ from crystalstudio.core.fit import DECODED_FIT, DEFAULT_FIT, UNET_GATE, fit_atom
 from crystalstudio.core.light import atoms_with_light, decoded_atoms, refine_problem
 from crystalstudio.core.segment import density_peaks, species_map_to_atoms
 
-from .data import SPLITS, CrystalArrays, voxelise
+from .data import SPLITS, CrystalArrays, cube_rotations, voxelise
 from .fit_cache import FitCache, timed_fit
 
 __all__ = ["evaluate", "evaluate_model", "error_budget", "peak_separability", "STAGES", "format_table", "harness", "load_data", "run", "main", "add_arguments",
@@ -158,7 +158,7 @@ def _reconstructions(net: CrystalNet, data: CrystalArrays, idx: np.ndarray, grid
     decoded.
     """
     fit_seconds = [] if fit_seconds is None else fit_seconds
-    rot = random_rotations(len(idx), seed)
+    rot = cube_rotations(data, idx, grid, seed, representation)
     for s in range(0, len(idx), batch):
         b = idx[s:s + batch]
         # representation 2 is evaluated with the cube starting at the cell origin
@@ -289,7 +289,7 @@ def peak_separability(data: CrystalArrays, idx: np.ndarray, sigmas: list[float],
     Raises:
         ValueError: a sigma that is not > 0.
     """
-    rot = random_rotations(len(idx), seed)
+    rot = cube_rotations(data, idx, grid, seed)
     out = []
     for sigma in sigmas:
         if not sigma > 0:
@@ -442,7 +442,8 @@ def _reference_Z(model: CrystalModel, data: CrystalArrays, n: int, seed: int) ->
     them (rotated cell, or the cube of the lattice at the cell origin): a list of (N_i,) int."""
     tr = data.indices("train")
     b = np.random.default_rng(seed).choice(tr, size=min(n, len(tr)), replace=False)
-    _, _, _, Zp = voxelise(data, b, model.grid, random_rotations(len(b), seed), "cpu", model.representation)
+    _, _, _, Zp = voxelise(data, b, model.grid, cube_rotations(data, b, model.grid, seed, model.representation), "cpu",
+                         model.representation)
     return [z[z > 0] for z in np.asarray(Zp)]
 
 
@@ -517,7 +518,7 @@ def harness(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, seed: int
             true_fit_limit: int = 0, fit_workers: int = 1, fit_cache: str | Path | None = None) -> dict:
     """All measures of the module docstring over crystals ``idx`` (no run metadata).
 
-    Deterministic for a given seed: rotations are ``random_rotations(len(idx), seed)`` and
+    Deterministic for a given seed: rotations are ``cube_rotations(data, idx, grid, seed)`` and
     draws ``random_latents(draws, latent, seed)``; the ``validity`` block (:func:`draws_block`) draws as many from each prior.
     ``refine_lr`` None: the model's own (:attr:`CrystalModel.refine_lr`). ``true_fit_limit`` > 0:
     the budget's fit of the true M on the first that many crystals only; ``fit_workers`` > 1:

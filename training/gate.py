@@ -31,13 +31,12 @@ import numpy as np
 import torch
 
 from crystalstudio.core.checkpoint import CrystalModel, load_checkpoint, update_metadata
-from crystalstudio.core.density import random_rotations
 from crystalstudio.core.fit import DECODED_FIT, combine_with_unet, fit_atoms
 from crystalstudio.core.light import fit_light, merge_light
 from crystalstudio.core.metrics import aggregate, match_atoms
 from crystalstudio.core.models import max_density
 
-from .data import CrystalArrays, voxelise
+from .data import CrystalArrays, cube_rotations, voxelise
 
 __all__ = ["gate_table", "choose_gate", "draw_gate_table", "choose_draw_gate", "add_arguments", "run", "GATES",
            "MEASURES"]
@@ -79,7 +78,7 @@ def gate_table(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, gates=
                tol: float = 0.5, batch: int = 16) -> list[dict]:
     """Sec. 4.1 measures of the fit + U-Net atoms for each gate, on crystals ``idx``.
 
-    Rotations are the harness's (``random_rotations(len(idx), seed)``), so a row equals
+    Rotations are the harness's (``cube_rotations(data, idx, grid, seed)``), so a row equals
     ``python -m training evaluate --split ... --seed ...`` of a checkpoint with that gate.
 
     Returns:
@@ -94,7 +93,7 @@ def gate_table(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, gates=
     if any(not 0.0 <= g <= 1.0 for g in gates):
         raise ValueError(f"gates must lie in [0, 1], not {list(gates)}")
     net, grid = model.net.eval(), model.grid
-    rot = random_rotations(len(idx), seed)
+    rot = cube_rotations(data, idx, grid, seed, model.representation)
     per = {float(g): [] for g in gates}
     for s in range(0, len(idx), batch):
         b = idx[s:s + batch]

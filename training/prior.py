@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 from crystalstudio.core.checkpoint import MAX_BYTES, CrystalModel, attach_prior, load_checkpoint, update_metadata
-from crystalstudio.core.density import random_rotations
 from crystalstudio.core.prior import LatentPrior
 
-from .data import CrystalArrays, random_origins, voxelise
+from .data import CrystalArrays, cube_rotations, random_origins, voxelise
 
 __all__ = ["encode_means", "fit_prior", "species_counts", "add_arguments", "run"]
 
@@ -45,7 +44,7 @@ def encode_means(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, rota
     net = model.net.eval()
     for s in range(0, len(rep), batch):
         b = rep[s:s + batch]
-        rots = random_rotations(len(b), rng)
+        rots = cube_rotations(data, b, model.grid, rng, model.representation)
         origins = (random_origins(data, b, rots, rng) if model.representation == "repeating_lattice" else None)
         M, _, _, Zp = voxelise(data, b, model.grid, rots, model.device, model.representation, origins)
         Zp = np.asarray(Zp.cpu() if hasattr(Zp, "cpu") else Zp)

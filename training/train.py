@@ -46,11 +46,11 @@ import torch
 from torch import nn
 
 from crystalstudio.core.checkpoint import save_checkpoint
-from crystalstudio.core.density import Grid, light_field, random_rotations
+from crystalstudio.core.density import Grid, light_field
 from crystalstudio.core.models import CrystalNet, ModelConfig, count_parameters, scale_grad, unet_loss, vae_loss
 
 from . import dist as tdist
-from .data import CrystalArrays, random_origins, voxelise
+from .data import CrystalArrays, cube_rotations, random_origins, voxelise
 from .evaluate import evaluate, format_table
 
 OPTIM_FORMAT = "crystalstudio-optimizer"
@@ -405,7 +405,7 @@ def reference_max_density(data: CrystalArrays, idx: np.ndarray, grid: Grid, rng:
     """Median largest density (Eq. 1 units) of ``n`` randomly rotated training crystals: the
     ``cond_scale`` of a conditional model (Sec. 4.5), so the bottleneck scale is about 1."""
     b = rng.choice(idx, size=min(n, len(idx)), replace=False)
-    M, _, _, _ = voxelise(data, b, grid, random_rotations(len(b), rng), torch.device("cpu"))
+    M, _, _, _ = voxelise(data, b, grid, cube_rotations(data, b, grid, rng), torch.device("cpu"))
     return float(M.flatten(1).amax(1).median())
 
 
@@ -550,7 +550,7 @@ def _train(cfg: TrainConfig, dinfo: tdist.DistInfo, device: torch.device) -> dic
                 M, S, _, _ = batcher(*batcher.sample(cfg.batch, gen))
             else:
                 b = rng.choice(train_idx, size=cfg.batch, replace=len(train_idx) < cfg.batch)
-                rots = random_rotations(len(b), rng)
+                rots = cube_rotations(data, b, grid, rng, cfg.representation)
                 origins = (random_origins(data, b, rots, rng) if cfg.representation == "repeating_lattice" else None)
                 M, S, P, Zp = voxelise(data, b, grid, rots, device, cfg.representation, origins)
             if cfg.cond_jitter > 0:  # the same geometry at another magnitude: the condition must carry it

@@ -34,6 +34,7 @@ __all__ = [
     "density_field",
     "pad_batch",
     "fits_in_cube",
+    "fits_rotated",
 ]
 
 REPRESENTATIONS = ("unit_cell", "repeating_lattice")
@@ -197,6 +198,27 @@ def fits_in_cube(crystal: Crystal, grid: Grid, margin: float = 0.0) -> bool:
     """
     r = np.linalg.norm(crystal.cartesian() - 0.5 * crystal.lattice.sum(axis=0), axis=1)
     return bool(len(r) > 0 and r.max() <= 0.5 * grid.length - margin)
+
+
+def fits_rotated(crystal: Crystal, grid: Grid, rotations: np.ndarray) -> np.ndarray:
+    """Whether every atom of the centred cell lies inside the cube under each rotation.
+
+    Representation 1 (:func:`cell_positions`) with a given rotation: each atom's rotated
+    position lies in ``[0, length]^3`` (the inside test of ``training.data.voxelise``). A cell
+    that :func:`fits_in_cube` fits under every rotation; a larger one may fit under some.
+
+    Args:
+        crystal: the crystal.
+        grid: the cube.
+        rotations: (K, 3, 3) rotation matrices (or one (3, 3)).
+
+    Returns:
+        (K,) bool.
+    """
+    R = np.asarray(rotations, np.float64).reshape(-1, 3, 3)
+    cart = crystal.cartesian() - 0.5 * crystal.lattice.sum(axis=0)
+    rotated = np.einsum("kij,nj->kni", R, cart)
+    return np.all(np.abs(rotated) <= 0.5 * grid.length, axis=(1, 2))
 
 
 def lattice_positions(crystal: Crystal, grid: Grid, rotation: Rotation | np.ndarray | None = None,
