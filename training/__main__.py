@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
                          "val and test unchanged)")
     pp.add_argument("--min-fit", type=float, default=0.02,
                     help="with --fit some: the least fraction of random rotations a kept cell fits under (default 0.02)")
+    pp.add_argument("--partial-splits", default="train",
+                    help="with --fit some: the splits that keep such cells (default train; 'train,val' makes a "
+                         "measuring set of larger cells, not a data set to ship a model from)")
 
     from .train import TrainConfig
 
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         from .data import prepare
 
         print(json.dumps(prepare(a.inputs, a.out, Grid(a.grid, a.length, a.sigma), a.val, a.test,
-                                 require_fit=not a.all_cells, fit=a.fit, min_fit=a.min_fit), indent=1))
+                                 require_fit=not a.all_cells, fit=a.fit, min_fit=a.min_fit,
+                                 partial_splits=tuple(a.partial_splits.split(","))), indent=1))
     elif a.cmd == "train":
         from .train import train
 

@@ -63,20 +63,23 @@ FIT_PROBES = 256  #: random rotations per crystal with which ``prepare(fit="some
 
 
 def prepare(paths: list[str], out: str, grid: Grid = Grid(), val: float = 0.05, test: float = 0.1,
-            max_atoms: int = 64, require_fit: bool = True, fit: str = "every", min_fit: float = 0.02) -> dict:
+            max_atoms: int = 64, require_fit: bool = True, fit: str = "every", min_fit: float = 0.02,
+            partial_splits: tuple[str, ...] = ("train",)) -> dict:
     """Convert structures to the compact ``.npz`` described in the module docstring.
 
     ``require_fit=False`` keeps cells larger than the cube (for representation 2, where
     the cube is filled with the lattice whatever the cell size). ``fit="some"`` also keeps a
     training crystal whose centred cell fits the cube under at least ``min_fit`` of
     :data:`FIT_PROBES` random rotations (seeded by its formula, so a rerun keeps the same
-    crystals); validation and test crystals still need every rotation.
+    crystals); validation and test crystals still need every rotation, unless named in
+    ``partial_splits`` (a measuring set of larger cells; never the file a model ships with).
 
     Returns a summary dict (counts per split, rejections by reason, ``partial_fit``: crystals
     kept that fit some rotations only).
 
     Raises:
-        ValueError: ``fit`` is not "every" or "some", or ``min_fit`` is not in (0, 1].
+        ValueError: ``fit`` is not "every" or "some", ``min_fit`` is not in (0, 1], or
+            ``partial_splits`` names an unknown split.
     """
     from tqdm import tqdm
 
@@ -86,6 +89,9 @@ def prepare(paths: list[str], out: str, grid: Grid = Grid(), val: float = 0.05, 
         raise ValueError(f"fit must be 'every' or 'some', not {fit!r}")
     if not 0.0 < min_fit <= 1.0:
         raise ValueError(f"min_fit must be in (0, 1], not {min_fit!r}")
+    if not set(partial_splits) <= set(SPLITS):
+        raise ValueError(f"partial_splits must be among {sorted(SPLITS)}, not {list(partial_splits)}")
+    partial_codes = {SPLITS[s] for s in partial_splits}
     some = fit == "some" and require_fit
     seen = set()
     lattices, fracs, Zs, ids, formulas, sources, splits, fractions = [], [], [], [], [], [], [], []
@@ -107,7 +113,7 @@ def prepare(paths: list[str], out: str, grid: Grid = Grid(), val: float = 0.05, 
         split = _split_of(formula, val, test)
         fraction = 1.0
         if some and not fits_in_cube(c, grid):
-            if split != SPLITS["train"]:
+            if split not in partial_codes:
                 reject("cell too large for the cube (val/test)")
                 continue
             seed = int(hashlib.sha1(formula.encode()).hexdigest()[:8], 16)

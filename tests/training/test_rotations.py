@@ -58,11 +58,13 @@ def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("npz")
     every = prepare([str(d)], str(out / "every.npz"), GRID, val=0.2, test=0.3)
     some = prepare([str(d)], str(out / "some.npz"), GRID, val=0.2, test=0.3, fit="some")
-    return every, some, CrystalArrays.load(str(out / "every.npz")), CrystalArrays.load(str(out / "some.npz"))
+    prepare([str(d)], str(out / "val.npz"), GRID, val=0.2, test=0.3, fit="some", partial_splits=("train", "val"))
+    return (every, some, CrystalArrays.load(str(out / "every.npz")), CrystalArrays.load(str(out / "some.npz")),
+            CrystalArrays.load(str(out / "val.npz")))
 
 
 def test_fit_some_adds_training_cells_only(prepared):
-    every, some, d_every, d_some = prepared
+    every, some, d_every, d_some, _ = prepared
     assert every["kept"] == 4 and every["partial_fit"] == 0 and d_every.fit_fraction is None
     assert some["kept"] == 5 and some["partial_fit"] == 1
     assert some["rejected"] == {"cell too large for the cube (val/test)": 2, "cell fits too few rotations": 1}
@@ -78,7 +80,7 @@ def test_fit_some_adds_training_cells_only(prepared):
 
 
 def test_cube_rotations_draw_only_rotations_under_which_the_cell_fits(prepared):
-    _, _, d_every, d_some = prepared
+    _, _, d_every, d_some, _ = prepared
     i = int(np.flatnonzero(d_some.ids == "w_big")[0])
     idx = np.array([i] * 64)
     rots = cube_rotations(d_some, idx, GRID, 3)
@@ -106,7 +108,7 @@ def test_cube_rotations_draw_only_rotations_under_which_the_cell_fits(prepared):
 
 
 def test_gpu_batcher_redraws_rotations_of_partial_cells(prepared):
-    _, _, _, d_some = prepared
+    _, _, _, d_some, _ = prepared
     tr = d_some.indices("train")
     b = GPUCrystalBatcher(d_some, GRID, "cpu", pool=tr)
     assert b.partial is not None and int(b.partial.sum()) == 1
@@ -127,5 +129,10 @@ def test_prepare_cli_fit_some(tmp_path, prepared, capsys):
     assert '"partial_fit": 1' in capsys.readouterr().out
     with pytest.raises(ValueError, match="min_fit"):
         prepare([str(d)], str(tmp_path / "b.npz"), GRID, fit="some", min_fit=0.0)
+    # a measuring set: val keeps its larger cells too (the test split still does not)
+    d = prepared[4]
+    assert sorted(d.ids[d.indices("val")]) == ["au_big", "rbcl"] and "ni_big" not in d.ids
+    with pytest.raises(ValueError, match="partial_splits"):
+        prepare([str(tmp_path / "cifs")], str(tmp_path / "b.npz"), GRID, fit="some", partial_splits=("dev",))
     with pytest.raises(ValueError, match="fit must be"):
         prepare([str(d)], str(tmp_path / "b.npz"), GRID, fit="any")
