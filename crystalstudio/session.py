@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from .core.checkpoint import CheckpointError, CrystalModel, load_checkpoint
-from .core.density import Crystal, cell_positions, density_field, lattice_positions
+from .core.density import Crystal, cell_positions, density_field, fitting_rotation, lattice_positions
 from .core.metrics import match_atoms
 from .core.segment import Atoms
 
@@ -360,7 +360,9 @@ class Session:
         ``crystal``; no state change, thread-safe.
 
         Args:
-            crystal: the input. rotation: (3, 3) applied to the lattice (default identity).
+            crystal: the input. rotation: (3, 3) applied to the lattice (default: identity, or for a
+                unit-cell model and a cell that fits its cube only in some orientations, one in
+                which it fits, :func:`~crystalstudio.core.density.fitting_rotation`).
             window_origin: repeating-lattice model only: (3,) fractional coordinates of the
                 cell that sit at the cube's corner (default :attr:`window_origin`): which
                 10 Å window of the lattice is shown and reconstructed.
@@ -368,7 +370,13 @@ class Session:
                 early (the best latent so far is used).
         """
         grid = self.model.grid
-        R = np.eye(3) if rotation is None else np.asarray(rotation, np.float64)
+        if rotation is not None:
+            R = np.asarray(rotation, np.float64)
+        elif self.model.representation == "unit_cell":
+            R = fitting_rotation(crystal, grid)
+            R = np.eye(3) if R is None else R
+        else:
+            R = np.eye(3)
         uvw = np.asarray(self.window_origin if window_origin is None else window_origin, np.float64).reshape(3)
         # a disordered crystal: M from every occupant (Z x occupancy), compared with its
         # sites and their dominant species
@@ -551,9 +559,9 @@ class Session:
         return self.reconstruct(self.read(path))
 
     def read(self, path: str | os.PathLike, block: int | None = None) -> Crystal:
-        """Read a structure file for this session's model; a cell that does not fit the cube
-        under every rotation switches a unit-cell session to the bundled repeating-lattice
-        checkpoint (any cell fills its cube), and ``crystal.meta["note"]`` says so.
+        """Read a structure file for this session's model; a cell that fits the cube in no
+        orientation switches a unit-cell session to the bundled repeating-lattice checkpoint
+        (any cell fills its cube), and ``crystal.meta["note"]`` says so.
 
         Raises:
             StructureError: one line naming the file and the problem (also when the cell
@@ -567,8 +575,10 @@ class Session:
     def read_for_model(self, path: str | os.PathLike, block: int | None = None) -> tuple[Crystal, CrystalModel | None]:
         """What :meth:`read` does, without changing the session (safe in a worker thread):
         the crystal, and the repeating-lattice model (loaded, the session's atoms method)
-        when the cell does not fit this unit-cell model's cube, else None. The caller swaps
-        the model in (the GUI does so on its own thread).
+        when the cell fits this unit-cell model's cube in no orientation, else None. A cell
+        that fits only in some orientations stays with the unit-cell model and is reconstructed
+        in one of them (:meth:`compute`; its ``meta["note"]`` says so). The caller swaps the
+        model in (the GUI does so on its own thread).
 
         Raises:
             StructureError: as :meth:`read`.
@@ -582,6 +592,12 @@ class Session:
         if model.representation != "unit_cell" or fits_in_cube(crystal, model.grid):
             return crystal, None
         why = crystal.meta.get("fit_reason", "the cell does not fit the cube")
+        R = fitting_rotation(crystal, model.grid)
+        if R is not None:
+            how = "as oriented in the file" if np.array_equal(R, np.eye(3)) else "rotated to fit"
+            crystal.meta["note"] = (f"the cell fits the {model.grid.length:g} Å cube only in some orientations: "
+                                    f"reconstructed {how}")
+            return crystal, None
         lattice = lattice_checkpoint()
         if lattice is None:
             raise StructureError(Path(path).name, f"{why}, and no repeating-lattice checkpoint is available")

@@ -35,6 +35,7 @@ __all__ = [
     "pad_batch",
     "fits_in_cube",
     "fits_rotated",
+    "fitting_rotation",
 ]
 
 REPRESENTATIONS = ("unit_cell", "repeating_lattice")
@@ -219,6 +220,25 @@ def fits_rotated(crystal: Crystal, grid: Grid, rotations: np.ndarray) -> np.ndar
     cart = crystal.cartesian() - 0.5 * crystal.lattice.sum(axis=0)
     rotated = np.einsum("kij,nj->kni", R, cart)
     return np.all(np.abs(rotated) <= 0.5 * grid.length, axis=(1, 2))
+
+
+def fitting_rotation(crystal: Crystal, grid: Grid, tries: int = 512, seed: int = 0) -> np.ndarray | None:
+    """An orientation in which the centred cell fits the cube (representation 1).
+
+    The identity when the cell fits unrotated (every cell that :func:`fits_in_cube` does);
+    else, among ``tries`` uniform rotations drawn from ``seed`` (the same ones every call), the
+    one that leaves the widest margin between its atoms and the cube's faces.
+
+    Returns:
+        (3, 3) float64 rotation matrix, or None when none of them fits.
+    """
+    if fits_rotated(crystal, grid, np.eye(3))[0]:
+        return np.eye(3)
+    R = random_rotations(tries, seed)
+    cart = crystal.cartesian() - 0.5 * crystal.lattice.sum(axis=0)
+    margin = 0.5 * grid.length - np.abs(np.einsum("kij,nj->kni", R, cart)).max(axis=(1, 2))
+    best = int(np.argmax(margin))
+    return R[best] if margin[best] >= 0 else None
 
 
 def lattice_positions(crystal: Crystal, grid: Grid, rotation: Rotation | np.ndarray | None = None,

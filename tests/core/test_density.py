@@ -10,8 +10,8 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from crystalstudio.core.density import (
-    Crystal, Grid, cell_positions, density_field, density_fields, fits_in_cube, lattice_positions, pad_batch,
-    random_rotations,
+    Crystal, Grid, cell_positions, density_field, density_fields, fits_in_cube, fitting_rotation, lattice_positions,
+    pad_batch, random_rotations,
 )
 
 
@@ -211,6 +211,27 @@ def test_fits_in_cube():
     for R in random_rotations(20, 4):
         p = cell_positions(five, grid, R)
         assert np.all((p >= 0) & (p <= grid.length))
+
+
+def test_fitting_rotation_picks_an_orientation_in_which_the_cell_fits():
+    grid = Grid()
+    five = Crystal(np.eye(3) * 5.0, [[0, 0, 0], [0.5, 0.5, 0.5]], [11, 17])
+    assert np.array_equal(fitting_rotation(five, grid), np.eye(3))
+    # corner atom of a 6.5 Å cube: 5.63 Å from the centre, but 3.25 Å along each axis: fits unrotated
+    cube65 = Crystal(np.eye(3) * 6.5, [[0, 0, 0]], [74])
+    assert not fits_in_cube(cube65, grid) and np.array_equal(fitting_rotation(cube65, grid), np.eye(3))
+    # a 4 x 4 x 11 Å cell: the corner atom sits at (-2, -2, -5.5), outside the cube unrotated
+    # (5.5 > 5), 6.18 Å from the centre, so it fits once turned towards a body diagonal (3.57 Å per axis)
+    tall = Crystal(np.diag([4.0, 4.0, 11.0]), [[0, 0, 0]], [26])
+    R = fitting_rotation(tall, grid)
+    assert R is not None and not np.allclose(R, np.eye(3))
+    assert np.allclose(R @ R.T, np.eye(3)) and np.isclose(np.linalg.det(R), 1.0)
+    p = cell_positions(tall, grid, R)
+    assert np.all((p >= 0) & (p <= grid.length))
+    assert np.abs(p - 5.0).max() < 4.6  # the widest margin of 512 tries: close to the diagonal's 3.57 Å
+    assert np.array_equal(fitting_rotation(tall, grid), R)  # the same orientation every time
+    # 9.53 Å from the centre: more than the cube's half diagonal (8.66 Å), fits no orientation
+    assert fitting_rotation(Crystal(np.eye(3) * 11.0, [[0, 0, 0], [0.5, 0.5, 0.5]], [26, 26]), grid) is None
 
 
 # ----------------------------------------------------------------------------- representation 2
