@@ -234,9 +234,12 @@ def fitting_rotation(crystal: Crystal, grid: Grid, tries: int = 512, seed: int =
     """
     if fits_rotated(crystal, grid, np.eye(3))[0]:
         return np.eye(3)
-    R = random_rotations(tries, seed)
     cart = crystal.cartesian() - 0.5 * crystal.lattice.sum(axis=0)
-    margin = 0.5 * grid.length - np.abs(np.einsum("kij,nj->kni", R, cart)).max(axis=(1, 2))
+    if np.linalg.norm(cart, axis=1).max() > 0.5 * grid.length * np.sqrt(3.0):
+        return None  # farther from the centre than the cube's corners: no orientation fits
+    R = random_rotations(tries, seed)
+    margin = np.concatenate([0.5 * grid.length - np.abs(np.einsum("kij,nj->kni", R[k:k + 64], cart)).max(axis=(1, 2))
+                             for k in range(0, len(R), 64)])  # 64 rotations at a time: bounded memory
     best = int(np.argmax(margin))
     return R[best] if margin[best] >= 0 else None
 
