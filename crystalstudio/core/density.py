@@ -170,6 +170,11 @@ class Crystal:
         return np.mod(self.frac, 1.0) @ self.lattice
 
 
+def _centred(crystal: Crystal) -> np.ndarray:
+    """(N, 3) float64 Å: the atoms (wrapped into the cell) relative to the cell centre 0.5 (a + b + c)."""
+    return crystal.cartesian() - 0.5 * crystal.lattice.sum(axis=0)
+
+
 def cell_positions(crystal: Crystal, grid: Grid, rotation: Rotation | np.ndarray | None = None) -> np.ndarray:
     """Representation 1 of the paper: the unit cell centred in the cube and rotated.
 
@@ -184,7 +189,7 @@ def cell_positions(crystal: Crystal, grid: Grid, rotation: Rotation | np.ndarray
     Returns:
         (N, 3) float64 Cartesian positions in Å in the cube frame ``[0, length]^3``.
     """
-    cart = crystal.cartesian() - 0.5 * crystal.lattice.sum(axis=0)
+    cart = _centred(crystal)
     if rotation is not None:
         R = rotation.as_matrix() if isinstance(rotation, Rotation) else np.asarray(rotation, np.float64)
         cart = cart @ R.T
@@ -197,7 +202,7 @@ def fits_in_cube(crystal: Crystal, grid: Grid, margin: float = 0.0) -> bool:
     That is, every atom lies within ``length/2 - margin`` Å of the cell centre, so the
     random rotations of training never push an atom out of the cube.
     """
-    r = np.linalg.norm(crystal.cartesian() - 0.5 * crystal.lattice.sum(axis=0), axis=1)
+    r = np.linalg.norm(_centred(crystal), axis=1)
     return bool(len(r) > 0 and r.max() <= 0.5 * grid.length - margin)
 
 
@@ -217,7 +222,7 @@ def fits_rotated(crystal: Crystal, grid: Grid, rotations: np.ndarray) -> np.ndar
         (K,) bool.
     """
     R = np.asarray(rotations, np.float64).reshape(-1, 3, 3)
-    cart = crystal.cartesian() - 0.5 * crystal.lattice.sum(axis=0)
+    cart = _centred(crystal)
     rotated = np.einsum("kij,nj->kni", R, cart)
     return np.all(np.abs(rotated) <= 0.5 * grid.length, axis=(1, 2))
 
@@ -234,7 +239,7 @@ def fitting_rotation(crystal: Crystal, grid: Grid, tries: int = 512, seed: int =
     """
     if fits_rotated(crystal, grid, np.eye(3))[0]:
         return np.eye(3)
-    cart = crystal.cartesian() - 0.5 * crystal.lattice.sum(axis=0)
+    cart = _centred(crystal)
     if np.linalg.norm(cart, axis=1).max() > 0.5 * grid.length * np.sqrt(3.0):
         return None  # farther from the centre than the cube's corners: no orientation fits
     R = random_rotations(tries, seed)
