@@ -373,8 +373,10 @@ class Session:
         if rotation is not None:
             R = np.asarray(rotation, np.float64)
         elif self.model.representation == "unit_cell":
-            R = fitting_rotation(crystal, grid)
-            R = np.eye(3) if R is None else R
+            R = crystal.meta.get("fit_rotation")  # found once by read_for_model for this cube
+            if R is None or crystal.meta.get("fit_grid") != grid.length:
+                R = fitting_rotation(crystal, grid)
+            R = np.eye(3) if R is None else np.asarray(R, np.float64)
         else:
             R = np.eye(3)
         uvw = np.asarray(self.window_origin if window_origin is None else window_origin, np.float64).reshape(3)
@@ -594,6 +596,7 @@ class Session:
         why = crystal.meta.get("fit_reason", "the cell does not fit the cube")
         R = fitting_rotation(crystal, model.grid)
         if R is not None:
+            crystal.meta["fit_rotation"], crystal.meta["fit_grid"] = R, model.grid.length  # for compute
             how = "as oriented in the file" if np.array_equal(R, np.eye(3)) else "rotated to fit"
             crystal.meta["note"] = (f"the cell fits the {model.grid.length:g} Å cube only in some orientations: "
                                     f"reconstructed {how}")

@@ -83,7 +83,7 @@ def test_a_cell_larger_than_the_cube_is_accepted_only_by_the_lattice_model(sessi
     assert rec.crystal.meta["note"].startswith("cell too large for the 10 Å cube")
 
 
-def test_a_cell_that_fits_some_orientations_stays_with_the_unit_cell_model(tmp_path):
+def test_a_cell_that_fits_some_orientations_stays_with_the_unit_cell_model(tmp_path, monkeypatch):
     """A 4 x 4 x 11 Å cell (one Fe at the origin, centred at (-2, -2, -5.5) Å) sticks out of the
     cube unrotated but fits turned; a 6.5 Å W cube (corner atom 5.63 Å from the centre) fits as
     written. The unit-cell model reads both (on val cells of this kind it finds 86% of atoms
@@ -96,8 +96,15 @@ def test_a_cell_that_fits_some_orientations_stays_with_the_unit_cell_model(tmp_p
     tall, cube = tmp_path / "tall.cif", tmp_path / "cube.cif"
     Structure(Lattice.tetragonal(4.0, 11.0), ["Fe"], [[0, 0, 0]]).to(filename=str(tall))
     Structure(Lattice.cubic(6.5), ["W"], [[0, 0, 0]]).to(filename=str(cube))
+    import crystalstudio.session as session_module
+
+    searches = []
+    real_search = session_module.fitting_rotation
+    monkeypatch.setattr(session_module, "fitting_rotation", lambda *a, **k: searches.append(1) or real_search(*a, **k))
     rec = unit.open(tall)
     assert unit.model.representation == "unit_cell"
+    # the orientation is searched once, when the file is read, and travels with the crystal
+    assert len(searches) == 1 and np.array_equal(rec.rotation, rec.crystal.meta["fit_rotation"])
     assert rec.crystal.meta["note"] == "the cell fits the 10 Å cube only in some orientations: reconstructed rotated to fit"
     assert not np.allclose(rec.rotation, np.eye(3)) and np.allclose(rec.rotation @ rec.rotation.T, np.eye(3))
     assert len(rec.positions) == 1 and np.all((rec.positions >= 0) & (rec.positions <= 10.0))
