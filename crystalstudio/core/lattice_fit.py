@@ -243,6 +243,43 @@ def _lattice_of(P: np.ndarray, A: np.ndarray, length: float, reach: float, min_s
     return None
 
 
+def distinct_translations(V: np.ndarray, tol_A: float) -> np.ndarray:
+    """Translations shortest first, one of each +-t pair, near-duplicates merged.
+
+    Args:
+        V: (K, 3) float translations in Å (either sign).
+        tol_A: two translations closer than this (Å), or than this to each other's negative,
+            count once (the shorter is kept).
+
+    Returns:
+        (J, 3) float64, J <= K, sorted by length (ties in input order).
+    """
+    V = np.asarray(V, np.float64).reshape(-1, 3)
+    uniq: list[np.ndarray] = []
+    for v in V[np.argsort(np.linalg.norm(V, axis=1), kind="stable")]:
+        if not any(min(np.linalg.norm(v - u), np.linalg.norm(v + u)) < tol_A for u in uniq):
+            uniq.append(v)
+    return np.array(uniq).reshape(-1, 3)
+
+
+def spanning_triples(U: np.ndarray, shortest: int = 16):
+    """Candidate bases among the ``shortest`` first rows of ``U``: every triple that is not
+    near-coplanar (volume at least 5% of the product of the lengths).
+
+    Args:
+        U: (J, 3) float translations in Å, e.g. from :func:`distinct_translations`.
+
+    Yields:
+        ``(B, volume)``: (3, 3) float64 rows three translations, and ``|det B|`` in Å^3.
+    """
+    U = np.asarray(U, np.float64)[:shortest]
+    for a, b, c in itertools.combinations(range(len(U)), 3):
+        B = U[[a, b, c]]
+        vol = abs(float(np.linalg.det(B)))
+        if vol >= 0.05 * float(np.prod(np.linalg.norm(B, axis=1))):
+            yield B, vol
+
+
 def basis_of(V: np.ndarray) -> np.ndarray | None:
     """A basis of the lattice that translations generate.
 
@@ -258,26 +295,16 @@ def basis_of(V: np.ndarray) -> np.ndarray | None:
     """
     if len(V) < 3:
         return None
-    V = V[np.argsort(np.linalg.norm(V, axis=1))]
-    # one of each +-t pair, then merge near-duplicates found from different reference atoms
-    uniq: list[np.ndarray] = []
-    for v in V:
-        if not any(np.linalg.norm(v - u) < MATCH_A or np.linalg.norm(v + u) < MATCH_A for u in uniq):
-            uniq.append(v)
-    U = np.array(uniq[:16])
+    U = distinct_translations(V, MATCH_A)
     best, best_key = None, None
-    for a, b, c in itertools.combinations(range(len(U)), 3):
-        B = U[[a, b, c]]
-        vol = abs(float(np.linalg.det(B)))
-        if vol < 0.05 * float(np.prod(np.linalg.norm(B, axis=1))):  # (near-)coplanar: sums of others
-            continue
+    for B, vol in spanning_triples(U):
         key = (round(vol, 1), float(np.linalg.norm(B, axis=1).sum()))
         if best_key is None or key < best_key:
             best, best_key = B, key
     if best is None:
         return None
-    coef = np.array(uniq) @ np.linalg.inv(best)
-    if np.abs(np.array(uniq) - np.rint(coef) @ best).max() > MATCH_A:
+    coef = U @ np.linalg.inv(best)
+    if np.abs(U - np.rint(coef) @ best).max() > MATCH_A:
         return None
     return best
 

@@ -21,12 +21,11 @@ a site has the same position and amplitude, so Z is read from k images at once.
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 from scipy import ndimage
 
 from .density import Grid
+from .lattice_fit import distinct_translations, spanning_triples
 from .lattice_overlap import SPLINE_ORDER, overlap_vectors
 
 __all__ = ["decoded_lattice", "fold_field", "fold_decoded", "lattice_of_vectors", "MAX_MISFIT"]
@@ -84,18 +83,8 @@ def lattice_of_vectors(T: np.ndarray, tol_A: float = VECTOR_TOL_A) -> np.ndarray
     T = np.asarray(T, np.float64).reshape(-1, 3)
     if len(T) < 3:
         return None
-    T = T[np.argsort(np.linalg.norm(T, axis=1), kind="stable")]
-    uniq: list[np.ndarray] = []
-    for v in T:
-        if not any(min(np.linalg.norm(v - u), np.linalg.norm(v + u)) < tol_A for u in uniq):
-            uniq.append(v)
-    U = np.array(uniq[:16])
     best, best_key, best_in = None, None, None
-    for a, b, c in itertools.combinations(range(len(U)), 3):
-        B = U[[a, b, c]]
-        vol = abs(float(np.linalg.det(B)))
-        if vol < 0.05 * float(np.prod(np.linalg.norm(B, axis=1))):  # (near-)coplanar
-            continue
+    for B, vol in spanning_triples(distinct_translations(T, tol_A)):
         inl = np.linalg.norm(T - np.rint(T @ np.linalg.inv(B)) @ B, axis=1) <= tol_A
         key = (-int(inl.sum()), vol, float(np.linalg.norm(B, axis=1).sum()))
         if best_key is None or key < best_key:

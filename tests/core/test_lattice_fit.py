@@ -338,3 +338,18 @@ def test_when_no_quick_tie_is_exact_the_closest_one_is_kept(monkeypatch):
     assert calls == list(DEFAULT_FIT.tie_seed_rounds) and len(seen) >= 2
     m = match_atoms(P[inside] + 0.05, Zi[inside], atoms.positions, atoms.Z, tol=1e-3)
     assert m["true_matched"] >= inside.sum() - 3  # (an image moved out across a face is lost)
+
+
+def test_distinct_translations_and_the_bases_they_span():
+    """The translations of a 3 x 4 x 5 Å orthorhombic lattice given with both signs, a 0.05 Å
+    near-duplicate and a sum: one of each, shortest first; the smallest spanning triple is the
+    cell, and a coplanar triple (a, b, a + b) is never offered."""
+    from crystalstudio.core.lattice_fit import basis_of, distinct_translations, spanning_triples
+
+    a, b, c = np.array([3.0, 0, 0]), np.array([0, 4.0, 0]), np.array([0, 0, 5.0])
+    V = np.array([c, -a, b + [0.05, 0, 0], a, -b, a + b, b])
+    U = distinct_translations(V, 0.2)
+    assert np.allclose(U, [-a, -b, c, a + b])  # lengths 3, 4, 5, 5 (ties in input order)
+    vols = sorted(v for _, v in spanning_triples(U))
+    assert np.allclose(vols, [60.0, 60.0, 60.0])  # (a, b, c), (a, a+b, c), (b, a+b, c); not (a, b, a+b)
+    assert np.allclose(np.abs(basis_of(V)), np.abs(np.array([a, b, c])))
