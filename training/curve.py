@@ -15,9 +15,11 @@ of that segment is ``seconds * threads / steps_in_segment``. Within a run the po
 chained in step order: the first point costs ``steps * cost`` (exactly ``seconds *
 threads`` for a run from scratch), each next one adds ``(steps - previous steps) * cost``
 of its own segment. A fine-tune therefore continues the curve of the run it started from
-when that run's checkpoints are listed in the same ``--run``. Wall seconds count the whole
-process (data, voxelisation, periodic evaluation), so a run that shared its cores is
-charged for the wait: the comparison errs against the slower-looking recipe.
+when that run's checkpoints are listed in the same ``--run``; listed alone, its steps before
+its first segment are charged at that segment's cost per step, unless ``--own-time LABEL``
+starts the run's axis at zero where its first segment began (the fine-tune's own minutes).
+Wall seconds count the whole process (data, voxelisation, periodic evaluation), so a run that
+shared its cores is charged for the wait: the comparison errs against the slower-looking recipe.
 
 ``--include earlier.json`` carries over the runs of an earlier output of this command
 (measured on another day, perhaps on another CPU, whose checkpoints are gone): its points
@@ -77,7 +79,7 @@ def checkpoint_cost(meta: dict) -> dict:
             "cpu_per_step": seconds * threads / seg}
 
 
-def chain_points(costs: list[dict]) -> list[dict]:
+def chain_points(costs: list[dict], own_time: bool = False) -> list[dict]:
     """Cumulative ``cpu_seconds`` and ``samples`` of a run's points (see the module docstring).
 
     A checkpoint's own cost is its segment's wall seconds x threads (the segment began at step
@@ -87,18 +89,21 @@ def chain_points(costs: list[dict]) -> list[dict]:
 
     Args:
         costs: :func:`checkpoint_cost` dicts (any order; each may carry other keys).
+        own_time: count from the step where the earliest segment began (a fine-tune's own
+            cost and samples; the run it started from is not charged), not from step 0.
 
     Returns:
         The dicts sorted by ``steps``, each with ``cpu_seconds`` (float, core-seconds) and
         ``samples`` (int) added. Points at the same step keep the first.
     """
     out: list[dict] = []
+    origin = min((max(0, c["steps"] - c["segment_steps"]) for c in costs), default=0) if own_time else 0
     for c in sorted(costs, key=lambda c: c["steps"]):
         if out and c["steps"] == out[-1]["steps"]:
             continue
         start = max(0, c["steps"] - c["segment_steps"])
         before = [p for p in out if p["steps"] <= start]
-        p = before[-1] if before else {"steps": 0, "cpu_seconds": 0.0, "samples": 0}
+        p = before[-1] if before else {"steps": origin, "cpu_seconds": 0.0, "samples": 0}
         base = p["cpu_seconds"] + (start - p["steps"]) * c["cpu_per_step"]
         samples = p["samples"] + (c["steps"] - p["steps"]) * c["batch"]
         out.append({**c, "cpu_seconds": base + c["seconds"] * c["threads"], "samples": samples})
@@ -160,7 +165,7 @@ def _reach(x: np.ndarray, y: np.ndarray, target: float):
 
 def curve(runs: dict[str, list[str]], data: str, split: str = "val", seed: int = 0, limit: int = 0,
           atoms: str = "fit-amplitude", reach: float | None = None, cache_path: str = "",
-          progress: bool = True) -> dict:
+          progress: bool = True, own_time: tuple[str, ...] = ()) -> dict:
     """Measure every checkpoint of every run and chain their costs.
 
     Args:
@@ -168,14 +173,20 @@ def curve(runs: dict[str, list[str]], data: str, split: str = "val", seed: int =
         data: the prepared ``.npz``.
         reach: an atoms-within-0.5-Å level whose first CPU time is reported per run.
         cache_path: JSON cache of measures ("" = none).
+        own_time: labels of runs (fine-tunes) whose CPU time starts at zero where their first
+            segment began (:func:`chain_points`); their result has ``"own_time": true``.
 
     Returns:
         dict with ``split``, ``seed``, ``atoms``, ``n_crystals``, ``runs``: ``[{label, points:
         [{file, steps, cpu_seconds, cpu_hours, samples, <measures>}], at_cpu_minutes, reach}]``.
 
     Raises:
-        ValueError: a run without checkpoints, or one whose metadata lacks the bookkeeping.
+        ValueError: a run without checkpoints, one whose metadata lacks the bookkeeping, or an
+            ``own_time`` label that names no run.
     """
+    unknown = sorted(set(own_time) - set(runs))
+    if unknown:
+        raise ValueError(f"--own-time {', '.join(unknown)}: no --run with that label")
     from crystalstudio.core.checkpoint import read_metadata
     from tqdm import tqdm
 
@@ -205,7 +216,7 @@ def curve(runs: dict[str, list[str]], data: str, split: str = "val", seed: int =
             except ValueError as exc:
                 raise ValueError(f"{Path(p).name}: {exc}") from None
         pts = []
-        for c in chain_points(costs):
+        for c in chain_points(costs, own_time=label in own_time):
             m = measured[c["file"]]
             out["n_crystals"] = m["n_crystals"]
             pts.append({"file": c["file"], "steps": c["steps"], "cpu_seconds": round(c["cpu_seconds"], 3),
@@ -214,6 +225,8 @@ def curve(runs: dict[str, list[str]], data: str, split: str = "val", seed: int =
         x = np.array([q["cpu_seconds"] for q in pts]) / 60
         at = {str(t): {k: _interp(x, np.array([q[k] for q in pts]), t) for k in MEASURES} for t in MILESTONES_MIN}
         r = {"label": label, "points": pts, "at_cpu_minutes": at}
+        if label in own_time:
+            r["own_time"] = True
         if reach is not None:
             hit = _reach(x, np.array([q["atoms_within_tol"] for q in pts]), reach)
             r["reach"] = {"atoms_within_tol": reach, "cpu_minutes": None if hit is None else round(hit, 1)}
@@ -237,7 +250,8 @@ def plot_curve(res: dict, path: str) -> None:
         for j, r in enumerate(res["runs"]):  # earlier runs drawn wider and on top: a run that
             x = [q["cpu_hours"] for q in r["points"]]  # continues another must not hide it
             y = [q[k] for q in r["points"]]
-            ax.plot(x, y, "o-", label=r["label"], ms=3 + 2.5 * (n - 1 - j), lw=1 + 1.5 * (n - 1 - j),
+            name = r["label"] + (" (own time)" if r.get("own_time") else "")
+            ax.plot(x, y, "o-", label=name, ms=3 + 2.5 * (n - 1 - j), lw=1 + 1.5 * (n - 1 - j),
                     zorder=2 + n - j, alpha=0.85)
         if k == "voxel_mse":
             ax.set_yscale("log")
@@ -294,6 +308,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the rotations")
     p.add_argument("--limit", type=int, default=0, help="first N crystals of the split (0 = all)")
     p.add_argument("--atoms", default="fit-amplitude", choices=("fit-amplitude", "fit", "unet"))
+    p.add_argument("--own-time", action="append", default=[], metavar="LABEL",
+                   help="this run's CPU time starts at zero where its first segment began (a fine-tune "
+                        "listed without the run it started from); repeat for each run")
     p.add_argument("--reach", type=float, default=None, help="report the CPU time to this atoms-within level")
     p.add_argument("--cache", default="runs/curve_cache.json", help="JSON cache of measures ('' = none)")
     p.add_argument("--include", default="", metavar="JSON",
@@ -338,7 +355,8 @@ def run(a: argparse.Namespace) -> dict:
             earlier = json.loads(Path(a.include).read_text())
         except (OSError, ValueError) as exc:
             raise ValueError(f"{Path(a.include).name}: not a curve JSON ({exc})") from None
-    res = curve(runs, a.data, a.split, a.seed, a.limit, a.atoms, a.reach, a.cache)
+    res = curve(runs, a.data, a.split, a.seed, a.limit, a.atoms, a.reach, a.cache,
+                own_time=tuple(getattr(a, "own_time", []) or ()))
     if earlier is not None:
         res = include_runs(res, earlier, a.reach, Path(a.include).name)
     print(format_curve(res))

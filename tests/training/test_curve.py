@@ -148,3 +148,22 @@ def test_snapshots_of_one_segment_cost_their_own_seconds():
     ft = {"steps": 1500, "segment_steps": 500, "batch": 8, "threads": 2, "seconds": 100.0, "cpu_per_step": 0.4}
     pts = chain_points(snaps[:2] + [ft])
     assert pts[-1]["cpu_seconds"] == pytest.approx(1800.0 + 200.0)
+
+
+def test_own_time_starts_a_fine_tune_at_zero_where_it_began():
+    # a fine-tune from step 1000 of another run, its snapshots at 1200 and 1500 (60 s and 150 s
+    # of one thread): listed alone it is charged 1000 steps it did not train, unless own_time
+    ft = [{"steps": s, "segment_steps": s - 1000, "batch": 8, "threads": 1, "seconds": t,
+           "cpu_per_step": t / (s - 1000)} for s, t in ((1200, 60.0), (1500, 150.0))]
+    charged = chain_points(ft)
+    assert [p["cpu_seconds"] for p in charged] == pytest.approx([1000 * 0.3 + 60.0, 1000 * 0.3 + 150.0])
+    own = chain_points(ft, own_time=True)
+    assert [p["cpu_seconds"] for p in own] == pytest.approx([60.0, 150.0])
+    assert [p["samples"] for p in own] == [200 * 8, 500 * 8]
+    assert [p["steps"] for p in own] == [1200, 1500]  # the weights' own step count is kept
+
+
+def test_own_time_names_a_run(tmp_path):
+    from training.curve import curve
+    with pytest.raises(ValueError, match="--own-time lat: no --run with that label"):
+        curve({"a": [str(tmp_path / "x.safetensors")]}, str(tmp_path / "none.npz"), own_time=("lat",))
