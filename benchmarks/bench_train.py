@@ -14,8 +14,9 @@ Rows:
   (:class:`training.batcher.GPUCrystalBatcher`).
 * ``bf16 autocast + channels-last, gpu batcher`` (CUDA): the CUDA default of ``train.py``.
 * ``bf16 autocast, voxelise`` and ``bf16 autocast + channels-last, voxelise`` (CPU): run
-  where the CPU has AMX tile units (:func:`training.train.cpu_bf16_fast`, where ``train.py``
-  turns both on by default) or with ``--cpu-bf16 on``.
+  where the CPU has native bf16, AMX tile units or AVX-512 BF16
+  (:func:`training.train.cpu_bf16_fast`, where ``train.py`` turns both on by default) or with
+  ``--cpu-bf16 on``.
 
 ``--vae-only``: the step of ``train --vae-only`` (no U-Net forward and backward), the
 CPU recipe's.
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--vae-only", action="store_true", help="time the step of train --vae-only")
     p.add_argument("--cpu-bf16", choices=["auto", "on", "off"], default="auto",
-                   help="CPU bf16 rows: auto = where the CPU has AMX")
+                   help="CPU bf16 rows: auto = where the CPU has native bf16 (AMX or AVX-512 BF16)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -174,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         configs += [("fp32 eager, gpu batcher", False, False, True),
                     ("bf16 autocast + channels-last, gpu batcher", True, True, True)]
-    amx = cpu_bf16_fast()
-    cpu_bf16 = not cuda and (a.cpu_bf16 == "on" or (a.cpu_bf16 == "auto" and amx))
+    native = cpu_bf16_fast()
+    cpu_bf16 = not cuda and (a.cpu_bf16 == "on" or (a.cpu_bf16 == "auto" and native))
     if cpu_bf16:
         configs += [("bf16 autocast, voxelise", True, False, False),
                     ("bf16 autocast + channels-last, voxelise", True, True, False)]
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                 row += f" {100 * tf / peak:.1f}% |"
             print(row, flush=True)
     if not cuda and not cpu_bf16:
-        print(f"\nCPU bf16 rows skipped: this CPU has {'' if amx else 'no '}AMX (--cpu-bf16 on runs them).")
+        print(f"\nCPU bf16 rows skipped: this CPU has {'' if native else 'no '}native bf16 (AMX or AVX-512 BF16; "
+              "--cpu-bf16 on runs them).")
     return 0
 
 

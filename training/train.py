@@ -13,13 +13,14 @@ tensors + JSON metadata: step, samples, seconds), so ``--resume`` continues a ru
 its last checkpoint left it (same step count, learning-rate schedule and budgets).
 
 At scale (the defaults of ``--amp`` and ``--channels-last`` are "on for CUDA and for a CPU
-with AMX bf16 matrix units (:func:`cpu_bf16_fast`), off for other CPUs"; ``--gpu-batcher``
+with native bf16, AMX or AVX-512 BF16 (:func:`cpu_bf16_fast`), off for other CPUs"; ``--gpu-batcher``
 is on for CUDA only):
 
 * ``--amp``: bf16 autocast of the networks; the losses are computed in float32.
 * ``--channels-last``: channels-last-3d memory format of weights and inputs. On a 2-core
   Xeon with AMX, one thread, a VAE-only step takes 0.25-0.30 of the float32 time with both
-  (batch 16 and 8; ``python benchmarks/bench_train.py --vae-only``); on an AVX2-only CPU bf16
+  (batch 16 and 8; ``python benchmarks/bench_train.py --vae-only``), 0.39 on an AMD EPYC with
+  AVX-512 BF16 (batch 8); on an AVX2-only CPU bf16
   is several times slower than float32, so the default there stays float32.
 * ``--gpu-batcher``: the whole data set padded on the device, batches and rotations drawn
   there (:class:`training.batcher.GPUCrystalBatcher`); no Python loop per crystal.
@@ -102,7 +103,7 @@ class TrainConfig:
     resume: bool = False                 # also restore optimizer + step from <init or out>.optim.safetensors
     init_optimizer: bool = False         # fine-tune: restore only the Adam moments of --init (new schedule, step 0)
     # speed (None = on for CUDA and AMX CPUs, off for other CPUs; gpu_batcher: CUDA only)
-    amp: bool | None = None              # bf16 autocast (losses in float32); None: CUDA or an AMX CPU
+    amp: bool | None = None              # bf16 autocast (losses in float32); None: CUDA or a native-bf16 CPU
     channels_last: bool | None = None    # channels-last-3d memory format; None: as amp
     conditional: bool = False            # Sec. 4.5: condition the bottleneck on the largest density
     cond_jitter: float = 0.0             # conditional: scale each field M by exp(U(-j, j)) (Fig. 10B: the target sets the magnitude)
@@ -127,17 +128,23 @@ def freeze_batchnorm(module: nn.Module) -> int:
 
 
 def cpu_bf16_fast() -> bool:
-    """Whether this CPU has AMX tile units (Intel Sapphire Rapids and later), on which torch's
-    oneDNN runs bf16 3-D convolutions several times faster than float32 (measured: a VAE-only
-    step at 0.25-0.30 of the float32 time with channels-last). Without them bf16 convolutions
-    are emulated: several times slower than float32 on this project's AVX2-only AMD (AVX-512
-    without AMX was not measured, so it stays in float32 too). False when torch cannot tell
-    (the probe is torch's ``torch.cpu._is_amx_tile_supported``)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:
-        return False
+    """Whether this CPU runs bf16 3-D convolutions natively: AMX tile units (Intel Sapphire
+    Rapids and later) or the AVX-512 BF16 instructions (AMD Zen 4 and later, Intel Cooper
+    Lake). There torch's oneDNN runs a bf16 channels-last step several times faster than
+    float32 (measured with ``python benchmarks/bench_train.py --vae-only --cpu-bf16 on``, one
+    thread, batch 8: a VAE-only step at 0.25-0.30 of the float32 time on a Xeon with AMX, 0.39 on
+    an AMD EPYC with AVX-512 BF16 and no AMX). Without either, bf16 convolutions are emulated:
+    several times slower than float32 on this project's AVX2-only AMD, so training stays in
+    float32 there. False when torch cannot tell (the probes are torch's
+    ``torch.cpu._is_amx_tile_supported`` and ``torch.cpu._is_avx512_bf16_supported``)."""
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        probe = getattr(torch.cpu, name, None)
+        try:
+            if probe is not None and bool(probe()):
+                return True
+        except RuntimeError:
+            continue
+    return False
 
 
 def cpu_name() -> str:

@@ -26,6 +26,8 @@ from training.batcher import GPUCrystalBatcher, random_rotations_torch
 from training.data import CrystalArrays, voxelise
 from training.train import TrainConfig, _lr_at, load_train_state, optim_path, train
 
+ORIGINAL_CPU_PROBE = train_mod.cpu_bf16_fast  # tests/training/conftest.py stubs it per test
+
 ROOT = Path(__file__).resolve().parents[2]
 GRID = Grid(n=16, length=10.0)
 TINY = dict(latent=8, enc_channels=(4, 4, 4, 4), bottleneck_channels=4, dec_channels=(4, 4, 4),
@@ -170,6 +172,22 @@ def test_amp_default_follows_the_cpu_probe(npz, tmp_path, monkeypatch, amx):
     train(tiny_cfg(npz, tmp_path / "e.safetensors", amp=False, channels_last=False))
     info = read_metadata(tmp_path / "e.safetensors")["training"]
     assert info["amp"] is False and info["channels_last"] is False
+
+
+@pytest.mark.parametrize("amx,avx512_bf16,native", [(True, False, True), (False, True, True),
+                                                     (False, False, False)])
+def test_cpu_probe_accepts_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16, native):
+    """bf16 is native on AMX (Xeon) and on AVX-512 BF16 (AMD Zen 4+): either turns the probe
+    on; neither (AVX2 only) keeps float32. A probe that raises counts as absent."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert ORIGINAL_CPU_PROBE() is native
+
+    def broken():
+        raise RuntimeError("cpuinfo failed")
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken, raising=False)
+    assert ORIGINAL_CPU_PROBE() is avx512_bf16
 
 
 def test_amp_and_channels_last_run_on_cpu(npz, tmp_path):
