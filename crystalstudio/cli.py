@@ -215,8 +215,8 @@ def _interpolate(a: argparse.Namespace) -> int:
     session = _session(a)
     cond = _cond(a, session)
     ra, rb = session.open(a.a), session.open(a.b)
-    session.set_endpoint("A", ra.crystal.name, ra.z, ra)
-    session.set_endpoint("B", rb.crystal.name, rb.z, rb)
+    session.path.set_endpoint("A", ra.crystal.name, ra.z, ra)
+    session.path.set_endpoint("B", rb.crystal.name, rb.z, rb)
     zs = interpolate(ra.z, rb.z, a.frames, a.mode)
     label = f"{ra.crystal.name} -> {rb.crystal.name}"
     titles = [f"{label}   t = {t:.2f}" for t in np.linspace(0.0, 1.0, a.frames)]

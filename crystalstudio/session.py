@@ -2,8 +2,8 @@
 
 No Qt here. Views subscribe with :meth:`Session.subscribe` and are told
 ``callback(event, value)`` when something changed (``"model"``, ``"reconstruction"``,
-``"latent"`` (the explorer's z), ``"endpoint"`` ((``"A"``/``"B"``, :class:`Endpoint`)),
-``"keyframes"`` (their count)).
+``"latent"`` (the explorer's z), and from ``session.path`` (:class:`LatentPath`)
+``"endpoint"`` ((``"A"``/``"B"``, :class:`Endpoint`)) and ``"keyframes"`` (their count)).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from .core.checkpoint import CheckpointError, CrystalModel, load_checkpoint
 from .core.density import Crystal, cell_positions, density_field, fitting_rotation, lattice_positions
 from .core.metrics import match_atoms
 from .core.segment import Atoms
+from .latent_path import Endpoint, LatentPath
 
-__all__ = ["Session", "Reconstruction", "Frame", "Endpoint", "default_checkpoint", "sample_files",
+__all__ = ["Session", "Reconstruction", "Frame", "Endpoint", "LatentPath", "default_checkpoint", "sample_files",
            "CheckpointError", "readouts"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -152,21 +153,6 @@ class Frame:
     readouts: dict = field(default_factory=dict)
 
 
-@dataclass
-class Endpoint:
-    """One end of an interpolation (Sec. 4.3): a named latent vector.
-
-    Attributes:
-        name: what it is (e.g. the crystal's name, ``"seed 3"``).
-        z: (latent,) float32.
-        reconstruction: the encoded crystal it came from, if any.
-    """
-
-    name: str
-    z: np.ndarray
-    reconstruction: Reconstruction | None = None
-
-
 def readouts(atoms: Atoms, M_hat: np.ndarray, peak_scale: float, close_A: float = 0.5) -> dict:
     """Live numbers of a frame: ``n_atoms``, ``composition`` ({Z: count}), ``min_distance_A``
     (smallest interatomic distance, None for < 2 atoms), ``too_close`` (min distance below
@@ -229,9 +215,8 @@ class Session:
         self.window_origin = np.zeros(3)
         # Latent-space state of the explorer (plain data; the GUI and scripts share it).
         self.z: np.ndarray | None = None  # the latent vector being explored
-        self.endpoints: dict[str, Endpoint | None] = {"A": None, "B": None}
-        self.t = 0.0  # position between A (t = 0) and B (t = 1)
-        self.keyframes: list[np.ndarray] = []  # latent vectors of a user-made path (export)
+        #: endpoints A and B, t between them, keyframes (interpolation scrubbing, export)
+        self.path = LatentPath(self.model.latent, self._emit)
         #: where random draws come from: "aggregate" (the checkpoint's fitted prior, when it
         #: has one) or "standard" (z ~ N(0, I), Sec. 4.4)
         self.prior: str = "aggregate"
@@ -430,14 +415,11 @@ class Session:
 
     # ------------------------------------------------------------------ latent state
     def reset_latent_state(self) -> None:
-        """Forget z and the endpoints when they no longer fit the model (another latent size)."""
+        """Forget z, the endpoints and keyframes that no longer fit the model (another latent size)."""
         n = self.model.latent
         if self.z is not None and self.z.shape != (n,):
             self.z = None
-        for k, ep in self.endpoints.items():
-            if ep is not None and ep.z.shape != (n,):
-                self.endpoints[k] = None
-        self.keyframes = [k for k in self.keyframes if k.shape == (n,)]
+        self.path.resize(n)
 
     def natural_cond(self) -> float | None:
         """Conditioning value when the user sets none: for a conditional model the current
@@ -461,32 +443,7 @@ class Session:
         return None if c is None else np.linspace(c[0], c[1], int(n), dtype=np.float32)
 
     def _endpoint_maxima(self) -> tuple[float, float] | None:
-        a, b = self.endpoints["A"], self.endpoints["B"]
-        if not self.model.config.conditional or a is None or b is None \
-                or a.reconstruction is None or b.reconstruction is None:
-            return None
-        return float(a.reconstruction.M.max()), float(b.reconstruction.M.max())
-
-    def add_keyframe(self, z: np.ndarray | None = None) -> int:
-        """Append ``z`` (default: the explored z) to the keyframe path; returns the count.
-
-        Raises:
-            ValueError: no z yet, or ``z`` is not a (latent,) vector of finite numbers.
-        """
-        z = self.z if z is None else z
-        if z is None:
-            raise ValueError("nothing to add: encode a crystal or move a slider first")
-        z = np.array(z, np.float32).reshape(-1)
-        if z.shape != (self.model.latent,) or not np.all(np.isfinite(z)):
-            raise ValueError(f"a keyframe must be {self.model.latent} finite numbers, got shape {z.shape}")
-        self.keyframes.append(z)
-        self._emit("keyframes", len(self.keyframes))
-        return len(self.keyframes)
-
-    def clear_keyframes(self) -> None:
-        """Forget the keyframe path."""
-        self.keyframes = []
-        self._emit("keyframes", 0)
+        return self.path.endpoint_maxima() if self.model.config.conditional else None
 
     def set_latent(self, z: np.ndarray) -> np.ndarray:
         """Set the explored latent vector (copied, float32); observers get ``("latent", z)``.
@@ -500,40 +457,6 @@ class Session:
         self.z = z
         self._emit("latent", z)
         return z
-
-    def set_endpoint(self, which: str, name: str, z: np.ndarray,
-                     reconstruction: Reconstruction | None = None) -> Endpoint:
-        """Set interpolation end ``which`` ("A" or "B"); observers get ``("endpoint", (which, Endpoint))``."""
-        if which not in self.endpoints:
-            raise ValueError(f"endpoint must be 'A' or 'B', got {which!r}")
-        ep = Endpoint(str(name), np.array(z, np.float32).reshape(-1), reconstruction)
-        self.endpoints[which] = ep
-        self._emit("endpoint", (which, ep))
-        return ep
-
-    def latent_between(self, t: float, mode: str = "linear") -> np.ndarray:
-        """z at ``t`` in [0, 1] between endpoints A and B (``"linear"`` or ``"spherical"``).
-
-        t = 0 and t = 1 give A's and B's z exactly (same z, same decoded field).
-
-        Raises:
-            ValueError: an endpoint is not set, or an unknown mode.
-        """
-        from .core.latent import lerp, slerp
-
-        a, b = self.endpoints["A"], self.endpoints["B"]
-        if a is None or b is None:
-            raise ValueError("set both interpolation endpoints A and B first")
-        f = {"linear": lerp, "spherical": slerp}.get(mode)
-        if f is None:
-            raise ValueError(f"unknown interpolation mode {mode!r} (linear, spherical)")
-        t = float(min(max(t, 0.0), 1.0))
-        self.t = t
-        if t == 0.0:
-            return a.z.copy()
-        if t == 1.0:
-            return b.z.copy()
-        return f(a.z, b.z, t)
 
     def reconstruct(self, crystal: Crystal, rotation: np.ndarray | None = None) -> Reconstruction:
         """:meth:`compute` then make it the current reconstruction (observers are told)."""

@@ -60,7 +60,7 @@ class KeyframeBar(QWidget):
         session = self._session_of()
         if session is None:
             return 0
-        n = session.add_keyframe(self._z_of())
+        n = session.path.add_keyframe(self._z_of())
         self.show_keyframes()
         return n
 
@@ -68,13 +68,13 @@ class KeyframeBar(QWidget):
         """Empty the session's keyframe path."""
         session = self._session_of()
         if session is not None:
-            session.clear_keyframes()
+            session.path.clear_keyframes()
         self.show_keyframes()
 
     def show_keyframes(self) -> None:
         """Show how many keyframes the session holds."""
         session = self._session_of()
-        n = 0 if session is None else len(session.keyframes)
+        n = 0 if session is None else len(session.path.keyframes)
         self.keys_label.setText(f"Keyframes: {n}")
 
 
@@ -197,7 +197,7 @@ class InterpolationPanel(QWidget):
             name, r = rec.crystal.name, rec
         else:
             name, r = self._source_of(), None
-        session.set_endpoint(which, name, z, r)
+        session.path.set_endpoint(which, name, z, r)
         combo = self.a_combo if which == "A" else self.b_combo
         combo.setCurrentIndex(0)
         self.endpoint_changed(which)
@@ -213,7 +213,7 @@ class InterpolationPanel(QWidget):
 
     def set_encoded(self, which: str, rec: Reconstruction) -> None:
         """The encoded structure ``rec`` is endpoint ``which`` now."""
-        self._session_of().set_endpoint(which, rec.crystal.name, rec.z, rec)
+        self._session_of().path.set_endpoint(which, rec.crystal.name, rec.z, rec)
         self.endpoint_changed(which)
 
     def _endpoint_from_combo(self, which: str, combo: QComboBox, index: int) -> None:
@@ -231,7 +231,7 @@ class InterpolationPanel(QWidget):
     def update_endpoints(self) -> None:
         """Show the session's endpoints; t and Play are enabled once both are set."""
         session = self._session_of()
-        eps = session.endpoints if session is not None else {"A": None, "B": None}
+        eps = session.path.endpoints if session is not None else {"A": None, "B": None}
         for which, label in (("A", self.a_label), ("B", self.b_label)):
             ep = eps.get(which)
             label.setText(f"{which}: {ep.name}" if ep is not None else f"{which}: —")
@@ -249,15 +249,15 @@ class InterpolationPanel(QWidget):
     def apply_t(self, t: float, segment: bool = True) -> None:
         """Move to ``t`` between A and B (nothing before both are set); ``segment`` False: dragging."""
         s = self._session_of()
-        if s is None or s.endpoints["A"] is None or s.endpoints["B"] is None:
+        if s is None or not s.path.ready():
             return
         self._t = float(t)
         with QSignalBlocker(self.t_slider):
             self.t_slider.setValue(int(round(self._t * T_STEPS)))
         self.t_label.setText(f"{self._t:.3f}")
         mode = self.mode_combo.currentData()
-        z = s.latent_between(self._t, mode)
-        a, b = s.endpoints["A"].name, s.endpoints["B"].name
+        z = s.path.between(self._t, mode)
+        a, b = s.path.endpoints["A"].name, s.path.endpoints["B"].name
         self.moved.emit(z, f"{a} → {b}, t = {self._t:.3f} ({mode})", not segment, s.cond_between(self._t))
 
     def set_t(self, t: float) -> None:

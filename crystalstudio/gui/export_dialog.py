@@ -71,7 +71,7 @@ def latent_path(session: Session, spec: ExportSpec) -> tuple[np.ndarray, list[st
     if n < 2:
         raise ValueError(f"a video needs at least 2 frames, got {n}")
     if spec.kind == "interpolation":
-        a, b = session.endpoints["A"], session.endpoints["B"]
+        a, b = session.path.endpoints["A"], session.path.endpoints["B"]
         if a is None or b is None:
             raise ValueError("set both interpolation endpoints A and B first (Latent explorer > Interpolate)")
         zs = interpolate(a.z, b.z, n, spec.mode)
@@ -84,10 +84,10 @@ def latent_path(session: Session, spec: ExportSpec) -> tuple[np.ndarray, list[st
         zs = sweep(z, int(spec.dim), n)
         titles = [f"z[{spec.dim}] = {v:+.2f}" for v in np.linspace(*SLIDER_RANGE, n)]
     elif spec.kind == "keyframes":
-        if len(session.keyframes) < 2:
-            raise ValueError(f"a keyframe path needs at least 2 keyframes, there are {len(session.keyframes)} "
+        if len(session.path.keyframes) < 2:
+            raise ValueError(f"a keyframe path needs at least 2 keyframes, there are {len(session.path.keyframes)} "
                              "(Latent explorer > Interpolate > Add keyframe)")
-        zs = keyframe_path(session.keyframes, n, spec.mode)
+        zs = keyframe_path(session.path.keyframes, n, spec.mode)
         titles = [f"keyframe path   {i + 1}/{n}" for i in range(n)]
     else:
         raise ValueError(f"unknown export kind {spec.kind!r} ({', '.join(KINDS)})")

@@ -108,9 +108,9 @@ def test_interpolation_ends_reproduce_the_reconstructions(qtbot, window, model):
         with qtbot.waitSignal(ex.endpoint_set, timeout=WAIT_MS, check_params_cb=lambda w, k=which: w == k):
             combo.setCurrentIndex(i)
             combo.activated.emit(i)  # what a user's choice sends
-        assert window.session.endpoints[which].name == name
+        assert window.session.path.endpoints[which].name == name
     assert ex.t_slider.isEnabled() and ex.play_button.isEnabled()
-    zA, zB = window.session.endpoints["A"].z, window.session.endpoints["B"].z
+    zA, zB = window.session.path.endpoints["A"].z, window.session.path.endpoints["B"].z
 
     ref = Session(model=model)
     M_a = ref.compute(read_structure(NACL, ref.grid)).M_hat
@@ -124,8 +124,8 @@ def test_interpolation_ends_reproduce_the_reconstructions(qtbot, window, model):
     np.testing.assert_allclose(f1.M_hat, M_b)
     assert not np.allclose(M_a, M_b)
     for mode in ("linear", "spherical"):  # both modes end exactly on A and B
-        np.testing.assert_array_equal(window.session.latent_between(0.0, mode), zA)
-        np.testing.assert_array_equal(window.session.latent_between(1.0, mode), zB)
+        np.testing.assert_array_equal(window.session.path.between(0.0, mode), zA)
+        np.testing.assert_array_equal(window.session.path.between(1.0, mode), zB)
 
     # Play: t steps through `frames` values from A to B and stops at B without loop.
     ex.steps_spin.setValue(3)

@@ -24,7 +24,7 @@ def set_endpoints(window, a="NaCl", b="SrTiO3"):
     s = window.session
     for which, name in (("A", a), ("B", b)):
         rec = s.compute(read_structure(SAMPLES / f"{name}.cif", s.grid))
-        s.set_endpoint(which, name, rec.mu, rec)
+        s.path.set_endpoint(which, name, rec.mu, rec)
 
 
 def leftovers(folder):
@@ -101,7 +101,7 @@ def test_keyframes_from_the_explorer_and_a_sweep(qtbot, window, tmp_path):
                                          show_atoms=False))
     assert out is not None and iio.imread(out).shape[:3] == (5, 120, 160)
     ex.clear_keys_button.click()
-    assert s.keyframes == [] and ex.keys_label.text() == "Keyframes: 0"
+    assert s.path.keyframes == [] and ex.keys_label.text() == "Keyframes: 0"
 
     zs, titles = latent_path(s, ExportSpec("sweep", frames=3, dim=7))
     assert zs[:, 7].tolist() == [-3.0, 0.0, 3.0] and titles[0] == "z[7] = -3.00"
