@@ -23,7 +23,7 @@ from crystalstudio.core.checkpoint import (CheckpointError, evaluation_path, loa
 from crystalstudio.core.metrics import MEASURE_KEYS
 
 __all__ = ["ShipError", "ship", "check_evaluation", "metrics_path", "results_table", "update_readme",
-           "METRIC_KEYS", "READING_KEYS", "ASSETS", "BEGIN", "END"]
+           "METRIC_KEYS", "READING_KEYS", "ASSETS", "BEGIN", "END", "OPTIM_LIMIT"]
 
 #: top-level measures of an evaluation JSON copied into the checkpoint's ``metrics`` metadata
 METRIC_KEYS = MEASURE_KEYS
@@ -31,6 +31,9 @@ METRIC_KEYS = MEASURE_KEYS
 #: reading settings an evaluation JSON records; each must equal the shipped checkpoint's
 READING_KEYS = ("representation", "latent", "unet_gate", "draw_gate", "draw_light", "light_subtract",
                 "lattice_fold", "refine_lr", "species_prior")
+
+#: largest optimizer side file shipped beside a checkpoint (bytes)
+OPTIM_LIMIT = 16 * 2**20
 
 #: the shipped checkpoints, in the order of the README table's columns
 ASSETS = ("unit_cell", "unit_cell_conditional", "repeating_lattice")
@@ -95,27 +98,53 @@ def check_evaluation(checkpoint: str | Path, evaluation: str | Path) -> dict:
     return res
 
 
-def ship(checkpoint: str | Path, evaluation: str | Path, out: str | Path) -> Path:
+def ship(checkpoint: str | Path, evaluation: str | Path, out: str | Path,
+         optimizer_of: str | Path | None = None) -> Path:
     """Write ``checkpoint`` to ``out`` with the test measures of ``evaluation`` as its
     ``metrics`` metadata (:data:`METRIC_KEYS`), and the JSON to :func:`metrics_path` of ``out``
     with its ``checkpoint`` field set to ``out``. Weights, prior and reading are unchanged.
+
+    ``optimizer_of``: the training run (a checkpoint with ``.optim.safetensors`` beside it)
+    whose weights these are; its Adam state is written beside ``out`` with bfloat16 moments
+    (:func:`training.train.compact_train_state`, at most :data:`OPTIM_LIMIT` bytes), so a
+    fresh checkout can fine-tune the shipped file with ``--init out --init-optimizer``.
+    Without it, a side file left beside ``out`` by an earlier ship is removed (it belonged to
+    other weights).
 
     Returns:
         ``out``.
 
     Raises:
-        ShipError: see :func:`check_evaluation`.
+        ShipError: see :func:`check_evaluation`; ``optimizer_of`` has other weights than
+            ``checkpoint``, no optimizer state, or one over :data:`OPTIM_LIMIT` even compacted.
         CheckpointError: the checkpoint does not load or cannot be written.
     """
+    from training.train import compact_train_state, optim_path
+
     res = check_evaluation(checkpoint, evaluation)
+    out = Path(out)
+    if optimizer_of is not None:
+        if weights_fingerprint(optimizer_of) != weights_fingerprint(checkpoint):
+            raise ShipError(f"{Path(optimizer_of).name}: other weights than {Path(checkpoint).name}; "
+                            "its optimizer state would not belong to the shipped file")
+        if not optim_path(optimizer_of).is_file():
+            raise ShipError(f"{Path(optimizer_of).name}: no {optim_path(optimizer_of).name} beside it")
     metrics = {k: res[k] for k in METRIC_KEYS if k in res}
     metrics["evaluated_by"] = "python -m training evaluate (the .metrics.json beside the checkpoint)"
-    out = Path(out)
     update_metadata(checkpoint, {"metrics": metrics}, out)
     res = {**res, "checkpoint": str(out)}
     tmp = metrics_path(out).with_suffix(".json.tmp")
     tmp.write_text(json.dumps(res, indent=1, allow_nan=False) + "\n")
     tmp.replace(metrics_path(out))
+    side = optim_path(out)
+    if optimizer_of is None:
+        side.unlink(missing_ok=True)
+    else:
+        compact_train_state(optimizer_of, out)
+        if side.stat().st_size > OPTIM_LIMIT:
+            side.unlink()
+            raise ShipError(f"{side.name}: the optimizer state of {Path(optimizer_of).name} is over "
+                            f"{OPTIM_LIMIT // 2**20} MiB even in bfloat16; shipped without it")
     return out
 
 
@@ -196,6 +225,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="the evaluated checkpoint (.safetensors)")
     p.add_argument("--evaluation", required=True, help="its test evaluation (python -m training evaluate --json)")
     p.add_argument("--out", required=True, help="where it ships, e.g. assets/unit_cell.safetensors")
+    p.add_argument("--optimizer-of", default=None, metavar="RUN",
+                   help="the training run (checkpoint with .optim.safetensors beside it) of these weights: "
+                        "its Adam state ships beside --out in bfloat16, for --init-optimizer fine-tunes")
     return p
 
 
@@ -209,12 +241,14 @@ def add_table_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(a: argparse.Namespace) -> int:
     """``python -m training ship``: exit 0, or 2 with a one-line ``error: ...``."""
     try:
-        out = ship(a.checkpoint, a.evaluation, a.out)
+        out = ship(a.checkpoint, a.evaluation, a.out, getattr(a, "optimizer_of", None))
     except (ShipError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     m = load_checkpoint(out, jit=False).info["metrics"]
-    print(f"{out} ({metrics_path(out).name} beside it): test atoms within 0.5 Å {_pct(m.get('atoms_within_tol'))}, "
+    side = Path(out).with_suffix(".optim.safetensors")
+    beside = metrics_path(out).name + (f" and {side.name}" if side.is_file() else "")
+    print(f"{out} ({beside} beside it): test atoms within 0.5 Å {_pct(m.get('atoms_within_tol'))}, "
           f"exact count {_pct(m.get('exact_count'))}, species {_pct(m.get('species_accuracy'))}")
     return 0
 

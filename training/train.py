@@ -279,7 +279,13 @@ def save_train_state(checkpoint: str | os.PathLike, opt: torch.optim.Optimizer, 
 
 
 def load_train_state(checkpoint: str | os.PathLike) -> tuple[dict, dict]:
-    """``(optimizer state_dict, info)`` from :func:`save_train_state`'s side file."""
+    """``(optimizer state_dict, info)`` from :func:`save_train_state`'s side file (or from
+    :func:`compact_train_state`'s: its bfloat16 moments are returned in float32).
+
+    Raises:
+        FileNotFoundError: no side file beside ``checkpoint``.
+        ValueError: the side file is not a crystalstudio optimizer state.
+    """
     from safetensors import safe_open
 
     path = optim_path(checkpoint)
@@ -293,7 +299,8 @@ def load_train_state(checkpoint: str | os.PathLike) -> tuple[dict, dict]:
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = v
+        # moments stored smaller (compact_train_state) come back in float32
+        state.setdefault(int(pid), {})[name] = v.float() if v.dtype in (torch.bfloat16, torch.float16) else v
     for key, v in meta.pop("scalars").items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = v
@@ -302,6 +309,42 @@ def load_train_state(checkpoint: str | os.PathLike) -> tuple[dict, dict]:
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
     return {"state": state, "param_groups": groups}, meta
+
+
+def compact_train_state(run: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write the optimizer state beside ``run`` (:func:`save_train_state`'s side file) again
+    beside ``out``, its moment tensors (Adam's ``exp_avg``, ``exp_avg_sq``: one value per
+    parameter) stored in ``dtype``, so that a shipped checkpoint can carry what a fine-tune
+    needs (``--init out --init-optimizer``) at half the size. bfloat16 keeps float32's exponent
+    range (no second moment underflows) and about 3 significant digits; step counters and
+    scalars are copied exactly. :func:`load_train_state` reads it back in float32. Atomic.
+
+    Returns:
+        the written path, :func:`optim_path` of ``out``.
+
+    Raises:
+        FileNotFoundError: ``run`` has no optimizer state beside it.
+        ValueError: the side file is not a crystalstudio optimizer state.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    state, meta = load_train_state(run)  # checks the format
+    with safe_open(str(optim_path(run)), framework="pt") as f:
+        raw_meta = dict(f.metadata() or {})
+    tensors = {}
+    for pid, st in state["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                small = v.is_floating_point() and v.numel() > 1  # moments, not step counters
+                tensors[f"state.{pid}.{name}"] = (v.to(dtype) if small else v).contiguous()
+    info = json.loads(raw_meta["crystalstudio_optim"])
+    info["moments_dtype"] = str(dtype).replace("torch.", "")
+    path = optim_path(out)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"crystalstudio_optim": json.dumps(info)})
+    os.replace(tmp, path)
+    return path
 
 
 # ---------------------------------------------------------------- logging (master only)

@@ -88,6 +88,57 @@ def test_ship_writes_the_test_measures_into_the_checkpoint_and_the_json_beside(r
     assert check_evaluation(out, beside)["atoms_within_tol"] == res["atoms_within_tol"]
 
 
+def test_ship_carries_the_runs_adam_state_in_bfloat16_for_a_fresh_fine_tune(run_dir, tmp_path):
+    """``--optimizer-of``: the run's moments beside the shipped file at half the size, read
+    back in float32 within bfloat16's rounding, step counters exact; a fine-tune with
+    ``--init-optimizer`` starts from them; shipping again without it drops the stale file."""
+    import torch
+
+    from training.train import load_train_state, optim_path
+
+    (tmp_path / "assets").mkdir()
+    out = tmp_path / "assets" / "unit_cell.safetensors"
+    assert main(["ship", "--checkpoint", str(run_dir / "m.safetensors"), "--evaluation", str(run_dir / "test.json"),
+                 "--out", str(out), "--optimizer-of", str(run_dir / "m.safetensors")]) == 0
+    side, full = optim_path(out), optim_path(run_dir / "m.safetensors")
+    assert side.is_file() and side.stat().st_size < 0.6 * full.stat().st_size
+    (ref, ref_info), (got, got_info) = load_train_state(run_dir / "m.safetensors"), load_train_state(out)
+    assert got_info["moments_dtype"] == "bfloat16" and got_info["step"] == ref_info["step"]
+    assert got["param_groups"] == ref["param_groups"] and got["state"].keys() == ref["state"].keys()
+    for pid, st in ref["state"].items():
+        for name, v in st.items():
+            w = got["state"][pid][name]
+            assert w.dtype == v.dtype == torch.float32 or torch.equal(w, v)
+            if v.numel() > 1:
+                torch.testing.assert_close(w, v, rtol=2 ** -8, atol=0)  # bf16: 8 significant bits
+            else:
+                assert torch.equal(w, v)  # step counters exactly
+    with safe_open(str(side), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).numel() > 1} == {torch.bfloat16}
+    train(TrainConfig(data=str(run_dir / "tiny.npz"), out=str(tmp_path / "ft.safetensors"), init=str(out),
+                      init_optimizer=True, steps=1, batch=2, eval_every=10**6, test_n=0, warmup=1, device="cpu",
+                      save_every_min=1e6, threads=1, final_split="val"))
+    assert load_checkpoint(tmp_path / "ft.safetensors").info["training"]["steps"] > 0
+    ship(run_dir / "m.safetensors", run_dir / "test.json", out)  # no run named: no stale side file
+    assert not side.exists()
+
+
+def test_ship_refuses_the_optimizer_state_of_other_weights(run_dir, tmp_path):
+    other = update_metadata(run_dir / "m.safetensors", {"unet_gate": 0.3}, tmp_path / "same.safetensors")
+    with pytest.raises(ShipError, match="no same.optim.safetensors"):  # same weights, no state beside
+        ship(run_dir / "m.safetensors", run_dir / "test.json", tmp_path / "o.safetensors", other)
+    state = load_file(str(run_dir / "m.safetensors"))
+    name = sorted(k for k, v in state.items() if v.is_floating_point())[0]
+    state[name] = state[name] + 1e-3
+    with safe_open(str(run_dir / "m.safetensors"), framework="pt") as f:
+        save_file(state, str(tmp_path / "moved.safetensors"), metadata=f.metadata())
+    shutil.copy(run_dir / "m.optim.safetensors", tmp_path / "moved.optim.safetensors")
+    with pytest.raises(ShipError, match="moved.safetensors: other weights"):
+        ship(run_dir / "m.safetensors", run_dir / "test.json", tmp_path / "o.safetensors",
+             tmp_path / "moved.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_ship_refuses_an_evaluation_of_something_else(run_dir, tmp_path):
     ck = run_dir / "m.safetensors"
     res = json.loads((run_dir / "test.json").read_text())
