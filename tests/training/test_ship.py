@@ -123,6 +123,26 @@ def test_ship_carries_the_runs_adam_state_in_bfloat16_for_a_fresh_fine_tune(run_
     assert not side.exists()
 
 
+def test_ship_takes_the_runs_adam_state_after_fit_prior_added_a_prior(run_dir, tmp_path):
+    """The shipping path: ``fit-prior`` attaches a prior (new tensors) to a copy of the run
+    after training, and the test evaluation measures that copy; the run's Adam state still
+    belongs to it (same network tensors), so it ships beside it."""
+    import numpy as np
+
+    from crystalstudio.core.checkpoint import attach_prior
+    from crystalstudio.core.prior import LatentPrior
+    from training.train import optim_path
+
+    n = load_checkpoint(run_dir / "m.safetensors").latent
+    with_prior = attach_prior(run_dir / "m.safetensors", LatentPrior([1.0], np.zeros((1, n)), np.ones((1, n))),
+                              tmp_path / "m_ship.safetensors")
+    assert weights_fingerprint(with_prior) != weights_fingerprint(run_dir / "m.safetensors")  # the prior counts there
+    res = _evaluate(run_dir, with_prior, tmp_path / "test.json", "--split", "test")
+    assert res["weights_sha256"] == weights_fingerprint(with_prior)
+    out = ship(with_prior, tmp_path / "test.json", tmp_path / "u.safetensors", run_dir / "m.safetensors")
+    assert optim_path(out).is_file() and load_checkpoint(out).prior is not None
+
+
 def test_ship_refuses_the_optimizer_state_of_other_weights(run_dir, tmp_path):
     other = update_metadata(run_dir / "m.safetensors", {"unet_gate": 0.3}, tmp_path / "same.safetensors")
     with pytest.raises(ShipError, match="no same.optim.safetensors"):  # same weights, no state beside
