@@ -18,8 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from crystalstudio.core.checkpoint import (CheckpointError, evaluation_path, load_checkpoint, update_metadata,
                                           weights_fingerprint)
 from crystalstudio.core.metrics import MEASURE_KEYS
@@ -100,24 +98,6 @@ def check_evaluation(checkpoint: str | Path, evaluation: str | Path) -> dict:
     return res
 
 
-def _network_fingerprint(path: str | Path) -> str:
-    """SHA-256 of the network's tensors alone (not the ``prior.*`` arrays that ``fit-prior``
-    adds after training): whether two files hold the weights of the same training step."""
-    import hashlib
-
-    from safetensors import safe_open
-
-    if not Path(path).is_file():
-        raise ShipError(f"{Path(path).name}: no such checkpoint file")
-    h = hashlib.sha256()
-    with safe_open(str(path), framework="pt") as f:
-        for name in sorted(k for k in f.keys() if not k.startswith("prior.")):
-            t = f.get_tensor(name).contiguous().reshape(-1)
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def ship(checkpoint: str | Path, evaluation: str | Path, out: str | Path,
          optimizer_of: str | Path | None = None) -> Path:
     """Write ``checkpoint`` to ``out`` with the test measures of ``evaluation`` as its
@@ -144,7 +124,7 @@ def ship(checkpoint: str | Path, evaluation: str | Path, out: str | Path,
     res = check_evaluation(checkpoint, evaluation)
     out = Path(out)
     if optimizer_of is not None:
-        if _network_fingerprint(optimizer_of) != _network_fingerprint(checkpoint):
+        if weights_fingerprint(optimizer_of, prior=False) != weights_fingerprint(checkpoint, prior=False):
             raise ShipError(f"{Path(optimizer_of).name}: other weights than {Path(checkpoint).name}; "
                             "its optimizer state would not belong to the shipped file")
         if not optim_path(optimizer_of).is_file():

@@ -168,9 +168,11 @@ def update_metadata(path: str | os.PathLike, updates: dict, out: str | os.PathLi
     return _rewrite(model, Path(path), Path(out or path), updates, model.prior)
 
 
-def weights_fingerprint(path: str | os.PathLike) -> str:
+def weights_fingerprint(path: str | os.PathLike, prior: bool = True) -> str:
     """SHA-256 (hex, 64 characters) of every tensor of the checkpoint ``path`` (network weights
     and the ``prior.*`` arrays): names in sorted order with their dtype, shape and raw bytes.
+    ``prior`` False leaves the prior arrays out: the network alone (whether two files hold the
+    weights of one training step, one of them with a prior fitted afterwards).
 
     The metadata is left out, so :func:`update_metadata` (a gate, the ``metrics``) keeps the
     fingerprint and an evaluation JSON that records it can be matched to the weights it
@@ -189,7 +191,7 @@ def weights_fingerprint(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     try:
         with safe_open(str(path), framework="pt") as f:
-            for name in sorted(f.keys()):
+            for name in sorted(k for k in f.keys() if prior or not k.startswith("prior.")):
                 t = f.get_tensor(name).contiguous().reshape(-1)
                 h.update(f"{name}|{t.dtype}|{tuple(f.get_slice(name).get_shape())}|".encode())
                 h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
