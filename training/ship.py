@@ -246,7 +246,9 @@ def run(a: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     m = load_checkpoint(out, jit=False).info["metrics"]
-    side = Path(out).with_suffix(".optim.safetensors")
+    from training.train import optim_path
+
+    side = optim_path(out)
     beside = metrics_path(out).name + (f" and {side.name}" if side.is_file() else "")
     print(f"{out} ({beside} beside it): test atoms within 0.5 Å {_pct(m.get('atoms_within_tol'))}, "
           f"exact count {_pct(m.get('exact_count'))}, species {_pct(m.get('species_accuracy'))}")

@@ -259,8 +259,6 @@ def save_train_state(checkpoint: str | os.PathLike, opt: torch.optim.Optimizer, 
     """Write the optimizer state beside ``checkpoint``: tensors flattened to ``state.<param>.<name>``
     in safetensors, everything else (param groups, non-tensor state, ``info``) as JSON metadata.
     No pickle. Atomic (temporary file + rename)."""
-    from safetensors.torch import save_file
-
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
@@ -271,7 +269,13 @@ def save_train_state(checkpoint: str | os.PathLike, opt: torch.optim.Optimizer, 
                 scalars[f"{pid}.{name}"] = v
     meta = {"format": OPTIM_FORMAT, "version": 1, "optimizer": type(opt).__name__,
             "param_groups": sd["param_groups"], "scalars": scalars, **info}
-    path = optim_path(checkpoint)
+    return _write_optim(optim_path(checkpoint), tensors, meta)
+
+
+def _write_optim(path: Path, tensors: dict, meta: dict) -> Path:
+    """The side file: ``tensors`` in safetensors, ``meta`` as JSON metadata; atomic."""
+    from safetensors.torch import save_file
+
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"crystalstudio_optim": json.dumps(meta)})
     os.replace(tmp, path)
@@ -327,24 +331,16 @@ def compact_train_state(run: str | os.PathLike, out: str | os.PathLike, dtype: t
         ValueError: the side file is not a crystalstudio optimizer state.
     """
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    state, meta = load_train_state(run)  # checks the format
+    load_train_state(run)  # checks the format
     with safe_open(str(optim_path(run)), framework="pt") as f:
-        raw_meta = dict(f.metadata() or {})
-    tensors = {}
-    for pid, st in state["state"].items():
-        for name, v in st.items():
-            if torch.is_tensor(v):
-                small = v.is_floating_point() and v.numel() > 1  # moments, not step counters
-                tensors[f"state.{pid}.{name}"] = (v.to(dtype) if small else v).contiguous()
-    info = json.loads(raw_meta["crystalstudio_optim"])
+        info = json.loads((f.metadata() or {})["crystalstudio_optim"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    # moments (one value per parameter) smaller; step counters (one value) exact
+    tensors = {k: (v.to(dtype) if v.is_floating_point() and v.numel() > 1 else v).contiguous()
+               for k, v in tensors.items()}
     info["moments_dtype"] = str(dtype).replace("torch.", "")
-    path = optim_path(out)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"crystalstudio_optim": json.dumps(info)})
-    os.replace(tmp, path)
-    return path
+    return _write_optim(optim_path(out), tensors, info)
 
 
 # ---------------------------------------------------------------- logging (master only)
