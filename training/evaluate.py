@@ -495,20 +495,36 @@ def draws_block(model: CrystalModel, data: CrystalArrays, test_idx: np.ndarray, 
         z = draw_latents(n, model.latent, seed, prior)
         cond = prior.sample_cond(n, seed) if (prior is not None and model.config.conditional) else None
         out[name] = validity_report(_atoms_of(model, z, cond, method, batch), counts, nel, forms)
-    pairs = np.asarray(test_idx)[: 2 * min(n, len(test_idx) // 2)].reshape(-1, 2)
-    if len(pairs):
-        flat = pairs.reshape(-1)
-        M, _, _, _ = voxelise(data, flat, model.grid, random_rotations(len(flat), seed + 1), model.device,
-                              model.representation)
-        top = max_density(M)
-        mus = torch.cat([model.net.vae.encode(M[s:s + batch], top[s:s + batch] if model.config.conditional else None)[0]
-                         for s in range(0, len(flat), batch)]).float().cpu().numpy()
-        zm = 0.5 * (mus[0::2] + mus[1::2])
-        cm = 0.5 * (top[0::2] + top[1::2]).float().cpu().numpy() if model.config.conditional else None
-        out["midpoints"] = validity_report(_atoms_of(model, zm, cm, method, batch), counts, nel, forms)
-    else:
-        out["midpoints"] = None
+    zm, cm = midpoint_latents(model, data, test_idx, n, seed + 1, batch)
+    out["midpoints"] = validity_report(_atoms_of(model, zm, cm, method, batch), counts, nel, forms) if len(zm) else None
     return out
+
+
+@torch.no_grad()
+def midpoint_latents(model: CrystalModel, data: CrystalArrays, idx: np.ndarray, n: int, seed: int,
+                     batch: int = 16) -> tuple[np.ndarray, np.ndarray | None]:
+    """Interpolation midpoints (t = 0.5) between consecutive pairs of crystals ``idx``.
+
+    Up to ``n`` pairs (idx[0], idx[1]), (idx[2], idx[3]), ... are voxelised under
+    ``random_rotations(2 * pairs, seed)`` and encoded; a midpoint is z = (mu_a + mu_b) / 2
+    (and, for a conditional checkpoint, the mean of the two max densities).
+
+    Returns:
+        ``(z, cond)``: (pairs, latent) float32 and (pairs,) float32 or None (not conditional);
+        (0, latent) with fewer than two crystals.
+    """
+    pairs = np.asarray(idx)[: 2 * min(n, len(idx) // 2)].reshape(-1, 2)
+    if not len(pairs):
+        return np.zeros((0, model.latent), np.float32), None
+    flat = pairs.reshape(-1)
+    M, _, _, _ = voxelise(data, flat, model.grid, random_rotations(len(flat), seed), model.device,
+                          model.representation)
+    top = max_density(M)
+    mus = torch.cat([model.net.vae.encode(M[s:s + batch], top[s:s + batch] if model.config.conditional else None)[0]
+                     for s in range(0, len(flat), batch)]).float().cpu().numpy()
+    zm = 0.5 * (mus[0::2] + mus[1::2])
+    cm = 0.5 * (top[0::2] + top[1::2]).float().cpu().numpy() if model.config.conditional else None
+    return zm, cm
 
 
 @torch.no_grad()

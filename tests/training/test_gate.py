@@ -112,7 +112,9 @@ def test_draw_gate_cli_writes_the_gate_its_table_is_the_draws_and_sessions_use_i
     from crystalstudio.core.density import Crystal, density_field
     from crystalstudio.core.prior import draw_latents
     from crystalstudio.session import Session
-    from training.evaluate import _reference_Z
+    from crystalstudio.io.validity import validity_report
+    from training.evaluate import _reference_Z, midpoint_latents
+    from training.gate import choose_draw_row
 
     ck = run_dir / "d.safetensors"
     ck.write_bytes((run_dir / "m.safetensors").read_bytes())
@@ -133,6 +135,10 @@ def test_draw_gate_cli_writes_the_gate_its_table_is_the_draws_and_sessions_use_i
     ref_Z = _reference_Z(model, CrystalArrays.load(data), 1000, 1)
     ref, ref_light = [len(z) for z in ref_Z], [int((z <= 5).sum()) for z in ref_Z]
     M = model.decode(draw_latents(6, model.latent, 1, model.prior))
+    val = CrystalArrays.load(data).indices("val")
+    assert len(val) >= 2
+    zm, _ = midpoint_latents(model, CrystalArrays.load(data), val, 6, 1)
+    assert zm.shape == (len(val) // 2, model.latent)
     table = meta["draw_gate_choice"]["table"]
     assert [r["light"] for r in table] == [False, False]  # no light channel: no light variant
     for row in table:
@@ -141,7 +147,15 @@ def test_draw_gate_cli_writes_the_gate_its_table_is_the_draws_and_sessions_use_i
         assert row["count_wasserstein"] == pytest.approx(wasserstein_distance(counts, ref), abs=1e-6)
         assert row["light_wasserstein"] == pytest.approx(wasserstein_distance(light, ref_light), abs=1e-6)
         assert row["score"] == pytest.approx(row["count_wasserstein"] + row["light_wasserstein"])
-    assert chosen == min(table, key=lambda r: (r["count_wasserstein"] + r["light_wasserstein"], -r["gate"]))["gate"]
+        # validity as the evaluation's validity block reads the same atoms (draws, then val midpoints)
+        rep = validity_report([(a.positions, a.Z) for a in found], ref, [1])
+        assert (row["draws_structural"], row["draws_smact"]) == (rep["structural_valid"], rep["compositional_valid"])
+        mids = model.segment_batch(model.decode(zm), "fit", gate=row["gate"])
+        rep = validity_report([(a.positions, a.Z) for a in mids], ref, [1])
+        assert (row["midpoints_structural"], row["midpoints_smact"]) == (rep["structural_valid"],
+                                                                         rep["compositional_valid"])
+        assert row["atoms_per_midpoint"] == pytest.approx(np.mean([len(a) for a in mids]))
+    assert chosen == choose_draw_row(table)["gate"]
 
     # a session reads a latent's atoms at the draw gate, a reconstruction's at the U-Net gate
     update_metadata(ck, {"draw_gate": 1.0, "unet_gate": 0.0})
@@ -153,6 +167,24 @@ def test_draw_gate_cli_writes_the_gate_its_table_is_the_draws_and_sessions_use_i
     frame = Session(model=model).decode(np.zeros(model.latent, np.float32))
     expect = model.segment(field, gate=1.0)
     assert len(frame.atoms) == len(expect) < 2 and np.array_equal(frame.atoms.Z, expect.Z)
+
+
+def test_the_draw_gate_meets_the_validity_targets_before_it_matches_counts():
+    from training.gate import VALIDITY_TARGETS, choose_draw_row
+
+    ok = dict.fromkeys(VALIDITY_TARGETS, 1.0)
+    rows = [{"gate": 0.25, "light": True, "score": 1.9, **ok, "midpoints_smact": 0.73},  # session 31's choice
+            {"gate": 0.15, "light": False, "score": 2.2, **ok},
+            {"gate": 0.1, "light": False, "score": 2.4, **ok}]
+    assert choose_draw_row(rows) is rows[1]  # the best count among the rows that are crystals
+    rows[1]["draws_structural"] = 0.94  # now none meets every target: the least shortfall wins
+    rows[2]["draws_smact"] = 0.79
+    assert choose_draw_row(rows) is rows[1]
+    rows[2]["draws_smact"] = 0.795
+    assert choose_draw_row(rows) is rows[2]
+    # a table written before validity was scored: the count alone, as then
+    legacy = [{"gate": g, "light": False, "score": sc} for g, sc in ((0.1, 2.0), (0.2, 1.5), (0.3, 1.5))]
+    assert choose_draw_row(legacy) is legacy[2]
 
 
 @pytest.mark.parametrize("key, value", [("draw_gate", "high"), ("draw_gate", 1.5), ("unet_gate", -0.1),
