@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from .core.latent import latent_vector
+
 if TYPE_CHECKING:  # only for annotations: session.py imports this module
     from .session import Reconstruction
 
@@ -67,10 +69,7 @@ class LatentPath:
         self.keyframes = [k for k in self.keyframes if k.shape == (self.latent,)]
 
     def _vector(self, z, what: str) -> np.ndarray:
-        z = np.array(z, np.float32).reshape(-1)
-        if z.shape != (self.latent,) or not np.all(np.isfinite(z)):
-            raise ValueError(f"{what} must be {self.latent} finite numbers, got shape {z.shape}")
-        return z
+        return latent_vector(z, self.latent, what)
 
     # ------------------------------------------------------------------ endpoints
     def set_endpoint(self, which: str, name: str, z: np.ndarray,

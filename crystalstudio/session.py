@@ -17,6 +17,7 @@ import numpy as np
 
 from .core.checkpoint import CheckpointError, CrystalModel, load_checkpoint
 from .core.density import Crystal, cell_positions, density_field, fitting_rotation, lattice_positions
+from .core.latent import latent_vector
 from .core.metrics import match_atoms
 from .core.segment import Atoms
 from .latent_path import Endpoint, LatentPath
@@ -451,9 +452,7 @@ class Session:
         Raises:
             ValueError: ``z`` is not a (latent,) vector of finite numbers.
         """
-        z = np.array(z, np.float32).reshape(-1)
-        if z.shape != (self.model.latent,) or not np.all(np.isfinite(z)):
-            raise ValueError(f"z must be {self.model.latent} finite numbers, got shape {z.shape}")
+        z = latent_vector(z, self.model.latent)
         self.z = z
         self._emit("latent", z)
         return z

@@ -87,3 +87,27 @@ def test_endpoint_maxima_need_two_encoded_crystals():
     assert path.endpoint_maxima() is None
     path.set_endpoint("B", "SrTiO3", np.ones(4), Rec(7.0))
     assert path.endpoint_maxima() == (2.5, 7.0)
+
+
+def test_the_session_and_the_path_refuse_a_latent_vector_alike():
+    from types import SimpleNamespace
+
+    from crystalstudio.core.latent import latent_vector
+    from crystalstudio.session import Session
+
+    session = Session(model=SimpleNamespace(latent=4))  # set_latent reads only the latent size
+    events = []
+    session.subscribe(lambda e, v: events.append(e))
+    for bad in (np.zeros(5), [0.0, np.inf, 0.0, 0.0], "abcd"):
+        with pytest.raises(ValueError):
+            session.set_latent(bad)
+        with pytest.raises(ValueError):
+            session.path.set_endpoint("A", "x", bad)
+    with pytest.raises(ValueError, match=r"^z must be 4 finite numbers, got shape \(5,\)$"):
+        session.set_latent(np.zeros((5, 1)))
+    assert session.z is None and events == []
+    z = np.arange(4, dtype=np.float64).reshape(2, 2)
+    out = session.set_latent(z)
+    z[0, 0] = 9.0  # a copy: the caller's array changing later does not move the explored z
+    assert out.dtype == np.float32 and out.tolist() == [0, 1, 2, 3] and session.z is out and events == ["latent"]
+    assert latent_vector(range(3), 3, "endpoint").tolist() == [0, 1, 2]

@@ -7,9 +7,25 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["lerp", "slerp", "interpolate", "random_latents", "sweep", "keyframe_path", "SLIDER_RANGE"]
+__all__ = ["latent_vector", "lerp", "slerp", "interpolate", "random_latents", "sweep", "keyframe_path", "SLIDER_RANGE"]
 
 SLIDER_RANGE = (-3.0, 3.0)  # Fig. 10D: each latent value varied from -3 to 3
+
+
+def latent_vector(z, latent: int, what: str = "z") -> np.ndarray:
+    """``z`` as a new (latent,) float32 vector, checked.
+
+    Args:
+        z: anything numpy reads as ``latent`` numbers (any shape with that many elements).
+        latent: the model's latent size.
+        what: the name the error gives it.
+    Raises:
+        ValueError: ``z`` does not hold ``latent`` finite numbers (one line naming ``what``).
+    """
+    z = np.array(z, np.float32).reshape(-1)
+    if z.shape != (int(latent),) or not np.all(np.isfinite(z)):
+        raise ValueError(f"{what} must be {int(latent)} finite numbers, got shape {z.shape}")
+    return z
 
 
 def lerp(z0: np.ndarray, z1: np.ndarray, t: float) -> np.ndarray:
