@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from .core.checkpoint import CheckpointError, CrystalModel, load_checkpoint
-from .core.density import Crystal, cell_positions, density_field, fitting_rotation, lattice_positions
+from .core.density import Crystal, cell_positions, cube_input, fitting_rotation, lattice_positions
 from .core.latent import latent_vector
 from .core.metrics import match_atoms
 from .core.segment import Atoms
@@ -366,22 +366,7 @@ class Session:
         else:
             R = np.eye(3)
         uvw = np.asarray(self.window_origin if window_origin is None else window_origin, np.float64).reshape(3)
-        # a disordered crystal: M from every occupant (Z x occupancy), compared with its
-        # sites and their dominant species
-        sites = Crystal(crystal.lattice, *crystal.sites(), name=crystal.name) if crystal.disordered else crystal
-        if self.model.representation == "repeating_lattice":
-            # the cube filled with the lattice, fractional point uvw at its corner; compare with
-            # the atoms inside
-            origin = -(uvw @ (crystal.lattice @ R.T))
-            allpos, allZ, occ = lattice_positions(crystal, grid, R, origin=origin, occupancy=True)
-            M, _ = density_field(allpos, allZ, grid, species=False, occupancy=occ)
-            spos, sZ = lattice_positions(sites, grid, R, origin=origin) if sites is not crystal else (allpos, allZ)
-            inside = np.all((spos >= 0) & (spos <= grid.length), axis=1)
-            pos, Z = spos[inside], sZ[inside]
-        else:
-            M, _ = density_field(cell_positions(crystal, grid, R), crystal.Z, grid, species=False,
-                                 occupancy=crystal.occupancy)
-            pos, Z = cell_positions(sites, grid, R), sites.Z.copy()
+        M, pos, Z = cube_input(crystal, grid, self.model.representation, R, uvw)
         cond = float(M.max()) if self.model.config.conditional else None  # Sec. 4.5: its own maximum
         mu, logvar = self.model.encode(M, cond)
         z = self.model.refine(M, mu, cond, progress=progress)  # mu itself when refinement is off

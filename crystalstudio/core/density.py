@@ -36,6 +36,7 @@ __all__ = [
     "fits_in_cube",
     "fits_rotated",
     "fitting_rotation",
+    "cube_input",
 ]
 
 REPRESENTATIONS = ("unit_cell", "repeating_lattice")
@@ -428,3 +429,43 @@ def density_field(positions: np.ndarray, Z: np.ndarray, grid: Grid, species: boo
     occ = None if occupancy is None else torch.as_tensor(np.asarray(occupancy, np.float64).reshape(1, -1))
     M, S = density_fields(P, Zt, grid, species=species, occupancy=occ)
     return M[0].numpy(), (S[0].numpy() if S is not None else None)
+
+
+def cube_input(crystal: Crystal, grid: Grid, representation: str = "unit_cell", rotation: np.ndarray | None = None,
+               window_origin: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What a model of ``representation`` encodes for ``crystal``, and the atoms its output
+    is compared with (Sec. 3.1, representations 1 and 2).
+
+    * ``"unit_cell"``: the cell's atoms, lattice rotated by ``rotation`` and centred in the
+      cube (:func:`cell_positions`).
+    * ``"repeating_lattice"``: the cube filled with the rotated lattice, the cell's
+      fractional point ``window_origin`` (3,) at the cube's corner
+      (:func:`lattice_positions`); the atoms compared are those inside the cube.
+
+    A disordered crystal's field holds every occupant (Eq. 1 weight Z x occupancy); the
+    atoms compared are its sites with their dominant occupant (:meth:`Crystal.sites`).
+
+    Args:
+        rotation: (3, 3) float64 applied to the lattice (None: identity).
+        window_origin: (3,) fractional coordinates (None: the cell origin); repeating lattice only.
+    Returns:
+        ``(M, positions, Z)``: (n, n, n) float32 density field (Eq. 1 units), (K, 3) float64
+        Cartesian Å in the cube frame, (K,) int64.
+    Raises:
+        ValueError: an unknown representation, or a cell :func:`lattice_positions` refuses.
+    """
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"unknown representation {representation!r} (one of {', '.join(REPRESENTATIONS)})")
+    R = np.eye(3) if rotation is None else np.asarray(rotation, np.float64)
+    sites = Crystal(crystal.lattice, *crystal.sites(), name=crystal.name) if crystal.disordered else crystal
+    if representation == "unit_cell":
+        M, _ = density_field(cell_positions(crystal, grid, R), crystal.Z, grid, species=False,
+                             occupancy=crystal.occupancy)
+        return M, cell_positions(sites, grid, R), sites.Z.copy()
+    uvw = np.zeros(3) if window_origin is None else np.asarray(window_origin, np.float64).reshape(3)
+    origin = -(uvw @ (crystal.lattice @ R.T))
+    allpos, allZ, occ = lattice_positions(crystal, grid, R, origin=origin, occupancy=True)
+    M, _ = density_field(allpos, allZ, grid, species=False, occupancy=occ)
+    spos, sZ = lattice_positions(sites, grid, R, origin=origin) if sites is not crystal else (allpos, allZ)
+    inside = np.all((spos >= 0) & (spos <= grid.length), axis=1)
+    return M, spos[inside], sZ[inside]

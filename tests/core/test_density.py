@@ -333,3 +333,44 @@ def test_species_matrix_ties_go_to_the_first_atom_and_vacancies_are_skipped():
     occ = torch.tensor([[1.0, 1.0, 0.0]])
     _, S3 = density_fields(torch.as_tensor(pos), torch.as_tensor(Z), grid, occupancy=occ)
     assert S[0, 1, 1, 1] == 3 and S3[0, 1, 1, 1] == 0  # an empty site labels no voxel
+
+
+def test_cube_input_of_each_representation_against_direct_eq1_sums():
+    """What the model encodes (M) and what its output is compared with (positions, Z)."""
+    from crystalstudio.core.density import cube_input
+
+    grid = Grid()
+    # unit cell: an ordered rock salt conventional cell, the cell's centre at the cube's, identity and a 90° turn
+    nacl = Crystal(np.eye(3) * 5.64, [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5],
+                                      [0.5, 0, 0], [0, 0.5, 0], [0, 0, 0.5], [0.5, 0.5, 0.5]], [11] * 4 + [17] * 4)
+    R = Rotation.from_euler("z", 90, degrees=True).as_matrix()
+    for rot in (None, R):
+        M, pos, Z = cube_input(nacl, grid, "unit_cell", rot)
+        frac = np.asarray(nacl.frac, np.float64)
+        cart = frac @ (np.eye(3) * 5.64) @ (np.eye(3) if rot is None else R).T
+        ref_pos = cart - (np.full(3, 2.82) @ (np.eye(3) if rot is None else R).T) + 5.0
+        np.testing.assert_allclose(np.sort(pos, 0), np.sort(ref_pos, 0), atol=1e-9)
+        assert sorted(Z.tolist()) == [11] * 4 + [17] * 4 and M.dtype == np.float32
+        np.testing.assert_allclose(M, eq1(ref_pos, Z, grid), rtol=1e-4, atol=1e-6)
+    # disordered: a 50/50 Fe/Co site weighs 0.5 * 26 + 0.5 * 27 in M and compares as Co (ties: larger Z)
+    alloy = Crystal(np.eye(3) * 2.87, [[0, 0, 0], [0, 0, 0], [0.5, 0.5, 0.5]], [26, 27, 26],
+                    occupancy=np.array([0.5, 0.5, 1.0]))
+    M, pos, Z = cube_input(alloy, grid)
+    assert Z.tolist() == [27, 26] and len(pos) == 2
+    centred = np.array([[0, 0, 0], [1.435] * 3]) - 1.435 + 5.0
+    np.testing.assert_allclose(pos, centred, atol=1e-9)
+    np.testing.assert_allclose(M, eq1(centred, np.array([26.5, 26.0]), grid), rtol=1e-4, atol=1e-6)
+    # repeating lattice: simple cubic Po with the cell's point (0.5, 0.5, 0.5) at the cube's
+    # corner: lattice points at (k + 0.5) a, against the separable periodic sum
+    a = 3.35
+    po = Crystal(np.eye(3) * a, [[0.0, 0.0, 0.0]], [84])
+    M, pos, Z = cube_input(po, grid, "repeating_lattice", None, [0.5, 0.5, 0.5])
+    f = periodic_1d(grid.centres(), 0.5 * a, a, grid.sigma)
+    inner = slice(6, 24)
+    ref = 84 / grid.peak_scale * f[:, None, None] * f[None, :, None] * f[None, None, :]
+    np.testing.assert_allclose(M[inner, inner, inner], ref[inner, inner, inner], rtol=2e-5)
+    k = np.arange(3) * a + 0.5 * a  # 1.675, 5.025, 8.375: the points inside [0, 10]
+    assert len(pos) == 27 and np.all(Z == 84)
+    np.testing.assert_allclose(np.unique(np.round(pos, 9)), k, atol=1e-9)
+    with pytest.raises(ValueError, match="unknown representation 'voxels'"):
+        cube_input(po, grid, "voxels")
