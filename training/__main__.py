@@ -1,4 +1,4 @@
-"""``python -m training {prepare,train,evaluate,fit-prior,choose-gate,ship,results-table,widen,knobs,curve,separability} ...``:
+"""``python -m training {prepare,train,evaluate,fit-prior,choose-gate,ready,ship,results-table,widen,knobs,curve,separability} ...``:
 see ``--help`` of each."""
 
 from __future__ import annotations
@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     widen_arguments(sub.add_parser("widen", help="a checkpoint's decoder made wider, decoding the same fields "
                                                  "(fine-tune it with train --init)"))
 
+    from .ready import add_arguments as ready_arguments
+
+    ready_arguments(sub.add_parser("ready", help="a trained run made a shipping candidate: the reference's reading, "
+                                                 "fit-prior and both gates (training and val data only)"))
     ps = sub.add_parser("separability", help="atoms that are separate peaks of the true M, per sigma (no model)")
     ps.add_argument("--data", default="data/mp.npz", help="prepared .npz")
     ps.add_argument("--split", default="val", choices=["train", "val", "test"])
@@ -134,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         from .ship import run_table
 
         return (run_ship if a.cmd == "ship" else run_table)(a)
+    elif a.cmd == "ready":
+        from .ready import run as run_ready
+
+        return run_ready(a)
     elif a.cmd == "merge-unet":
         from .merge import run as run_merge
 

@@ -237,3 +237,43 @@ def test_results_table_cli_check_and_rewrite(tmp_path, capsys):
 def test_each_shipped_checkpoint_carries_an_evaluation_of_itself(name):
     res = check_evaluation(ROOT / "assets" / f"{name}.safetensors", ROOT / "assets" / f"{name}.metrics.json")
     assert res["split"] == "test" and res["n_crystals"] == 358
+
+
+def test_ready_makes_a_candidate_with_the_references_reading_priors_and_gates(run_dir, tmp_path, capsys):
+    from crystalstudio.core.checkpoint import read_metadata
+    from training.gate import choose_draw_row, choose_gate
+
+    run = run_dir / "m.safetensors"
+    before = run.read_bytes()
+    like = update_metadata(run, {"refine_lr": [0.02, 0.5], "light_subtract": True}, tmp_path / "like.safetensors")
+    out = tmp_path / "cand" / "c.safetensors"
+    assert main(["ready", "--checkpoint", str(run), "--out", str(out), "--data", str(run_dir / "tiny.npz"),
+                 "--like", str(like), "--draws", "6", "--threads", "1"]) == 0
+    assert run.read_bytes() == before  # the run stays as trained
+    meta = read_metadata(out)
+    assert meta["refine_lr"] == [0.02, 0.5] and meta["light_subtract"] is True
+    assert weights_fingerprint(out, prior=False) == weights_fingerprint(run, prior=False)
+    m = load_checkpoint(out)
+    assert m.prior is not None and m.species_prior is not None and load_checkpoint(run).prior is None
+    # the gates written are the choices of the tables stored beside them
+    assert meta["unet_gate"] == choose_gate(meta["unet_gate_choice"]["table"])
+    row = choose_draw_row(meta["draw_gate_choice"]["table"])
+    assert (meta["draw_gate"], meta["draw_light"]) == (row["gate"], row["light"])
+    assert meta["draw_gate_choice"]["n_draws"] == 6
+    text = capsys.readouterr().out
+    assert f"--evaluation TEST.json --optimizer-of {run}" in text
+    # refused: the run as its own candidate, a reference of another representation, a missing file
+    with pytest.raises(SystemExit, match="m.safetensors: the candidate must be another file than the run"):
+        main(["ready", "--checkpoint", str(run), "--out", str(run), "--data", str(run_dir / "tiny.npz")])
+    with safe_open(str(run), framework="pt") as f:  # the same weights declared a repeating-lattice model
+        meta = dict(f.metadata())
+    meta["crystalstudio"] = json.dumps({**json.loads(meta["crystalstudio"]), "representation": "repeating_lattice"})
+    lattice = tmp_path / "lattice.safetensors"
+    save_file(load_file(str(run)), str(lattice), metadata=meta)
+    with pytest.raises(SystemExit, match="lattice.safetensors: a repeating_lattice model, the run is unit_cell"):
+        main(["ready", "--checkpoint", str(run), "--out", str(tmp_path / "x.safetensors"),
+              "--data", str(run_dir / "tiny.npz"), "--like", str(lattice)])
+    with pytest.raises(SystemExit, match="nope.safetensors"):
+        main(["ready", "--checkpoint", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "y.safetensors"),
+              "--data", str(run_dir / "tiny.npz")])
+    assert run.read_bytes() == before
