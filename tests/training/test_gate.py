@@ -114,7 +114,7 @@ def test_draw_gate_cli_writes_the_gate_its_table_is_the_draws_and_sessions_use_i
     from crystalstudio.session import Session
     from crystalstudio.io.validity import validity_report
     from training.evaluate import _reference_Z, midpoint_latents
-    from training.gate import choose_draw_row
+    from training.gate import MIDPOINT_PASSES, choose_draw_row
 
     ck = run_dir / "d.safetensors"
     ck.write_bytes((run_dir / "m.safetensors").read_bytes())
@@ -139,6 +139,9 @@ def test_draw_gate_cli_writes_the_gate_its_table_is_the_draws_and_sessions_use_i
     assert len(val) >= 2
     zm, _ = midpoint_latents(model, CrystalArrays.load(data), val, 6, 1)
     assert zm.shape == (len(val) // 2, model.latent)
+    # the table's midpoints: MIDPOINT_PASSES passes, pass r the split shifted by r under seed 1 + r
+    zm = np.concatenate([midpoint_latents(model, CrystalArrays.load(data), np.roll(val, -r), 6, 1 + r)[0]
+                         for r in range(MIDPOINT_PASSES)])
     table = meta["draw_gate_choice"]["table"]
     assert [r["light"] for r in table] == [False, False]  # no light channel: no light variant
     for row in table:
