@@ -166,8 +166,10 @@ def draw_gate_table(model: CrystalModel, data: CrystalArrays, n: int, gates=GATE
             to half the split; 0: no midpoints, their validity columns are None).
         midpoint_passes: passes over the validation split (None: :data:`MIDPOINT_PASSES`), pass r pairing its crystals
             shifted by r (``np.roll(val, -r)``: (v_r, v_r+1), (v_r+2, v_r+3), ...) under
-            rotations of seed ``seed + r``: 4 passes give 328 midpoints of 165 val crystals
-            instead of 82, so an 80% target is not met or missed by the noise of one pass.
+            rotations of seed ``seed + r``: passes 0 and 1 cover every consecutive pair of
+            the split, passes 2 and 3 take the same pairs again under other rotations. 4
+            passes give 328 midpoints of 165 val crystals instead of 82, so an 80% target is
+            not met or missed by the noise of one pass.
 
     Returns:
         one dict per (gate, light): ``gate``, ``light`` (the draws took L_hat's atoms),
