@@ -44,7 +44,7 @@ from crystalstudio.core.models import max_density
 from .data import CrystalArrays, cube_rotations, voxelise
 
 __all__ = ["gate_table", "choose_gate", "draw_gate_table", "choose_draw_gate", "choose_draw_row", "VALIDITY_TARGETS",
-           "add_arguments", "run", "GATES", "MEASURES"]
+           "MIDPOINT_PASSES", "add_arguments", "run", "GATES", "MEASURES"]
 
 #: candidate gates
 GATES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
@@ -164,8 +164,8 @@ def draw_gate_table(model: CrystalModel, data: CrystalArrays, n: int, gates=GATE
     Args:
         midpoints: pairs of validation crystals per pass (None: as many as ``n`` allows, up
             to half the split; 0: no midpoints, their validity columns are None).
-        midpoint_passes: passes over the validation split (None: :data:`MIDPOINT_PASSES`), pass r pairing its crystals
-            shifted by r (``np.roll(val, -r)``: (v_r, v_r+1), (v_r+2, v_r+3), ...) under
+        midpoint_passes: passes over the validation split (None: :data:`MIDPOINT_PASSES`),
+            pass r pairing its crystals shifted by r (``np.roll(val, -r)``: (v_r, v_r+1), (v_r+2, v_r+3), ...) under
             rotations of seed ``seed + r``: passes 0 and 1 cover every consecutive pair of
             the split, passes 2 and 3 take the same pairs again under other rotations. 4
             passes give 328 midpoints of 165 val crystals instead of 82, so an 80% target is
