@@ -315,8 +315,8 @@ def _run_draws(a: argparse.Namespace, model: CrystalModel, data: CrystalArrays) 
               f"{r['light_per_draw']:.2f} | {r['count_wasserstein']:.2f} | {r['light_wasserstein']:.2f} | "
               f"{r['score']:.2f} | {pct(r['draws_structural'])} / {pct(r['draws_smact'])} | "
               f"{pct(r['midpoints_structural'])} / {pct(r['midpoints_smact'])} | {r['shortfall']:.3f} |")
-    res = {"draw_gate": best, "draw_light": light, "n_draws": int(a.draws), "seed": seed, "midpoint_passes": MIDPOINT_PASSES,
-           "table": table}
+    res = {"draw_gate": best, "draw_light": light, "n_draws": int(a.draws), "seed": seed,
+           "midpoint_passes": MIDPOINT_PASSES, "table": table}
     if a.write:
         update_metadata(a.checkpoint, {"draw_gate": best, "draw_light": light, "draw_gate_choice": res})
         print(f"draw_gate {best:g}, draw_light {str(light).lower()} written to {a.checkpoint}")
