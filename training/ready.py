@@ -19,7 +19,6 @@ session repeats the whole path from a checkout.
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
@@ -64,18 +63,13 @@ def ready(run: str | Path, out: str | Path, data: str, like: str | Path | None =
             raise ValueError(f"{like}: a {ref.get('representation')} model, the run is {meta.get('representation')}")
         reading = {k: ref[k] for k in LIKE_KEYS if k in ref}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    shutil.copyfile(run, tmp)
-    tmp.replace(out)
-    if reading:
-        update_metadata(out, reading)
+    update_metadata(run, reading, out)  # the checkpoint writer's own copy, metadata updated
     t0 = time.time()
-    steps = [("fit-prior", run_prior, prior_arguments, ["--threads", str(threads)]),
-             ("choose-gate --draws", run_gate, gate_arguments, ["--draws", str(draws), "--write"]),
-             ("choose-gate", run_gate, gate_arguments, ["--write"])]
+    steps = [("fit-prior", run_prior, prior_arguments, ["--threads", str(threads)])]
+    if draws >= 1:
+        steps.append(("choose-gate --draws", run_gate, gate_arguments, ["--draws", str(draws), "--write"]))
+    steps.append(("choose-gate", run_gate, gate_arguments, ["--write"]))
     for name, fn, arguments, extra in steps:
-        if name.endswith("--draws") and draws < 1:
-            continue
         log(f"ready: {name} ({time.time() - t0:.0f} s)")
         fn(arguments(argparse.ArgumentParser()).parse_args(["--checkpoint", str(out), "--data", data, *extra]))
     log(f"ready: {out} in {time.time() - t0:.0f} s; reading {reading or 'its own'}. Next, on the test split once:")
