@@ -208,10 +208,18 @@ def draw_gate_table(model: CrystalModel, data: CrystalArrays, n: int, gates=GATE
     cm = None if passes[0][1] is None else np.concatenate([c for _, c in passes])
     mids = _variant_atoms(model, zm, cm, gates, variants, batch) if len(zm) else None
 
+    checked: dict[tuple[bytes, bytes], object] = {}  # many rows keep the same atoms: check each set once
+
+    def check(a):
+        key = (np.ascontiguousarray(a.positions).tobytes(), np.ascontiguousarray(a.Z).tobytes())
+        if key not in checked:
+            checked[key] = check_draw(a.positions, a.Z)
+        return checked[key]
+
     def valid(atoms: list) -> tuple[float | None, float | None]:
         if not atoms:
             return None, None
-        checks = [check_draw(a.positions, a.Z) for a in atoms]
+        checks = [check(a) for a in atoms]
         return (float(np.mean([c.structural for c in checks])), float(np.mean([c.compositional for c in checks])))
 
     rows = []
